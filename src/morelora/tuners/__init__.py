@@ -1,0 +1,1 @@
+"""Adapter methods: one package or file per method, all on `base.TaskAdapterModel`."""

@@ -1,0 +1,630 @@
+"""What every multi-task adapter method shares.
+
+A method is a `TaskAdapterLayer` subclass (the per-layer math, one file per method) plus a
+`TaskAdapterModel` subclass that says which layer class to inject. The base model is frozen, target
+linear layers are swapped for adapter layers, and the batch's task ids reach every adapter layer
+through forward pre-hooks installed for one call (the pattern of PEFT's Poly), so the wrapped model's
+own code is untouched and no global "current task" exists.
+
+Methods that can write a task's weight change as one low-rank product (`lora_factors`) get merging,
+`merge_and_unload` and export as a standard PEFT LoRA adapter for free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: Last name components treated as task heads: trainable and saved (PEFT's `modules_to_save`).
+DEFAULT_HEAD_NAMES = ("classifier", "score", "heads", "qa_outputs")
+
+
+class MoreLoraError(ValueError):
+    """Bad input to morelora: the message says what is wrong and what to do."""
+
+
+class UnknownTaskError(MoreLoraError, KeyError):
+    """A task name that the model does not know."""
+
+    def __str__(self) -> str:  # KeyError would add quotes
+        return str(self.args[0])
+
+
+class CheckpointError(MoreLoraError):
+    """A checkpoint that is missing, corrupt, or made for another base model or method."""
+
+
+# --------------------------------------------------------------------------------------------- layers
+class TaskAdapterLayer(nn.Module):
+    """A frozen `nn.Linear` plus a task-conditioned adapter.
+
+    Subclasses implement `adapter_forward(x, task_ids)` (the added output) and, when the task's
+    change is a low-rank product, `lora_factors(task)`. `adapter_param_names` names the trainable
+    parameters so saving and counting work generically.
+    """
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Linear, num_tasks: int) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise MoreLoraError(f"only nn.Linear layers can be adapted, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.num_tasks = num_tasks
+        self.merged_task: int | None = None
+        self.aux_loss: torch.Tensor | None = None
+        self._expanded: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+    # -- subclasses
+    def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A: k x d_in, B: d_out x k, scale) with delta_W = scale * B @ A for `task`."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-task low-rank form: it cannot be merged")
+
+    def add_task(self, init_from: int | None = None) -> None:
+        """Grow per-task parameters by one row (copying `init_from`'s when given)."""
+        self.num_tasks += 1
+
+    # -- shared
+    def forward(self, x: torch.Tensor, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any):
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged_task is not None:
+            return result
+        if task_ids is None:
+            raise MoreLoraError(
+                "task_ids are required: pass task_ids=... (a tensor of task indices or a list of task "
+                "names, one per example) or merge a task first with model.merge_task(name)"
+            )
+        return result + self.adapter_forward(x, self._expand(task_ids, x.shape[0])).to(result.dtype)
+
+    def _expand(self, task_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        """`expand_task_ids`, reusing the last result while the same ids tensor comes back."""
+        cached = self._expanded
+        if cached is not None and cached[0] is task_ids and cached[1] == batch:
+            return cached[2]
+        ids = expand_task_ids(task_ids, batch)
+        self._expanded = (task_ids, batch, ids)
+        return ids
+
+    def delta_weight(self, task: int) -> torch.Tensor:
+        a, b, scale = self.lora_factors(task)
+        return (b.float() @ a.float()) * scale
+
+    @torch.no_grad()
+    def merge(self, task: int) -> None:
+        if self.merged_task is not None:
+            raise MoreLoraError(f"layer already has task {self.merged_task} merged; unmerge first")
+        w = self.base_layer.weight
+        w.data = (w.data.float() + self.delta_weight(task).to(w.device)).to(w.dtype)
+        self.merged_task = task
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_task is None:
+            return
+        w = self.base_layer.weight
+        w.data = (w.data.float() - self.delta_weight(self.merged_task).to(w.device)).to(w.dtype)
+        self.merged_task = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tasks={self.num_tasks}"
+
+
+def expand_task_ids(task_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Task ids for a layer whose batch is `m` times the given ids (beams, samples, choices)."""
+    n = task_ids.shape[0]
+    if n == batch:
+        return task_ids
+    if n == 0 or batch % n:
+        raise MoreLoraError(
+            f"got {n} task ids for a batch of {batch}: give one task id per example "
+            "(a batch that is a multiple of it, as in beam search, repeats each id)"
+        )
+    return task_ids.repeat_interleave(batch // n)
+
+
+def grow_rows(param: nn.Parameter, init_from: int | None, std: float = 0.0) -> nn.Parameter:
+    """`param` (T, ...) with one more row: a copy of row `init_from`, else normal(0, std)."""
+    with torch.no_grad():
+        if init_from is not None:
+            row = param[init_from : init_from + 1].clone()
+        else:
+            row = torch.randn_like(param[:1]) * std
+        return nn.Parameter(torch.cat([param.data, row], 0), requires_grad=param.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclasses.dataclass
+class TaskAdapterConfig:
+    """Fields shared by every method's config."""
+
+    tasks: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "Task names; their order defines the integer task ids."}
+    )
+    target_modules: list[str] | str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Linear layers to adapt: a list of name suffixes or one regex (full match). None: the "
+            "per-architecture default of PEFT's LoRA (BERT query,value; T5 q,v; LLaMA q_proj,v_proj)."
+        },
+    )
+    modules_to_save: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Extra modules trained and saved in full (task heads). None: detect heads."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            self.tasks = [self.tasks]
+        self.tasks = list(self.tasks)
+        if not self.tasks:
+            raise MoreLoraError("tasks is empty: name at least one task, e.g. tasks=['sst2']")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise MoreLoraError(f"task names must be unique, got {self.tasks}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MoreLoraError(
+                f"unknown option(s) {unknown} for {cls.__name__}; valid options: {sorted(names)}"
+            )
+        return cls(**d)
+
+
+class TaskAdapterModel(nn.Module):
+    """A frozen model whose target linear layers carry a task-conditioned adapter."""
+
+    method_name: ClassVar[str] = ""
+    config_class: ClassVar[type[TaskAdapterConfig]] = TaskAdapterConfig
+    layer_class: ClassVar[type[TaskAdapterLayer]] = TaskAdapterLayer
+    #: loss name -> config field holding its weight in the total loss
+    aux_loss_weights: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, model: nn.Module, config: TaskAdapterConfig) -> None:
+        super().__init__()
+        self.base_model = model
+        self.config = config
+        self.tasks: list[str] = list(config.tasks)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.adapted_names = self._inject()
+        self.saved_module_names = self._mark_modules_to_save()
+        self._base_takes_task_ids = "task_ids" in inspect.signature(model.forward).parameters
+        self.aux_losses: dict[str, torch.Tensor] = {}
+
+    # -- construction
+    def make_layer(self, name: str, base: nn.Linear) -> TaskAdapterLayer:
+        raise NotImplementedError
+
+    def _inject(self) -> list[str]:
+        targets = resolve_target_modules(self.base_model, self.config.target_modules)
+        names = [n for n, m in self.base_model.named_modules() if matches_target(n, targets)]
+        linear = [n for n in names if isinstance(self.base_model.get_submodule(n), nn.Linear)]
+        if not linear:
+            examples = sorted({n.split(".")[-1] for n, m in self.base_model.named_modules()
+                               if isinstance(m, nn.Linear)})
+            raise MoreLoraError(
+                f"no nn.Linear module matches target_modules={targets!r}; linear layer names in this "
+                f"model: {examples}"
+            )
+        for name in linear:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, self.make_layer(name, getattr(parent, child)))
+        return linear
+
+    def _mark_modules_to_save(self) -> list[str]:
+        wanted = self.config.modules_to_save
+        if wanted is None:
+            wanted = list(getattr(self.base_model, "modules_to_save", None) or DEFAULT_HEAD_NAMES)
+        names = [n for n, m in self.base_model.named_modules()
+                 if n and any(n == w or n.endswith("." + w) for w in wanted)
+                 and not isinstance(m, TaskAdapterLayer) and n not in self.adapted_names]
+        names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+        if self.config.modules_to_save and not names:
+            raise MoreLoraError(f"no module matches modules_to_save={self.config.modules_to_save}")
+        for n in names:
+            for p in self.base_model.get_submodule(n).parameters():
+                p.requires_grad_(True)
+        return names
+
+    # -- iteration helpers
+    def adapter_layers(self) -> Iterator[tuple[str, TaskAdapterLayer]]:
+        for name in self.adapted_names:
+            yield name, self.base_model.get_submodule(name)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_index(self, task: str | int) -> int:
+        if isinstance(task, str):
+            if task not in self.tasks:
+                raise UnknownTaskError(f"unknown task {task!r}; this model knows {self.tasks}")
+            return self.tasks.index(task)
+        task = int(task)
+        if not 0 <= task < self.num_tasks:
+            raise MoreLoraError(f"task id {task} is out of range: this model has {self.num_tasks} tasks "
+                                f"(ids 0..{self.num_tasks - 1})")
+        return task
+
+    def resolve_task_ids(self, task_ids: Any, device: torch.device | None = None) -> torch.Tensor:
+        """Task ids as a LongTensor: accepts a tensor, ints, names, or one name/int for all."""
+        if isinstance(task_ids, (str, int)):
+            task_ids = [task_ids]
+        if isinstance(task_ids, torch.Tensor):
+            ids = task_ids.long().reshape(-1)
+            if ids.device.type == "cpu":
+                bad = ids[(ids < 0) | (ids >= self.num_tasks)]
+                if bad.numel():
+                    self.task_index(int(bad[0]))  # raises with the message
+            elif ids.numel():
+                torch._assert_async(((ids >= 0) & (ids < self.num_tasks)).all(), "task id out of range")
+        else:
+            ids = torch.tensor([self.task_index(t) for t in task_ids], dtype=torch.long)
+        return ids.to(device) if device is not None else ids
+
+    def _device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    # -- forward / generate
+    @contextlib.contextmanager
+    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None):
+        def pre_hook(_module, args, kwargs):
+            kwargs["task_ids"] = task_ids
+            return args, kwargs
+
+        handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+                   for _, layer in self.adapter_layers()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _prepare(self, task_ids: Any) -> torch.Tensor | None:
+        if task_ids is None:
+            if self.merged_task is None:
+                raise MoreLoraError(
+                    "task_ids are required: pass task_ids=... (one task index or name per example), or "
+                    "merge a task first with model.merge_task(name)"
+                )
+            return None
+        ids = self.resolve_task_ids(task_ids, self._device())
+        if self.merged_task is not None and ids.device.type == "cpu" and bool((ids != self.merged_task).any()):
+            raise MoreLoraError(f"task {self.tasks[self.merged_task]!r} is merged; unmerge() before running "
+                                "other tasks")
+        return ids
+
+    def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any):
+        ids = self._prepare(task_ids)
+        if self._base_takes_task_ids:
+            kwargs["task_ids"] = ids
+        with self._task_ids_handed_to_layers(ids):
+            out = self.base_model(*args, **kwargs)
+        self.aux_losses = self._collect_aux_losses()
+        loss = getattr(out, "loss", None)
+        if loss is not None and kwargs.get("labels") is not None:
+            for name, value in self.aux_losses.items():
+                weight = getattr(self.config, self.aux_loss_weights.get(name, ""), 0.0)
+                if weight:
+                    loss = loss + weight * value.to(loss.dtype)
+            out.loss = loss
+        return out
+
+    def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
+        """Average of the layers' auxiliary losses (cleared after reading)."""
+        values = []
+        for _, layer in self.adapter_layers():
+            if layer.aux_loss is not None:
+                values.append(layer.aux_loss)
+                layer.aux_loss = None
+        if not values or not self.aux_loss_weights:
+            return {}
+        return {next(iter(self.aux_loss_weights)): torch.stack(values).mean()}
+
+    @torch.no_grad()
+    def generate(self, *args: Any, task_ids: Any = None, **kwargs: Any):
+        """`generate` of the wrapped model; task ids follow beam / sample expansion."""
+        ids = self._prepare(task_ids)
+        with self._task_ids_handed_to_layers(ids):
+            return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- parameters
+    def parameter_counts(self) -> dict[str, float]:
+        """Trainable parameters in total, in adapters, in saved modules, and per task (adapter/T)."""
+        adapter = sum(p.numel() for _, layer in self.adapter_layers()
+                      for n, p in layer.named_parameters() if not n.startswith("base_layer."))
+        saved = sum(p.numel() for n in self.saved_module_names
+                    for p in self.base_model.get_submodule(n).parameters())
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"trainable": trainable, "adapter": adapter, "modules_to_save": saved, "total": total,
+                "per_task": adapter / max(self.num_tasks, 1)}
+
+    def print_trainable_parameters(self) -> None:
+        c = self.parameter_counts()
+        print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: "
+              f"{100 * c['trainable'] / c['total']:.4f} || adapter params per task: {c['per_task']:,.0f}")
+
+    # -- merging
+    @property
+    def merged_task(self) -> int | None:
+        return next((layer.merged_task for _, layer in self.adapter_layers()), None)
+
+    def merge_task(self, task: str | int) -> None:
+        """Fold task `task`'s change into the frozen weights: W0 + dW_t (no task_ids needed after)."""
+        t = self.task_index(task)
+        if self.merged_task is not None:
+            raise MoreLoraError(
+                f"task {self.tasks[self.merged_task]!r} is already merged; call model.unmerge() before "
+                f"merging {self.tasks[t]!r}"
+            )
+        for _, layer in self.adapter_layers():
+            layer.merge(t)
+
+    def unmerge(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, task: str | int) -> nn.Module:
+        """The base model with task `task` merged and the adapter layers removed."""
+        t = self.task_index(task)
+        self.unmerge()
+        for name, layer in list(self.adapter_layers()):
+            layer.merge(t)
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, layer.base_layer)
+        self.adapted_names = []
+        return self.base_model
+
+    # -- tasks
+    def add_task(self, name: str, init_from: str | int | None = None) -> int:
+        """Append a task (for transfer); its per-task parameters copy `init_from`'s when given."""
+        if name in self.tasks:
+            raise MoreLoraError(f"task {name!r} already exists")
+        src = None if init_from is None else self.task_index(init_from)
+        for _, layer in self.adapter_layers():
+            layer.add_task(src)
+        self.tasks.append(name)
+        self.config.tasks = list(self.tasks)
+        return len(self.tasks) - 1
+
+    # -- save / load
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable state only: adapter parameters and modules_to_save, keyed by base-model names."""
+        state = {}
+        for name, layer in self.adapter_layers():
+            for pname in layer.adapter_param_names:
+                for sub, t in _named_tensors(getattr(layer, pname), f"{name}.{pname}"):
+                    state[sub] = t
+        for n in self.saved_module_names:
+            for pname, p in self.base_model.get_submodule(n).named_parameters():
+                state[f"{n}.{pname}"] = p
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {}
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `adapter_model.safetensors` and `adapter_config.json` (atomically)."""
+        out = Path(save_directory)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+        try:
+            save_file(self.adapter_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            meta = {
+                "morelora_method": self.method_name,
+                "config": self.config.to_dict(),
+                "tasks": self.tasks,
+                "base_model": base_model_signature(self.base_model, self.adapted_names),
+                **self._extra_metadata(),
+            }
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike):
+        """Rebuild the adapter on `model` (the same base architecture) and load its weights."""
+        meta = read_adapter_config(directory)
+        if cls.method_name and meta.get("morelora_method") != cls.method_name:
+            raise CheckpointError(f"{directory} holds a {meta.get('morelora_method')!r} adapter, not "
+                                  f"{cls.method_name!r}; load it with morelora.load_adapter_model")
+        config = cls.config_class.from_dict(meta["config"])
+        expected = meta["base_model"]
+        check_base_model(model, expected, directory)
+        wrapped = cls(model, config)
+        wrapped.load_adapter(directory)
+        return wrapped
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Load saved adapter weights into this model, checking names and shapes."""
+        path = Path(directory) / WEIGHTS_NAME
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist: not a morelora adapter folder")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e}); "
+                                  "re-save the adapter or pick another checkpoint") from e
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"{directory} does not fit this model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise CheckpointError(f"{directory}: {k} has shape {tuple(v.shape)}, this model expects "
+                                      f"{tuple(own[k].shape)} (a checkpoint for another base model or r?)")
+        params = dict(self.base_model.named_parameters())
+        buffers = dict(self.base_model.named_buffers())
+        with torch.no_grad():
+            for k, v in state.items():
+                target = params.get(k, buffers.get(k))
+                target.copy_(v.to(target.dtype))
+        self.after_weights_changed()
+
+    def after_weights_changed(self) -> None:
+        """Hook for caches derived from weights (MoRE's cached ranks)."""
+
+    # -- PEFT export
+    def export_lora(self, task: str | int, save_directory: str | os.PathLike,
+                    base_model_name_or_path: str | None = None) -> Path:
+        """Write task `task` as a standard PEFT LoRA adapter (per-module ranks via rank_pattern)."""
+        from peft import LoraConfig
+
+        t = self.task_index(task)
+        spec = self.base_model.task_model_spec(self.tasks[t]) if hasattr(
+            self.base_model, "task_model_spec") else None
+        rename = (lambda n: n.replace("backbone.", spec["prefix"] + ".", 1)) if spec else (lambda n: n)
+        state, ranks, alphas = {}, {}, {}
+        for name, layer in self.adapter_layers():
+            a, b, scale = layer.lora_factors(t)
+            k = a.shape[0]
+            pname = rename(name)
+            state[f"base_model.model.{pname}.lora_A.weight"] = a.detach().float().contiguous().cpu()
+            state[f"base_model.model.{pname}.lora_B.weight"] = b.detach().float().contiguous().cpu()
+            ranks[pname], alphas[pname] = k, scale * k   # PEFT scale = alpha / r
+        if spec:
+            saved = {f"base_model.model.{k}": v for k, v in spec["head_state"].items()}
+            modules_to_save = sorted({k.rsplit(".", 1)[0] for k in spec["head_state"]})
+        else:
+            saved = {f"base_model.model.{k}": v for k, v in self.adapter_state_dict().items()
+                     if any(k.startswith(n + ".") for n in self.saved_module_names)}
+            modules_to_save = list(self.saved_module_names)
+        state.update({k: v.detach().contiguous().cpu() for k, v in saved.items()})
+        r0 = max(ranks.values())
+        base_cfg = getattr(self.base_model, "config", None)
+        cfg = LoraConfig(
+            r=r0, lora_alpha=alphas[max(ranks, key=ranks.get)],
+            target_modules=sorted(ranks), rank_pattern={re.escape(n): k for n, k in ranks.items()},
+            alpha_pattern={re.escape(n): a for n, a in alphas.items()},
+            modules_to_save=modules_to_save or None, lora_dropout=0.0,
+            base_model_name_or_path=base_model_name_or_path or getattr(base_cfg, "_name_or_path", None),
+        )
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(str(out))
+        save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if spec:
+            meta = {"task": self.tasks[t], "auto_class": spec["auto_class"],
+                    "config_updates": spec.get("config_updates", {})}
+            (out / "morelora_task.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, nn.Module):
+        for n, p in obj.named_parameters():
+            yield f"{prefix}.{n}", p
+    elif isinstance(obj, torch.Tensor):
+        yield prefix, obj
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str] | str:
+    if target_modules is not None:
+        return target_modules if isinstance(target_modules, str) else list(target_modules)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+
+    mtype = model_type_of(model)
+    if mtype in MAPPING:
+        return list(MAPPING[mtype])
+    raise MoreLoraError(f"no default target_modules for model type {mtype!r}: set target_modules, e.g. "
+                        "['q_proj', 'v_proj']")
+
+
+def matches_target(name: str, targets: Sequence[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def base_model_signature(model: nn.Module, adapted: Sequence[str]) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    shapes = {n: [model.get_submodule(n).in_features, model.get_submodule(n).out_features] for n in adapted}
+    return {"model_type": model_type_of(model), "class": type(model).__name__,
+            "name_or_path": getattr(cfg, "_name_or_path", None), "adapted_shapes": shapes}
+
+
+def check_base_model(model: nn.Module, expected: dict[str, Any], directory: Any) -> None:
+    mtype = model_type_of(model)
+    if expected.get("model_type") != mtype or expected.get("class") != type(model).__name__:
+        raise CheckpointError(
+            f"{directory} was saved for a {expected.get('class')} ({expected.get('model_type')}) base model, "
+            f"got {type(model).__name__} ({mtype}); load it on the base model it was trained on "
+            f"({expected.get('name_or_path')})"
+        )
+    for name, (d_in, d_out) in expected.get("adapted_shapes", {}).items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{directory}: the base model has no module {name!r}") from None
+        if (getattr(layer, "in_features", None), getattr(layer, "out_features", None)) != (d_in, d_out):
+            raise CheckpointError(
+                f"{directory}: module {name} is {layer.in_features}x{layer.out_features} in this base model "
+                f"but {d_in}x{d_out} in the checkpoint: it was trained on another model size "
+                f"({expected.get('name_or_path')})"
+            )
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: {directory} is not a morelora adapter folder")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); re-save the adapter or pick another checkpoint") from e
+    if not isinstance(meta, dict) or "config" not in meta or "base_model" not in meta:
+        raise CheckpointError(f"{path} is not a morelora adapter config (no 'config'/'base_model' entries)")
+    return meta
+
+
+def kaiming_init_(weight: torch.Tensor) -> None:
+    """PEFT's LoRA A init: Kaiming-uniform with a = sqrt(5)."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))

@@ -1,0 +1,184 @@
+"""The MoRE layer: all of MoRE's math lives in this file.
+
+For a frozen linear layer W0 (d_out x d_in), rank r, tasks T:
+
+    A (r x d_in, Kaiming-uniform)   B (d_out x r, zeros)   E (T x d_in, N(0, 0.01))   G: Linear(d_in -> r)
+    s_i = i / r (linear rank scaling)       expert k = ranks 1..k (a prefix)
+    p_t = softmax(G(E[t]))                  k_t = argmax p_t + 1
+    w_t = onehot(argmax p_t) + p_t - stopgrad(p_t)     (straight-through: value one-hot, gradient via p_t)
+    delta_t(x) = (alpha / r) * w_t[k_t - 1] * B[:, :k_t] S (S A[:k_t] dropout(x))
+
+A batch may mix tasks: each example gets a length-r coefficient vector c = (alpha/r) * s^2 * mask_k
+(times the STE weight), applied between the two low-rank products, so one pair of matmuls serves
+the whole batch:  delta(x) = ((dropout(x) A^T) * c[task]) B^T.  At inference the per-task
+coefficients are computed once from the gate and cached until the router's weights change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import TaskAdapterLayer, grow_rows, kaiming_init_
+from .config import MoREConfig
+
+
+def expert_masks(r: int, structure: str, seed: int = 0) -> torch.Tensor:
+    """(r, r) 0/1 table: row k-1 marks the ranks that expert k uses."""
+    if structure == "prefix":
+        return torch.tril(torch.ones(r, r))
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(r, r)
+    for k in range(1, r + 1):
+        masks[k - 1, torch.randperm(r, generator=g)[:k]] = 1.0
+    return masks
+
+
+class MoRELinear(TaskAdapterLayer):
+    """A frozen `nn.Linear` plus one LoRA module whose prefix ranks are routed per task."""
+
+    def __init__(self, base_layer: nn.Linear, num_tasks: int, config: MoREConfig) -> None:
+        super().__init__(base_layer, num_tasks)
+        r, d_in = config.r, self.in_features
+        self.r = r
+        self.cfg = config
+        self.scaling = config.lora_alpha / r
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(r, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
+        kaiming_init_(self.lora_A)
+        if not config.init_lora_weights:
+            kaiming_init_(self.lora_B)
+        names = ["lora_A", "lora_B"]
+        if config.use_task_embeddings:
+            self.task_embedding = nn.Parameter(torch.randn(num_tasks, d_in) * config.task_embedding_std)
+            self.gate = nn.Linear(d_in, r)
+            names += ["task_embedding", "gate"]
+        else:
+            self.router_logits = nn.Parameter(torch.randn(num_tasks, r) * config.task_embedding_std)
+            names += ["router_logits"]
+        # -1 = not fixed yet; only used by routing="frozen" (the official code's behaviour)
+        self.register_buffer("frozen_expert", torch.full((num_tasks,), -1, dtype=torch.long))
+        if config.routing == "frozen":
+            names.append("frozen_expert")
+        self.adapter_param_names = tuple(names)
+        s = torch.arange(1, r + 1, dtype=torch.float32) / r if config.rank_scaling == "linear" else torch.ones(r)
+        self.register_buffer("rank_scale", s, persistent=False)
+        self.register_buffer("expert_mask", expert_masks(r, config.expert_structure, config.seed), persistent=False)
+        self._coef_cache: tuple[Any, torch.Tensor] | None = None
+        self._batch_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        dev = base_layer.weight.device
+        self.to(dev)
+
+    # ------------------------------------------------------------------ routing
+    def router_probs(self) -> torch.Tensor:
+        """p: (T, r) softmax over the r rank experts for every task."""
+        if self.cfg.use_task_embeddings:
+            logits = self.gate(self.task_embedding.to(self.gate.weight.dtype))
+        else:
+            logits = self.router_logits
+        return logits.float().softmax(-1)
+
+    def chosen_experts(self) -> torch.Tensor:
+        """Index (0-based) of the expert each task uses now: (T,) long."""
+        with torch.no_grad():
+            if self.cfg.routing == "frozen":
+                self._freeze_unset()
+                return self.frozen_expert.clone()
+            return self.router_probs().argmax(-1)
+
+    def task_ranks(self) -> list[int]:
+        """Number of ranks each task uses in this layer."""
+        return self.expert_mask[self.chosen_experts()].sum(-1).long().tolist()
+
+    def _freeze_unset(self) -> None:
+        unset = self.frozen_expert < 0
+        if bool(unset.any()):
+            with torch.no_grad():
+                self.frozen_expert[unset] = self.router_probs().argmax(-1)[unset]
+
+    def _rank_weights(self) -> torch.Tensor:
+        """(T, r) per-rank weights (value: the chosen expert's 0/1 mask) before scaling."""
+        if self.cfg.routing == "frozen":
+            return self.expert_mask[self.chosen_experts()]
+        p = self.router_probs()
+        idx = p.argmax(-1)
+        if self.cfg.routing == "hard" or not torch.is_grad_enabled():
+            return self.expert_mask[idx]
+        w = F.one_hot(idx, self.r).to(p.dtype) + p - p.detach()      # straight-through estimator
+        if self.cfg.ste_estimator == "prefix_mask":
+            return w @ self.expert_mask                                # m_j = sum_{k >= j} w_k
+        return self.expert_mask[idx] * w.gather(1, idx[:, None])
+
+    def _router_key(self) -> tuple:
+        params = [self.task_embedding, self.gate.weight, self.gate.bias] if self.cfg.use_task_embeddings \
+            else [self.router_logits]
+        return tuple((id(p), p._version) for p in params) + (self.frozen_expert._version,)
+
+    def task_coefficients(self) -> torch.Tensor:
+        """(T, r): (alpha / r) * s^2 * rank weights. Cached (no gate run) while not training."""
+        if self.training and self.cfg.routing != "frozen":
+            return self._rank_weights() * (self.rank_scale**2 * self.scaling)
+        key = self._router_key()
+        if self._coef_cache is None or self._coef_cache[0] != key:
+            with torch.no_grad():
+                coef = self._rank_weights() * (self.rank_scale**2 * self.scaling)
+            self._coef_cache = (self._router_key(), coef)
+            self._batch_cache = None
+        return self._coef_cache[1]
+
+    def clear_cache(self) -> None:
+        self._coef_cache = None
+        self._batch_cache = None
+
+    # ------------------------------------------------------------------ forward
+    def _batch_coefficients(self, task_ids: torch.Tensor) -> torch.Tensor:
+        if self.training and self.cfg.routing != "frozen":
+            return self.task_coefficients()[task_ids]
+        table = self.task_coefficients()
+        cached = self._batch_cache
+        if cached is not None and cached[0] is task_ids and cached[1] is table:
+            return cached[2]
+        coef = table[task_ids]
+        self._batch_cache = (task_ids, table, coef)
+        return coef
+
+    def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        coef = self._batch_coefficients(task_ids)                       # (B, r)
+        z = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))     # (B, ..., r)
+        z = z * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), self.r).to(z.dtype)
+        if self.training and self.cfg.use_task_embeddings and self.cfg.contrastive_weight > 0:
+            self.aux_loss = self.contrastive_loss(x, task_ids)
+        return F.linear(z, self.lora_B.to(x.dtype))
+
+    def contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of normalize(x[:, 0]) . normalize(E)^T / tau against the task id."""
+        h = F.normalize((x[:, 0, :] if x.dim() == 3 else x).float(), dim=-1)
+        e = F.normalize(self.task_embedding.float(), dim=-1)
+        return F.cross_entropy(h @ e.T / self.cfg.contrastive_temperature, task_ids)
+
+    # ------------------------------------------------------------------ merge / export
+    def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(S A[sel], B[:, sel] S, alpha / r) for the ranks `sel` of task `task`'s expert."""
+        sel = self.expert_mask[self.chosen_experts()[task]].nonzero().flatten()
+        s = self.rank_scale[sel]
+        return self.lora_A[sel] * s[:, None], self.lora_B[:, sel] * s[None, :], self.scaling
+
+    def add_task(self, init_from: int | None = None) -> None:
+        super().add_task(init_from)
+        if self.cfg.use_task_embeddings:
+            self.task_embedding = grow_rows(self.task_embedding, init_from, self.cfg.task_embedding_std)
+        else:
+            self.router_logits = grow_rows(self.router_logits, init_from, self.cfg.task_embedding_std)
+        new = self.frozen_expert[init_from : init_from + 1] if init_from is not None else \
+            torch.full((1,), -1, dtype=torch.long, device=self.frozen_expert.device)
+        self.frozen_expert = torch.cat([self.frozen_expert, new])
+        self.clear_cache()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, routing={self.cfg.routing}"
