@@ -506,6 +506,9 @@ class TaskAdapterModel(nn.Module):
     def after_weights_changed(self) -> None:
         """Hook for caches derived from weights (MoRE's cached ranks)."""
 
+    def on_step_end(self, step: int) -> None:
+        """Called by the trainer after every optimizer step (rank re-allocation in ALoRA / AdaLoRA)."""
+
     # -- PEFT export
     def export_lora(self, task: str | int, save_directory: str | os.PathLike,
                     base_model_name_or_path: str | None = None) -> Path:
