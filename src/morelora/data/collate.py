@@ -1,0 +1,256 @@
+"""Tokenisation and batch collation.
+
+* :class:`EncoderCollator` — encoder models (BERT family) see every task as scoring ``(B, C, L)``
+  sequences: ``C = 1`` for classification / regression ``(text, text_pair)``, one ``(query, choice)``
+  sequence per choice for multiple choice, padded to the batch's longest sequence and most choices.
+* :class:`Text2TextCollator` — seq2seq (T5) and causal LMs; every task kind is cast to a prompt and a
+  target text (:func:`to_text2text`).
+
+Collators take a list of ``(task_index, example)`` pairs, ``task_index`` indexing the ``specs`` list
+given at construction, and return ``task_ids`` (B,) along with the tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from morelora.data.tasks import Example, TaskSpec
+
+Feature = tuple[int, Example]
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------ text-to-text casting
+
+
+def label_word(spec: TaskSpec, label: int) -> str:
+    """Target text of class ``label`` (its label word, else the label number)."""
+    words = spec.label_words
+    return words[label] if words and 0 <= label < len(words) else str(label)
+
+
+def format_regression_target(value: float) -> str:
+    """Regression target as text, rounded to the nearest 0.2 as T5 does for STS-B (``"3.8"``)."""
+    return f"{round(value * 5) / 5:.1f}"
+
+
+def to_text2text(spec: TaskSpec, example: Example, task_prefix: bool = True) -> tuple[str, str]:
+    """``(prompt, target)`` texts of any example; the prompt starts with ``"<task>: "`` if ``task_prefix``.
+
+    classification / regression: ``"sentence1: <text> sentence2: <pair>"`` (or just the text) -> label word
+    / rounded number; multiple choice: ``"<query> options: A) .. B) .."`` -> gold choice text;
+    text-to-text: ``input`` -> ``target``.
+    """
+    if spec.kind in ("classification", "regression"):
+        body = example["text"]
+        if example.get("text_pair") is not None:
+            body = f"sentence1: {body} sentence2: {example['text_pair']}"
+        label = example["label"]
+        if spec.kind == "regression":
+            target = format_regression_target(label)
+        else:
+            target = label_word(spec, int(label))
+    elif spec.kind == "multiple_choice":
+        options = " ".join(f"{chr(ord('A') + i)}) {c}" for i, c in enumerate(example["choices"]))
+        body = f"{example['query']} options: {options}"
+        target = example["choices"][example["gold"]]
+    else:
+        body, target = example["input"], example["target"]
+    return (f"{spec.name}: {body}" if task_prefix else body), target
+
+
+# ----------------------------------------------------------------------------------------------- padding
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Pad token-id lists to the longest into a (N, L) long tensor, on the right or the left."""
+    length = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            if left:
+                out[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
+            else:
+                out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+class EncoderCollator:
+    """Batches for :class:`morelora.heads.MultiTaskHeadModel`.
+
+    Returns ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the tokenizer makes them) of
+    shape ``(B, C, L)``, ``choice_mask`` (B, C) bool, ``labels`` (B,) — long, or float when the batch has a
+    regression example — and ``task_ids`` (B,). Missing choices are all padding except that their first
+    position is attended (a fully masked row can give NaN attention); the heads mask them with ``-inf``.
+    Sequences longer than ``max_length`` are truncated: the query of a multiple-choice pair first
+    ("only_first"), the longer of a classification pair first ("longest_first").
+    """
+
+    def __init__(self, tokenizer: Any, specs: Sequence[TaskSpec], max_length: int = 128) -> None:
+        self.tokenizer = tokenizer
+        self.specs = list(specs)
+        self.max_length = max_length
+        for spec in self.specs:
+            if spec.kind == "text2text":
+                raise ValueError(f"task {spec.name!r} is text2text: use Text2TextCollator")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token")
+
+    def _encode(self, firsts: list[str], seconds: list[str] | None, truncation: str) -> list[dict]:
+        """Tokenise a group of texts (``seconds=None``) or text pairs; one dict of id lists per item."""
+        if seconds is None:
+            enc = self.tokenizer(firsts, truncation=True, max_length=self.max_length)
+        else:
+            try:
+                enc = self.tokenizer(firsts, seconds, truncation=truncation, max_length=self.max_length)
+            except Exception:  # "only_first" fails when the second text alone is too long
+                enc = self.tokenizer(firsts, seconds, truncation="longest_first", max_length=self.max_length)
+        return [{k: v[j] for k, v in enc.items()} for j in range(len(firsts))]
+
+    def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
+        seqs: list[tuple[int, int, str, str | None, str]] = []  # (example, choice, first, second, truncation)
+        labels, regression = [], False
+        for i, (task_index, ex) in enumerate(features):
+            kind = self.specs[task_index].kind
+            if kind == "multiple_choice":
+                seqs += [(i, c, ex["query"], choice, "only_first") for c, choice in enumerate(ex["choices"])]
+                labels.append(ex["gold"])
+            else:
+                seqs.append((i, 0, ex["text"], ex.get("text_pair"), "longest_first"))
+                labels.append(ex["label"])
+                regression |= kind == "regression"
+
+        groups: dict[tuple[bool, str], list[int]] = {}  # one tokenizer call per (single?, truncation)
+        for k, (_, _, _, second, truncation) in enumerate(seqs):
+            groups.setdefault((second is None, truncation), []).append(k)
+        encoded: list[dict] = [{}] * len(seqs)
+        for (single, truncation), idx in groups.items():
+            seconds = None if single else [seqs[k][3] for k in idx]
+            for k, e in zip(idx, self._encode([seqs[k][2] for k in idx], seconds, truncation)):
+                encoded[k] = e
+
+        batch_size, num_choices = len(features), 1 + max(c for _, c, *_ in seqs)
+        length = max(len(e["input_ids"]) for e in encoded)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded[0]]
+        pad_values = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+        shape = (batch_size, num_choices, length)
+        batch = {k: torch.full(shape, pad_values[k], dtype=torch.long) for k in keys}
+        choice_mask = torch.zeros(batch_size, num_choices, dtype=torch.bool)
+        for (i, c, *_), e in zip(seqs, encoded):
+            for k in keys:
+                batch[k][i, c, : len(e[k])] = torch.tensor(e[k], dtype=torch.long)
+            choice_mask[i, c] = True
+        batch["attention_mask"][..., 0] |= ~choice_mask  # keep padded choices from being fully masked
+        batch["choice_mask"] = choice_mask
+        batch["labels"] = torch.tensor(labels, dtype=torch.float if regression else torch.long)
+        batch["task_ids"] = torch.tensor([t for t, _ in features], dtype=torch.long)
+        return batch
+
+
+# ------------------------------------------------------------------------------------------- text-to-text
+
+
+class Text2TextCollator:
+    """Batches for seq2seq (``causal=False``) or causal (``causal=True``) language models.
+
+    seq2seq: ``input_ids`` / ``attention_mask`` of the prompt, ``labels`` = target ids padded with -100.
+    causal: prompt + target + eos concatenated and right-padded; ``labels`` are -100 on the prompt and the
+    padding. A causal prompt ends with ``" answer:"`` and gets at most ``max_length - max_target_length - 1``
+    tokens, in training and in :meth:`generation_inputs` alike; if longer, its *beginning* is cut (keeping
+    the options and the answer cue). Seq2seq prompts are cut at the end by the tokenizer. Targets are cut
+    to ``max_target_length`` tokens (causal: plus the eos).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        specs: Sequence[TaskSpec],
+        max_length: int = 128,
+        max_target_length: int = 8,
+        causal: bool = False,
+        task_prefix: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.specs = list(specs)
+        self.max_length = max_length
+        self.max_target_length = max_target_length
+        self.causal = causal
+        self.task_prefix = task_prefix
+        eos = tokenizer.eos_token_id
+        self.eos_token_id = eos if eos is not None else tokenizer.sep_token_id
+        if self.eos_token_id is None:
+            raise ValueError("the tokenizer needs an eos (or sep) token")
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.eos_token_id
+        # Causal prompts get the same token budget in training and generation: room for target + eos.
+        self._prompt_budget = max_length - (max_target_length + 1 if causal else 0)
+        if self._prompt_budget < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for a prompt")
+        # BPE tokenizers need the space before the answer in the target; SentencePiece ones add it themselves.
+        self._target_space = causal and len(self._ids(" yes")) == len(self._ids("yes"))
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def texts(self, feature: Feature) -> tuple[str, str]:
+        """``(prompt, target)`` of one ``(task_index, example)``."""
+        task_index, ex = feature
+        prompt, target = to_text2text(self.specs[task_index], ex, self.task_prefix)
+        return (prompt + " answer:", target) if self.causal else (prompt, target)
+
+    def _prompt_ids(self, prompt: str, budget: int) -> list[int]:
+        if not self.causal:
+            return self.tokenizer(prompt, truncation=True, max_length=budget)["input_ids"]
+        ids = self.tokenizer(prompt)["input_ids"]  # with the model's BOS, if it adds one
+        if len(ids) > budget:
+            n_bos = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
+            ids = ids[:n_bos] + ids[len(ids) - budget + n_bos:]
+        return ids
+
+    def _target_ids(self, target: str) -> list[int]:
+        if not self.causal:
+            enc = self.tokenizer(text_target=target, truncation=True, max_length=self.max_target_length)
+            return enc["input_ids"]
+        ids = self._ids((" " if self._target_space else "") + target)
+        return ids[: self.max_target_length] + [self.eos_token_id]
+
+    def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
+        task_ids = torch.tensor([t for t, _ in features], dtype=torch.long)
+        pairs = [self.texts(f) for f in features]
+        targets = [self._target_ids(t) for _, t in pairs]
+        if not self.causal:
+            prompts = [self._prompt_ids(p, self.max_length) for p, _ in pairs]
+            return {
+                "input_ids": _pad(prompts, self.pad_token_id),
+                "attention_mask": _pad([[1] * len(p) for p in prompts], 0),
+                "labels": _pad(targets, IGNORE_INDEX),
+                "task_ids": task_ids,
+            }
+        seqs, labels = [], []
+        for (prompt, _), target in zip(pairs, targets):
+            prompt_ids = self._prompt_ids(prompt, self._prompt_budget)
+            seqs.append(prompt_ids + target)
+            labels.append([IGNORE_INDEX] * len(prompt_ids) + target)
+        return {
+            "input_ids": _pad(seqs, self.pad_token_id),
+            "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+            "labels": _pad(labels, IGNORE_INDEX),
+            "task_ids": task_ids,
+        }
+
+    def generation_inputs(self, features: Sequence[Feature]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Prompts for ``generate`` (left-padded for causal LMs) and the reference target texts."""
+        pairs = [self.texts(f) for f in features]
+        prompts = [self._prompt_ids(p, self._prompt_budget) for p, _ in pairs]
+        batch = {
+            "input_ids": _pad(prompts, self.pad_token_id, left=self.causal),
+            "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=self.causal),
+            "task_ids": torch.tensor([t for t, _ in features], dtype=torch.long),
+        }
+        return batch, [t for _, t in pairs]

@@ -1,0 +1,166 @@
+"""Encoder backbone + one head per task (BERT-family models with a pooler).
+
+Each head is exactly the classifier of the matching transformers model: ``pooler_output -> dropout ->
+Linear``, like ``BertForSequenceClassification`` (``Linear(H, num_labels)``, regression ``Linear(H, 1)``)
+and ``BertForMultipleChoice`` (``Linear(H, 1)`` scoring each ``(query, choice)`` sequence), so
+:meth:`MultiTaskHeadModel.task_model_spec` can rebuild a standard single-task model from the backbone
+and one head. Heads live in ``model.heads[i]`` for task ``i`` of ``specs``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from morelora.data.tasks import TaskSpec
+
+
+class MultiTaskHeadModel(nn.Module):
+    """``backbone`` (an ``AutoModel`` with a pooler) and one head per task of ``specs`` (task id = index).
+
+    ``forward`` takes ``(B, C, L)`` inputs (``(B, L)`` is read as ``C = 1``), flattens them example-major to
+    ``(B*C, L)`` for the backbone and returns ``SequenceClassifierOutput(loss, logits)`` with ``(B, K)``
+    logits padded with ``-inf`` (``K`` = most classes / choices in the batch). The loss is the mean over
+    examples of cross-entropy (classification, multiple choice) or squared error on ``logits[:, 0]``
+    (regression), so batches may mix tasks.
+    """
+
+    def __init__(self, backbone: nn.Module, specs: Sequence[TaskSpec]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.specs = list(specs)
+        self.task_names = [s.name for s in self.specs]
+        hidden = self.config.hidden_size
+        dropout = getattr(self.config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(dropout if dropout is not None else self.config.hidden_dropout_prob)
+        self.heads = nn.ModuleList([nn.Linear(hidden, self._head_size(s)) for s in self.specs])
+        std = getattr(self.config, "initializer_range", 0.02)
+        for head in self.heads:  # BERT's initialisation of classifier layers
+            nn.init.normal_(head.weight, mean=0.0, std=std)
+            nn.init.zeros_(head.bias)
+
+    @staticmethod
+    def _head_size(spec: TaskSpec) -> int:
+        if spec.kind == "classification":
+            if not spec.num_labels or spec.num_labels < 2:
+                raise ValueError(f"task {spec.name!r}: classification needs num_labels >= 2")
+            return spec.num_labels
+        if spec.kind in ("regression", "multiple_choice"):
+            return 1
+        raise ValueError(f"task {spec.name!r} of kind {spec.kind!r} has no encoder head")
+
+    def _task_index(self, task: int | str) -> int:
+        return self.task_names.index(task) if isinstance(task, str) else int(task)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        choice_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        task_ids: torch.Tensor | Sequence[int | str] | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
+        if input_ids.dim() == 2:
+            input_ids = input_ids[:, None]
+            attention_mask = attention_mask[:, None] if attention_mask is not None else None
+            token_type_ids = token_type_ids[:, None] if token_type_ids is not None else None
+        batch, choices, length = input_ids.shape
+        device = input_ids.device
+        if task_ids is None:
+            if len(self.specs) != 1:
+                raise ValueError("task_ids are required with more than one task")
+            task_ids = torch.zeros(batch, dtype=torch.long, device=device)
+        elif not torch.is_tensor(task_ids):
+            task_ids = torch.tensor([self._task_index(t) for t in task_ids], dtype=torch.long, device=device)
+        if choice_mask is None:
+            choice_mask = torch.ones(batch, choices, dtype=torch.bool, device=device)
+
+        def flat(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.reshape(batch * choices, length)
+
+        out = self.backbone(input_ids=flat(input_ids), attention_mask=flat(attention_mask),
+                            token_type_ids=flat(token_type_ids), **kwargs)
+        if out.pooler_output is None:
+            raise ValueError("the backbone returned no pooler_output (load it with add_pooling_layer=True)")
+        pooled = self.dropout(out.pooler_output).view(batch, choices, -1)
+
+        present = task_ids.unique().tolist()
+        width = max(choices if self.specs[t].kind == "multiple_choice" else self.heads[t].out_features
+                    for t in present)
+        logits = pooled.new_full((batch, width), float("-inf"))
+        for t in present:
+            rows = (task_ids == t).nonzero(as_tuple=True)[0]
+            if self.specs[t].kind == "multiple_choice":
+                scores = self.heads[t](pooled[rows]).squeeze(-1)  # (b, C)
+                scores = scores.masked_fill(~choice_mask[rows], float("-inf"))
+            else:
+                scores = self.heads[t](pooled[rows, 0])  # (b, num_labels)
+            logits[rows, : scores.shape[1]] = scores
+
+        loss = None
+        if labels is not None:
+            per_example = logits.new_zeros(batch, dtype=torch.float32)
+            for t in present:
+                rows = (task_ids == t).nonzero(as_tuple=True)[0]
+                if self.specs[t].kind == "regression":
+                    loss_t = F.mse_loss(logits[rows, 0].float(), labels[rows].float(), reduction="none")
+                else:
+                    loss_t = F.cross_entropy(logits[rows].float(), labels[rows].long(), reduction="none")
+                per_example[rows] = loss_t
+            loss = per_example.mean()
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
+
+    def task_model_spec(self, task: int | str) -> dict[str, Any]:
+        """How task ``task`` maps onto a standard transformers model.
+
+        Returns ``auto_class`` (``"AutoModelForSequenceClassification"`` / ``"AutoModelForMultipleChoice"``),
+        ``config_updates`` for the backbone config, ``prefix`` (the backbone's ``base_model_prefix``: its
+        weights go under ``"<prefix>."``) and ``head_state`` (``classifier.weight`` / ``classifier.bias``).
+        """
+        index = self._task_index(task)
+        spec, head = self.specs[index], self.heads[index]
+        if spec.kind == "multiple_choice":
+            auto_class, updates = "AutoModelForMultipleChoice", {}
+        elif spec.kind == "regression":
+            auto_class = "AutoModelForSequenceClassification"
+            updates = {"num_labels": 1, "problem_type": "regression"}
+        else:
+            words = spec.label_words or [f"LABEL_{i}" for i in range(head.out_features)]
+            auto_class = "AutoModelForSequenceClassification"
+            updates = {"num_labels": head.out_features, "problem_type": "single_label_classification",
+                       "id2label": dict(enumerate(words)), "label2id": {w: i for i, w in enumerate(words)}}
+        return {
+            "auto_class": auto_class,
+            "config_updates": updates,
+            "prefix": self.backbone.base_model_prefix,
+            "head_state": {"classifier.weight": head.weight.detach().clone(),
+                           "classifier.bias": head.bias.detach().clone()},
+        }
+
+    def build_task_model(self, task: int | str) -> nn.Module:
+        """A standalone transformers model (e.g. ``BertForSequenceClassification``) for one task.
+
+        The backbone must be a plain transformers model here (adapters merged and unloaded).
+        """
+        import transformers
+
+        spec = self.task_model_spec(task)
+        config = copy.deepcopy(self.config)
+        for key, value in spec["config_updates"].items():
+            setattr(config, key, value)
+        model = getattr(transformers, spec["auto_class"]).from_config(config)
+        model.get_submodule(spec["prefix"]).load_state_dict(self.backbone.state_dict())
+        unexpected = model.load_state_dict(spec["head_state"], strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{spec['auto_class']} has no parameters {unexpected}")
+        return model.to(next(self.backbone.parameters()).device)
