@@ -127,6 +127,15 @@ class TaskAdapterLayer(nn.Module):
         w.data = (w.data.float() - self.delta_weight(self.merged_task).to(w.device)).to(w.dtype)
         self.merged_task = None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight: model code reads `.weight` of its linears (T5's FFN checks `wo.weight.dtype`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tasks={self.num_tasks}"
 
