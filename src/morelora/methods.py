@@ -12,8 +12,22 @@ from typing import Any
 
 from torch import nn
 
+from .tuners.adalora import AdaLoRAModel
+from .tuners.adamoe import AdaMoEModel
+from .tuners.alora import ALoRAModel
 from .tuners.base import MoreLoraError, TaskAdapterModel, read_adapter_config
+from .tuners.dylora import DyLoRAModel
+from .tuners.hydralora import HydraLoRAModel
+from .tuners.lora import SingleLoRAModel
+from .tuners.loramoe import LoRAMoEModel
+from .tuners.melora import MELoRAModel
+from .tuners.mixlora import MixLoRAModel
+from .tuners.moelora import MoELoRAModel
+from .tuners.mola import MoLAModel
+from .tuners.molora import MoLoRAModel
 from .tuners.more import MoREModel
+from .tuners.mov import MoVModel
+from .tuners.multilora import MultiLoRAModel
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,33 @@ def register(spec: MethodSpec) -> None:
 
 register(MethodSpec("more", MoREModel, "MoRE: one LoRA, per-task prefix-rank experts chosen by a router",
                     "per task", True))
+register(MethodSpec("lora", SingleLoRAModel, "LoRA (PEFT's own): one adapter shared by all tasks", "none", True))
+register(MethodSpec("multilora", MultiLoRAModel, "MultiLoRA: one separate LoRA per task, chosen per example",
+                    "per task", True))
+register(MethodSpec("moelora", MoELoRAModel, "MOELoRA: LoRA experts of rank r/N mixed by a per-task softmax gate",
+                    "per task", True))
+register(MethodSpec("mixlora", MixLoRAModel, "MixLoRA: top-k token-routed LoRA experts on the FFN, load balancing",
+                    "per token", False))
+register(MethodSpec("hydralora", HydraLoRAModel, "HydraLoRA: one shared A, several B heads mixed by a token router",
+                    "per token", False))
+register(MethodSpec("dylora", DyLoRAModel, "DyLoRA: one LoRA trained on random prefix ranks, served at a fixed rank",
+                    "none", True))
+register(MethodSpec("mov", MoVModel, "MoV: IA3 scaling-vector experts mixed per token by a softmax router",
+                    "per token", False))
+register(MethodSpec("molora", MoLoRAModel, "MoLoRA: small LoRA experts mixed per token by a softmax router",
+                    "per token", False))
+register(MethodSpec("loramoe", LoRAMoEModel, "LoRAMoE: dense token-routed LoRA experts on the FFN, localized "
+                    "balancing of world-knowledge vs task experts", "per token", False))
+register(MethodSpec("mola", MoLAModel, "MoLA: top-k token-routed LoRA experts, more experts in higher layers",
+                    "per token", False))
+register(MethodSpec("melora", MELoRAModel, "MELoRA: mini LoRAs on a block-diagonal split, shared by all tasks",
+                    "none", True))
+register(MethodSpec("alora", ALoRAModel, "ALoRA: LoRA with a learnable diagonal, ranks pruned and re-allocated "
+                    "across modules", "none", True))
+register(MethodSpec("adamoe", AdaMoEModel, "AdaMoE: top-k token routing over LoRA experts plus null experts",
+                    "per token", False))
+register(MethodSpec("adalora", AdaLoRAModel, "AdaLoRA (PEFT's own): SVD-form LoRA, importance-based rank budget",
+                    "none", True))
 
 
 def get_method(name: str) -> MethodSpec:
