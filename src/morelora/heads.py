@@ -29,10 +29,18 @@ class MultiTaskHeadModel(nn.Module):
     logits padded with ``-inf`` (``K`` = most classes / choices in the batch). The loss is the mean over
     examples of cross-entropy (classification, multiple choice) or squared error on ``logits[:, 0]``
     (regression), so batches may mix tasks.
+
+    ``pooling="cls"`` (default) feeds BERT's ``pooler_output`` to the heads, exactly as ``BertFor*`` models
+    do (so a task exports as a standard transformers model). ``pooling="mean"`` averages the last hidden
+    states over the attention mask: the native pooling of sentence-transformers checkpoints such as
+    all-MiniLM-L6-v2, which learn much faster from it; such heads cannot be exported as ``BertFor*``.
     """
 
-    def __init__(self, backbone: nn.Module, specs: Sequence[TaskSpec]) -> None:
+    def __init__(self, backbone: nn.Module, specs: Sequence[TaskSpec], pooling: str = "cls") -> None:
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.pooling = pooling
         self.backbone = backbone
         self.config = backbone.config
         self.specs = list(specs)
@@ -89,9 +97,15 @@ class MultiTaskHeadModel(nn.Module):
 
         out = self.backbone(input_ids=flat(input_ids), attention_mask=flat(attention_mask),
                             token_type_ids=flat(token_type_ids), **kwargs)
-        if out.pooler_output is None:
+        if self.pooling == "mean":
+            mask = (flat(attention_mask) if attention_mask is not None else flat(torch.ones_like(input_ids)))
+            mask = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            features = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        elif out.pooler_output is None:
             raise ValueError("the backbone returned no pooler_output (load it with add_pooling_layer=True)")
-        pooled = self.dropout(out.pooler_output).view(batch, choices, -1)
+        else:
+            features = out.pooler_output
+        pooled = self.dropout(features).view(batch, choices, -1)
 
         present = task_ids.unique().tolist()
         width = max(choices if self.specs[t].kind == "multiple_choice" else self.heads[t].out_features
@@ -127,6 +141,9 @@ class MultiTaskHeadModel(nn.Module):
         ``config_updates`` for the backbone config, ``prefix`` (the backbone's ``base_model_prefix``: its
         weights go under ``"<prefix>."``) and ``head_state`` (``classifier.weight`` / ``classifier.bias``).
         """
+        if self.pooling != "cls":
+            raise ValueError(f"heads on {self.pooling!r} pooling have no standard transformers model: train with "
+                             "model.pooling=cls to export or merge a task as a BertFor* model")
         index = self._task_index(task)
         spec, head = self.specs[index], self.heads[index]
         if spec.kind == "multiple_choice":

@@ -67,6 +67,7 @@ class MoRELinear(TaskAdapterLayer):
         self.adapter_param_names = tuple(names)
         s = torch.arange(1, r + 1, dtype=torch.float32) / r if config.rank_scaling == "linear" else torch.ones(r)
         self.register_buffer("rank_scale", s, persistent=False)
+        self.register_buffer("coef_scale", s**2 * self.scaling, persistent=False)   # (alpha / r) s^2
         self.register_buffer("expert_mask", expert_masks(r, config.expert_structure, config.seed), persistent=False)
         self._coef_cache: tuple[Any, torch.Tensor] | None = None
         self._batch_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
@@ -110,10 +111,11 @@ class MoRELinear(TaskAdapterLayer):
         idx = p.argmax(-1)
         if self.cfg.routing == "hard" or not torch.is_grad_enabled():
             return self.expert_mask[idx]
-        w = F.one_hot(idx, self.r).to(p.dtype) + p - p.detach()      # straight-through estimator
         if self.cfg.ste_estimator == "prefix_mask":
+            w = F.one_hot(idx, self.r).to(p.dtype) + p - p.detach()  # straight-through estimator
             return w @ self.expert_mask                                # m_j = sum_{k >= j} w_k
-        return self.expert_mask[idx] * w.gather(1, idx[:, None])
+        p_k = p.gather(1, idx[:, None])                                # w[k] = 1 + p_k - stopgrad(p_k)
+        return self.expert_mask[idx] * (p_k - p_k.detach() + 1.0)
 
     def _router_key(self) -> tuple:
         params = [self.task_embedding, self.gate.weight, self.gate.bias] if self.cfg.use_task_embeddings \
@@ -123,11 +125,11 @@ class MoRELinear(TaskAdapterLayer):
     def task_coefficients(self) -> torch.Tensor:
         """(T, r): (alpha / r) * s^2 * rank weights. Cached (no gate run) while not training."""
         if self.training and self.cfg.routing != "frozen":
-            return self._rank_weights() * (self.rank_scale**2 * self.scaling)
+            return self._rank_weights() * self.coef_scale
         key = self._router_key()
         if self._coef_cache is None or self._coef_cache[0] != key:
             with torch.no_grad():
-                coef = self._rank_weights() * (self.rank_scale**2 * self.scaling)
+                coef = self._rank_weights() * self.coef_scale
             self._coef_cache = (self._router_key(), coef)
             self._batch_cache = None
         return self._coef_cache[1]
@@ -158,7 +160,8 @@ class MoRELinear(TaskAdapterLayer):
 
     def contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of normalize(x[:, 0]) . normalize(E)^T / tau against the task id."""
-        h = F.normalize((x[:, 0, :] if x.dim() == 3 else x).float(), dim=-1)
+        # a copy: a view of x would keep the whole layer input alive until backward
+        h = F.normalize((x[:, 0, :] if x.dim() == 3 else x).float().clone(), dim=-1)
         e = F.normalize(self.task_embedding.float(), dim=-1)
         return F.cross_entropy(h @ e.T / self.cfg.contrastive_temperature, task_ids)
 
