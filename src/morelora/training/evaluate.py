@@ -1,0 +1,130 @@
+"""Per-task evaluation of a multi-task model.
+
+Encoder models: argmax over the task head's logits (regression: its value). Text-to-text models (seq2seq
+and causal): greedy ``model.generate(..., task_ids=...)``, the generated text mapped back to a label /
+choice / number and compared with the references. Under several processes each process scores a
+contiguous slice of each task's examples and the predictions are gathered in order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from morelora.config import ModelConfig
+from morelora.data.collate import EncoderCollator, Text2TextCollator
+from morelora.metrics import (
+    compute_metrics,
+    predictions_from_logits,
+    predictions_from_text,
+    reference_score,
+    references,
+)
+
+if TYPE_CHECKING:
+    from morelora.training.trainer import Run
+
+__all__ = ["evaluate", "make_collator", "model_kind"]
+
+
+def model_kind(model_cfg: ModelConfig) -> str:
+    """encoder | seq2seq | causal: ``model.kind`` or, for "auto", read from the HF config."""
+    if model_cfg.kind != "auto":
+        return model_cfg.kind
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_cfg.name_or_path)
+    if getattr(hf, "is_encoder_decoder", False):
+        return "seq2seq"
+    if any(a.endswith("ForCausalLM") for a in getattr(hf, "architectures", None) or []):
+        return "causal"
+    return "encoder"
+
+
+def make_collator(run: Run, train: bool = True) -> EncoderCollator | Text2TextCollator:
+    m = run.cfg.model
+    if run.kind == "encoder":
+        return EncoderCollator(run.tokenizer, run.specs, max_length=m.max_length)
+    return Text2TextCollator(run.tokenizer, run.specs, max_length=m.max_length,
+                             max_target_length=m.max_target_length, causal=run.kind == "causal")
+
+
+@torch.no_grad()
+def evaluate(run: Run, split: str, batch_size: int, accelerator: Accelerator | None = None,
+             keep_predictions: bool = False) -> dict[str, Any]:
+    """Score every task of ``run`` on ``split``.
+
+    Returns ``{"split", "tasks": {name: {"metrics", "main_metric", "score", "reference_score",
+    "num_examples"}}, "average"}`` where ``average`` is the mean of the tasks' main scores; with
+    ``keep_predictions`` also ``"predictions": {name: {"main_metric", "num_labels", "predictions",
+    "references"}}`` (the format of ``test_predictions.json``).
+    """
+    accelerator = accelerator or Accelerator()
+    model, collator = run.model, make_collator(run, train=False)
+    was_training = model.training
+    model.eval()
+    tasks: dict[str, Any] = {}
+    kept: dict[str, Any] = {}
+    for t, spec in enumerate(run.specs):
+        examples = run.data[t][split]
+        if not examples:
+            continue
+        with accelerator.split_between_processes(list(range(len(examples)))) as mine:
+            preds = _predict(run, model, collator, t, [examples[i] for i in mine], batch_size, accelerator)
+        preds = gather_object(preds) if accelerator.num_processes > 1 else preds
+        refs = references(spec, examples)
+        metrics = compute_metrics(spec, preds, refs)
+        if keep_predictions:
+            kept[spec.name] = {"main_metric": spec.main_metric, "num_labels": spec.num_labels,
+                               "predictions": preds, "references": refs}
+        tasks[spec.name] = {
+            "metrics": metrics,
+            "main_metric": spec.main_metric,
+            "score": metrics[spec.main_metric],
+            "reference_score": reference_score(spec, run.data[t]["train"], examples),
+            "num_examples": len(examples),
+        }
+    model.train(was_training)
+    scores = [r["score"] for r in tasks.values()]
+    result = {"split": split, "tasks": tasks, "average": sum(scores) / len(scores) if scores else math.nan}
+    if keep_predictions:
+        result["predictions"] = kept
+    return result
+
+
+def _predict(run: Run, model: Any, collator: Any, task: int, examples: list[dict], batch_size: int,
+             accelerator: Accelerator) -> list[Any]:
+    """Predictions (label / choice index, value or text) for ``examples`` of task ``task``."""
+    spec, device = run.specs[task], accelerator.device
+    preds: list[Any] = []
+    steps = range(0, len(examples), batch_size)
+    for start in tqdm(steps, desc=f"eval {spec.name}", leave=False,
+                      disable=not accelerator.is_local_main_process or len(steps) < 2):
+        chunk = examples[start:start + batch_size]
+        features = [(task, ex) for ex in chunk]
+        with accelerator.autocast():
+            if run.kind == "encoder":
+                batch = collator(features)
+                batch.pop("labels")
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                preds.extend(predictions_from_logits(spec, logits))
+            else:
+                inputs, _ = collator.generation_inputs(features)
+                texts = _generate(run, model, {k: v.to(device) for k, v in inputs.items()})
+                preds.extend(predictions_from_text(spec, texts, chunk))
+    return preds
+
+
+def _generate(run: Run, model: Any, inputs: dict[str, torch.Tensor]) -> list[str]:
+    """Greedy generation; returns the new text of each example."""
+    tok = run.tokenizer
+    out = model.generate(**inputs, max_new_tokens=run.cfg.model.max_target_length + 1, do_sample=False,
+                         num_beams=1, pad_token_id=tok.pad_token_id)
+    if run.kind == "causal":
+        out = out[:, inputs["input_ids"].shape[1]:]
+    return tok.batch_decode(out, skip_special_tokens=True)

@@ -1,0 +1,499 @@
+"""Multi-task training on :class:`accelerate.Accelerator` (so ``accelerate launch`` gives DDP/FSDP/DeepSpeed).
+
+The trainer is method-agnostic: it builds the adapter with :func:`morelora.methods.build_method` from the
+config's ``method`` block and only uses the interface every method shares (forward with ``task_ids``,
+``aux_losses``, ``save_pretrained`` / ``load_adapter``, ``parameter_counts``, ``generate``).
+
+Data order and several processes
+--------------------------------
+One :class:`~morelora.data.sampling.MultiTaskSampler`, seeded with ``train.seed`` and identical on every
+process, draws *global* batches of ``batch_size * num_processes`` examples; process ``i`` takes the
+``i``-th contiguous slice. So every process sees different examples, a global batch comes from one task
+(unless ``data.mixed_batches``), the sampler state is the same everywhere (one copy in a checkpoint) and
+an N-process run follows the data order of a one-process run with an N times larger batch.
+``train.batch_size`` is per process; the effective batch is ``batch_size * num_processes * grad_accum``.
+
+Checkpoints (``checkpoint-<step>/``) hold the adapter (``adapter/``: trainable state only), optimizer,
+scheduler, sampler and RNG states (via ``accelerator.save_state``) and ``trainer_state.json``; they are
+written to ``checkpoint-<step>.tmp`` and renamed when complete. ``resume=True`` continues from the newest
+complete one with the same data order. Under FSDP / DeepSpeed accelerate also stores its own model shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+
+from morelora.config import ConfigError, RunConfig, load_config
+from morelora.data import TaskSpec, get_task
+from morelora.data.sampling import MultiTaskSampler
+from morelora.training import checkpoint as ckpt
+from morelora.training.evaluate import evaluate, make_collator, model_kind
+
+__all__ = ["Run", "build_run", "evaluate_run", "load_run", "train"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Run:
+    """Everything a run is made of: config, tasks with their data, tokenizer and adapted model."""
+
+    cfg: RunConfig
+    kind: str  # encoder | seq2seq | causal
+    specs: list[TaskSpec]
+    data: list[dict[str, list[dict]]]  # per task: {"train", "validation", "test"}
+    tokenizer: Any
+    model: Any  # a TaskAdapterModel
+
+    @property
+    def task_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+
+def build_tasks(cfg: RunConfig) -> list[TaskSpec]:
+    """TaskSpecs for ``cfg.tasks``: local files, then registered names (``data.source: hub`` maps plain
+    GLUE / commonsense names to their hub versions). The spec takes the name used in the config."""
+    specs = []
+    for name in cfg.tasks:
+        if name in cfg.task_files:
+            f = cfg.task_files[name]
+            spec = TaskSpec.from_file(name, f.path, f.kind)
+        else:
+            spec = get_task(_source_name(name, cfg.data.source))
+            spec.name = name
+        specs.append(spec)
+    return specs
+
+
+def _source_name(name: str, source: str) -> str:
+    if source != "hub" or "/" in name:
+        return name
+    from morelora.data import list_tasks
+
+    hub = list_tasks("hub")
+    return next((h for h in (f"glue/{name}", f"hub/{name}") if h in hub), name)
+
+
+def load_data(cfg: RunConfig, specs: list[TaskSpec]) -> list[dict[str, list[dict]]]:
+    d = cfg.data
+    return [s.load(max_train=d.max_train_per_task, max_eval=d.max_eval_per_task, seed=cfg.train.seed)
+            for s in specs]
+
+
+def build_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[Any, Any]:
+    """(tokenizer, adapted model): the frozen base model wrapped by the configured method."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from morelora.methods import build_method
+
+    path, dtype = cfg.model.name_or_path, DTYPES[cfg.model.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if kind == "encoder":
+        from morelora.heads import MultiTaskHeadModel
+
+        base = MultiTaskHeadModel(AutoModel.from_pretrained(path, dtype=dtype), specs, pooling=cfg.model.pooling)
+    elif kind == "seq2seq":
+        base = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+    else:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = build_method(cfg.method_name, base, [s.name for s in specs], **method_options(cfg))
+    except TypeError as e:  # e.g. an option of the wrong type reaching the method's config
+        raise ConfigError(f"method: {e}") from None
+    return tokenizer, model
+
+
+def method_options(cfg: RunConfig) -> dict[str, Any]:
+    """The ``method`` block's options; a method whose config has a ``total_step`` field (a schedule over
+    the run, e.g. AdaLoRA's rank budget) gets ``train.max_steps`` there unless the config sets it."""
+    from morelora.methods import get_method
+
+    options = dict(cfg.method_options)
+    fields = {f.name for f in dataclasses.fields(get_method(cfg.method_name).model_class.config_class)}
+    if "total_step" in fields and "total_step" not in options:
+        options["total_step"] = cfg.train.max_steps
+    return options
+
+
+def check_method(cfg: RunConfig, task_names: list[str]) -> None:
+    """Validate the ``method`` block against the method's config class before any model is loaded."""
+    from morelora.methods import get_method
+
+    try:
+        get_method(cfg.method_name).model_class.config_class.from_dict(
+            {**method_options(cfg), "tasks": list(task_names)})
+    except TypeError as e:
+        raise ConfigError(f"method: {e}") from None
+
+
+def build_run(cfg: RunConfig) -> Run:
+    """Tasks, data, tokenizer and model for ``cfg`` (bad tasks / files / method options raise here)."""
+    specs = build_tasks(cfg)
+    check_method(cfg, [s.name for s in specs])
+    data = load_data(cfg, specs)
+    kind = model_kind(cfg.model)
+    tokenizer, model = build_model(cfg, kind, specs)
+    return Run(cfg, kind, specs, data, tokenizer, model)
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+@dataclass
+class TrainState:
+    """What the loop counts; stored in each checkpoint's ``trainer_state.json``."""
+
+    step: int = 0
+    examples: int = 0
+    train_time: float = 0.0
+    num_processes: int = 1
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> TrainState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in ckpt.read_trainer_state(checkpoint).items() if k in known})
+
+
+def train(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train ``cfg`` into ``cfg.train.output_dir``; returns the run folder (with ``eval.json``)."""
+    tc, run_dir = cfg.train, Path(cfg.train.output_dir)
+    accelerator = _make_accelerator(cfg)
+    ckpt.check_new_run_dir(run_dir, resume)
+    if resume:
+        _check_same_config(run_dir, cfg)
+    set_seed(tc.seed)
+    run = build_run(cfg)
+    accelerator.wait_for_everyone()  # every process has checked the folder before anyone writes
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.dump(run_dir / "config.yaml")
+
+    sampler = _make_sampler(cfg, run, accelerator.num_processes)
+    optimizer, scheduler = _make_optimizer(cfg, run.model)
+    model, optimizer, scheduler = accelerator.prepare(run.model, optimizer, scheduler)
+    _register_checkpointing(accelerator, sampler)
+    state = _resume(accelerator, run_dir) if resume else TrainState(num_processes=accelerator.num_processes)
+    batches = _batches(sampler, make_collator(run, train=True), run, accelerator)
+    logger = _MetricsLogger(run_dir, accelerator)
+    tracker = _LossTracker()
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process)
+
+    model.train()
+    while state.step < tc.max_steps:
+        t0 = time.perf_counter()
+        for _ in range(tc.grad_accum):
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                out = model(**batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and tc.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:  # the method's per-step hook sees this step's gradients
+                    run.model.on_step_end(state.step)
+                scheduler.step()
+                optimizer.zero_grad()
+            tracker.add(out.loss, run.model, batch)
+        state.step += 1
+        state.train_time += time.perf_counter() - t0
+        bar.update(1)
+        if state.step % tc.logging_steps == 0 or state.step == tc.max_steps:
+            row = tracker.pop(accelerator, state, lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
+            logger.log(row)
+        if (tc.save_steps and state.step % tc.save_steps == 0) or state.step == tc.max_steps:
+            _save_checkpoint(accelerator, run_dir, state, tc.save_total_limit)
+        if tc.eval_steps and state.step % tc.eval_steps == 0 and state.step < tc.max_steps:
+            _evaluate_during_training(run, accelerator, logger, state.step)
+            model.train()
+    bar.close()
+
+    result = evaluate(run, "test", tc.eval_batch_size, accelerator, keep_predictions=True)
+    if accelerator.is_main_process:
+        predictions = {"split": "test", "checkpoint": f"checkpoint-{state.step}",
+                       "tasks": result.pop("predictions")}
+        _write_json(run_dir / "test_predictions.json", predictions, indent=None)
+        _write_eval(run_dir / "eval.json", result, run, state)
+    accelerator.wait_for_everyone()
+    logger.close()
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------- loop helpers
+
+
+def _make_accelerator(cfg: RunConfig) -> Accelerator:
+    return Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=cfg.train.mixed_precision,
+        # our sampler splits one global batch between processes: the scheduler steps once per step
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # single-task batches leave the other tasks' heads / per-task parameters unused
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A resumed run must use the run's own config (step counts and limits may change)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    free = {f"train.{k}" for k in ("output_dir", "max_steps", "save_steps", "eval_steps", "logging_steps",
+                                   "save_total_limit", "eval_batch_size")}
+    saved, new = _flatten(load_config(saved_path).to_dict()), _flatten(cfg.to_dict())
+    diff = sorted(k for k in saved.keys() | new.keys() if k not in free and saved.get(k) != new.get(k))
+    if diff:
+        raise ckpt.RunError(f"--resume with a config that differs from {saved_path} in: {', '.join(diff)}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (blocks only; task_files and method stay whole)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "data", "train"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _make_sampler(cfg: RunConfig, run: Run, num_processes: int) -> MultiTaskSampler:
+    """One global sampler, the same on every process (see the module docstring)."""
+    d = cfg.data
+    sizes = [len(x["train"]) for x in run.data]
+    empty = [s.name for s, n in zip(run.specs, sizes) if n == 0]
+    if empty:
+        raise ConfigError(f"tasks without training examples: {', '.join(empty)}")
+    return MultiTaskSampler(sizes, cfg.train.batch_size * num_processes, strategy=d.sampling,
+                            temperature=d.temperature, mixed=d.mixed_batches, seed=cfg.train.seed)
+
+
+def _batches(sampler: MultiTaskSampler, collator: Any, run: Run, accelerator: Accelerator):
+    """This process's slice of each global batch, collated and on the device."""
+    rank, n = accelerator.process_index, accelerator.num_processes
+    for indices in sampler:
+        per = len(indices) // n
+        mine = indices[rank * per:(rank + 1) * per]
+        batch = collator([(t, run.data[t]["train"][i]) for t, i in mine])
+        yield {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _make_optimizer(cfg: RunConfig, model: torch.nn.Module):
+    """AdamW over the trainable parameters (no weight decay on biases / norms) + linear warm-up/decay."""
+    from transformers import get_linear_schedule_with_warmup
+
+    tc = cfg.train
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
+    return optimizer, scheduler
+
+
+class _LossTracker:
+    """Sums losses, aux losses and examples between two log lines."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count, self.examples, self.since = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, model: Any, batch: dict[str, Any]) -> None:
+        values = {"loss": loss.detach().float(), "task_loss": _task_loss(loss, model).detach().float()}
+        values.update({k: v.detach().float() for k, v in model.aux_losses.items()})
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.examples += int(batch["task_ids"].shape[0])
+
+    def pop(self, accelerator: Accelerator, state: TrainState, lr: float) -> dict[str, Any]:
+        names = sorted(self.sums)
+        local = torch.stack([self.sums[k] / max(self.count, 1) for k in names] + [
+            torch.tensor(float(self.examples))]).to(accelerator.device)
+        means = accelerator.reduce(local, reduction="mean").tolist()
+        examples = means[-1] * accelerator.num_processes
+        elapsed = time.perf_counter() - self.since
+        state.examples += int(round(examples))
+        row = {"step": state.step, **dict(zip(names, means[:-1])), "lr": lr,
+               "examples_per_s": examples / max(elapsed, 1e-9), "examples": state.examples}
+        self._reset()
+        return row
+
+
+def _task_loss(loss: torch.Tensor, model: Any) -> torch.Tensor:
+    """The loss without the method's weighted auxiliary losses."""
+    weights = getattr(model, "aux_loss_weights", {})
+    for name, value in model.aux_losses.items():
+        loss = loss - getattr(model.config, weights.get(name, ""), 0.0) * value.to(loss.dtype)
+    return loss
+
+
+class _MetricsLogger:
+    """``metrics.jsonl`` (main process) and TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator) -> None:
+        self.main = accelerator.is_main_process
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if self.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _register_checkpointing(accelerator: Accelerator, sampler: MultiTaskSampler) -> None:
+    """Checkpoints hold the adapter (not accelerate's copy of the frozen model) plus the sampler state."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()  # plain / DDP runs: the adapter below is the whole trainable state
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(models[0]).save_pretrained(Path(output_dir) / ckpt.ADAPTER_DIR)
+
+    def load_hook(models: list, input_dir: str) -> None:
+        if not sharded:  # FSDP / DeepSpeed restore their own model shards
+            accelerator.unwrap_model(models[0]).load_adapter(Path(input_dir) / ckpt.ADAPTER_DIR)
+            models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    accelerator.register_for_checkpointing(sampler)
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int | None) -> None:
+    """``accelerator.save_state`` into ``checkpoint-<step>.tmp``, then an atomic rename."""
+    tmp = run_dir / f"checkpoint-{state.step}.tmp"
+    if accelerator.is_main_process:
+        ckpt.tmp_checkpoint_dir(run_dir, state.step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.finalize_checkpoint(tmp, asdict(state))
+        ckpt.prune_checkpoints(run_dir, keep)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, run_dir: Path) -> TrainState:
+    """Restore the newest complete checkpoint (none: a run killed before its first one starts over)."""
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        if accelerator.is_main_process:
+            ckpt.truncate_metrics(run_dir / "metrics.jsonl", 0)
+        return TrainState(num_processes=accelerator.num_processes)
+    accelerator.load_state(str(path))
+    state = TrainState.read(path)
+    if state.num_processes != accelerator.num_processes:
+        accelerator.print(f"warning: {path} was written by {state.num_processes} processes, resuming with "
+                          f"{accelerator.num_processes}: the data order changes")
+        state.num_processes = accelerator.num_processes
+    if accelerator.is_main_process:
+        ckpt.truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"resumed from {path} (step {state.step})")
+    return state
+
+
+def _evaluate_during_training(run: Run, accelerator: Accelerator, logger: _MetricsLogger, step: int) -> None:
+    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG stream
+        result = evaluate(run, "validation", run.cfg.train.eval_batch_size, accelerator)
+    row = {"step": step, "split": "validation", "eval_average": result["average"]}
+    row.update({f"eval_{t}": r["score"] for t, r in result["tasks"].items()})
+    logger.log(row)
+
+
+def _write_eval(path: Path, result: dict[str, Any], run: Run, state: TrainState | None) -> None:
+    result = dict(result)
+    result["method"] = run.cfg.method_name
+    result["model"] = run.cfg.model.name_or_path
+    result["parameters"] = run.model.parameter_counts()
+    if state is not None:
+        result["train"] = {"steps": state.step, "examples": state.examples,
+                           "train_time_s": round(state.train_time, 2), "num_processes": state.num_processes}
+    _write_json(path, result)
+
+
+def _write_json(path: Path, data: dict[str, Any], indent: int | None = 2) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent) + "\n")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
+    """Rebuild a trained run from its folder: config, data, model with the checkpoint's adapter."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ckpt.RunError(f"{run_dir} is not a run folder (no config.yaml)")
+    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    if path is None or not (path / ckpt.ADAPTER_DIR).is_dir():
+        raise ckpt.RunError(f"no complete checkpoint in {run_dir}" if checkpoint is None
+                            else f"{checkpoint} is not a complete checkpoint folder")
+    cfg = load_config(run_dir / "config.yaml")
+    set_seed(cfg.train.seed)
+    run = build_run(cfg)
+    run.model.load_adapter(path / ckpt.ADAPTER_DIR)
+    return run
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Path | None = None,
+                 batch_size: int | None = None) -> Path:
+    """Evaluate a run's checkpoint on ``split`` -> ``eval.json`` (+ ``test_predictions.json``) for the test
+    split, ``eval_<split>.json`` otherwise. Returns the path of the written file."""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, checkpoint)
+    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    accelerator = Accelerator(mixed_precision=run.cfg.train.mixed_precision)
+    run.model.to(accelerator.device)
+    result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator, keep_predictions=True)
+    predictions = {"split": split, "checkpoint": path.name, "tasks": result.pop("predictions")}
+    out = run_dir / ("eval.json" if split == "test" else f"eval_{split}.json")
+    if accelerator.is_main_process:
+        if split == "test":
+            _write_json(run_dir / "test_predictions.json", predictions, indent=None)
+        _write_eval(out, result, run, TrainState.read(path))
+    accelerator.wait_for_everyone()
+    return out

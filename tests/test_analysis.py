@@ -1,0 +1,216 @@
+"""`morelora plot / fewshot / sweep` and the ablation configs, on a tiny random BERT (2 tasks, a few steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from morelora.analysis import mean_ci, short_layer_name
+from morelora.analysis.plots import plot_rank_heatmap, plot_run, rank_matrix, read_checkpoint
+from morelora.analysis.sweep import parse_values
+from morelora.cli import main as cli_main
+from morelora.config import RunConfig, load_config
+from morelora.training import train
+from morelora.training.checkpoint import list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_bert) -> Path:
+    """A finished 2-task MoRE run with two checkpoints and validation rows in metrics.jsonl."""
+    from conftest import tiny_run_config
+
+    out = tmp_path_factory.mktemp("analysis") / "run"
+    cfg = tiny_run_config(tiny_bert, out, eval_steps=3, lr=5e-3)
+    cfg["tasks"] = ["rte", "sst2"]
+    cfg["data"] = {"max_train_per_task": 16, "max_eval_per_task": 8}
+    return train(RunConfig.from_dict(cfg))
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    """A generic JSONL classification task with string labels (24 rows, no split column)."""
+    path = tmp_path_factory.mktemp("fewshot") / "opinions.jsonl"
+    words = [("a wonderful, moving film", "good"), ("dull and far too long", "bad")]
+    path.write_text("".join(json.dumps({"text": f"{words[i % 2][0]} #{i}", "label": words[i % 2][1]}) + "\n"
+                            for i in range(24)))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- plot
+
+
+def test_plot_run_writes_pngs_and_the_rank_heatmap_matches_the_model(tiny_run: Path, tmp_path: Path) -> None:
+    from morelora.analysis import load_trained_model
+
+    assert cli_main(["plot", str(tiny_run)]) == 0
+    expected = {"task_embeddings_pca", "task_similarity", "ranks", "rank_history", "rank_history_panels",
+                "training_curves"}
+    for name in expected:
+        path = tiny_run / "plots" / f"{name}.png"
+        assert path.is_file() and path.stat().st_size > 5000, name
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+    ckpts = list_checkpoints(tiny_run)
+    assert [s for s, _ in ckpts] == [3, 6]
+    model = load_trained_model(tiny_run).model
+    truth = model.task_ranks()
+    k = plot_rank_heatmap(read_checkpoint(ckpts[-1][1])["task_ranks"], tmp_path / "ranks.png", r=4)
+    tasks, modules, k_truth = rank_matrix(truth)
+    assert tasks == ["rte", "sst2"] and modules == list(model.adapted_names)
+    assert k.tolist() == k_truth.tolist() == [[truth[t][m] for m in modules] for t in tasks]
+    assert ((k >= 1) & (k <= 4)).all()
+
+    written = plot_run(tiny_run, out_dir=tmp_path / "again")  # same data, another folder
+    assert set(written) == expected
+
+
+def test_small_helpers() -> None:
+    assert short_layer_name("backbone.encoder.layer.3.attention.self.query") == "L3.query"
+    assert short_layer_name("decoder.block.1.layer.1.EncDecAttention.v") == "dec.L1.cross.v"
+    assert mean_ci([1.0])["ci95"] is None
+    stat = mean_ci([0.5, 0.7, 0.6])
+    assert stat["mean"] == pytest.approx(0.6) and stat["ci95"] == pytest.approx(0.2484, abs=1e-3)
+    assert parse_values("tasks", "sst2,rte;sst2,rte,boolq") == [["sst2", "rte"], ["sst2", "rte", "boolq"]]
+    assert parse_values("method.r", "4,8") == [4, 8]
+    assert parse_values("method.target_modules", "[query];[query,value]") == [["query"], ["query", "value"]]
+
+
+# ---------------------------------------------------------------------------------------------- fewshot
+
+
+def test_fewshot_trains_only_the_new_task(tiny_run: Path, task_file: Path) -> None:
+    from morelora.analysis import load_trained_model
+    from morelora.analysis.fewshot import more_transfer
+    from morelora.data import TaskSpec
+
+    trained = load_trained_model(tiny_run)
+    before = {k: v.clone() for k, v in trained.model.adapter_state_dict().items()}
+    spec = TaskSpec.from_file("opinions", task_file, "classification")
+    data = spec.load()
+    shots, evals = data["train"][:4], data["validation"] + data["test"]
+    opts = {"epochs": 3, "batch_size": 4, "lr": 1e-2, "eval_batch_size": 16}
+    out = more_transfer(trained, spec, shots, evals, seed=0, opts=opts)
+
+    assert out["nearest"] in ("rte", "sst2")
+    assert set(out["nearest_scores"]["contrastive_loss"]) == {"rte", "sst2"}
+    model = out["model"]
+    assert model.tasks == ["rte", "sst2", "opinions"]
+    src = trained.task_names.index(out["nearest"])
+    after = model.adapter_state_dict()
+    assert set(after) == set(before) | {"heads.2.weight", "heads.2.bias"}
+    assert after["heads.2.weight"].shape == (2, 32)
+    moved = 0
+    for key, old in before.items():
+        if key.endswith(".task_embedding"):
+            assert after[key].shape == (3, old.shape[1])
+            assert torch.equal(after[key][:2], old)  # learned tasks' rows: untouched
+            moved += not torch.allclose(after[key][2], old[src])  # new row: started from the nearest, trained
+        else:  # A, B, gates, old heads
+            assert torch.equal(after[key], old), key
+    assert moved > 0
+    assert all(torch.equal(v, before[k]) for k, v in trained.model.adapter_state_dict().items())  # a copy
+    # the new task runs, and the learned tasks give the same outputs as before
+    n_rows = sum(before[k].shape[1] for k in before if k.endswith(".task_embedding")) + 2 * 32 + 2
+    assert out["trainable_parameters"] == n_rows
+    assert 0.0 <= out["score"] <= 1.0 and len(out["losses"]) == 3
+
+
+def test_fewshot_command_writes_json(tiny_run: Path, task_file: Path) -> None:
+    rc = cli_main(["fewshot", str(tiny_run), "--task-file", str(task_file), "--task-name", "opinions",
+                   "--shots", "4", "--seeds", "2", "--epochs", "1", "--max-eval", "8"])
+    assert rc == 0
+    result = json.loads((tiny_run / "fewshot-opinions.json").read_text())
+    assert result["kind"] == "classification" and result["shots"] == 4 and result["seeds"] == [0, 1]
+    assert set(result["variants"]) == {"more_transfer", "lora_scratch", "more_scratch"}
+    for v in result["variants"].values():
+        assert len(v["scores"]) == 2 and all(0.0 <= s <= 1.0 for s in v["scores"])
+        assert v["mean"] == pytest.approx(sum(v["scores"]) / 2) and v["ci95"] is not None
+        assert v["trainable_parameters"] > 0
+    assert result["variants"]["more_transfer"]["trainable_parameters"] < \
+        result["variants"]["lora_scratch"]["trainable_parameters"]
+    assert [n["seed"] for n in result["nearest"]] == [0, 1] and result["num_eval_examples"] == [8, 8]
+    # a name the run already has is refused with one error line
+    assert cli_main(["fewshot", str(tiny_run), "--task-file", str(task_file), "--task-name", "rte",
+                     "--shots", "4"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+
+def test_sweep_rank_values_and_skip_on_rerun(tmp_path: Path, tiny_bert: str) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": tiny_bert, "max_length": 32},
+        "tasks": ["rte", "sst2"],
+        "data": {"max_train_per_task": 8, "max_eval_per_task": 4},
+        "method": {"name": "more", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "train": {"output_dir": str(tmp_path / "unused"), "batch_size": 4, "eval_batch_size": 8, "max_steps": 2,
+                  "logging_steps": 1, "save_steps": 2},
+    }))
+    out = tmp_path / "sweep"
+    args = ["sweep", str(config), "--param", "method.r", "--values", "2,4", "--output-dir", str(out)]
+    assert cli_main(args) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["status"] == ["trained", "trained"]
+    rows = result["rows"]
+    assert [r["value"] for r in rows] == [2, 4] and [r["r"] for r in rows] == [2, 4]
+    assert all(len(r["scores"]) == 1 and 0.0 <= r["score"]["mean"] <= 1.0 for r in rows)
+    assert rows[0]["params_per_task"] < rows[1]["params_per_task"]
+    assert all(1.0 <= r["mean_rank"] <= r["r"] for r in rows)
+    assert (out / "method.r=2" / "seed0" / "eval.json").is_file()
+    assert "| 2 |" in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 5000
+
+    stamp = (out / "method.r=4" / "seed0" / "eval.json").stat().st_mtime_ns
+    assert cli_main(args) == 0  # everything is finished: nothing trains again
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["status"] == ["skipped", "skipped"] and again["rows"] == rows
+    assert (out / "method.r=4" / "seed0" / "eval.json").stat().st_mtime_ns == stamp
+    # a finished run trained with another config is not silently reused
+    assert cli_main([*args, "train.lr=0.5"]) == 2
+
+
+# --------------------------------------------------------------------------------------- ablation configs
+
+
+ABLATIONS = {
+    "full": {},
+    "no_rank_scaling": {"method.rank_scaling": "none"},
+    "no_task_embeddings": {"method.use_task_embeddings": False},
+    "no_contrastive": {"method.contrastive_weight": 0},
+    "no_ste": {"method.routing": "hard"},
+    "subset_experts": {"method.expert_structure": "subset"},
+    "random_sampling": {"data.sampling": "uniform"},
+    "official_frozen_routing": {"method.routing": "frozen"},
+    "prefix_mask_ste": {"method.ste_estimator": "prefix_mask"},
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "data", "method", "train"):
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def test_ablation_configs_are_the_demo_plus_one_switch() -> None:
+    from morelora.methods import get_method
+
+    files = sorted(p.stem for p in (REPO / "configs" / "ablations").glob("*.yaml"))
+    assert files == sorted(ABLATIONS)
+    demo = _flat(load_config(REPO / "configs" / "demo.yaml").to_dict())
+    for name, switch in ABLATIONS.items():
+        cfg = load_config(REPO / "configs" / "ablations" / f"{name}.yaml")
+        flat = _flat(cfg.to_dict())
+        diff = {k: v for k, v in flat.items() if demo.get(k) != v and k != "train.output_dir"}
+        assert diff == switch, name
+        assert flat["train.output_dir"] == f"runs/ablations/{name}"
+        get_method(cfg.method_name).model_class.config_class.from_dict({**cfg.method_options, "tasks": cfg.tasks})

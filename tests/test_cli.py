@@ -1,0 +1,187 @@
+"""The command line: train / eval / export / merge, and one-line errors for bad input (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from morelora.cli import COMMANDS, main
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting a bad-input error; returns the single stderr line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("morelora: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_bert) -> tuple[Path, Path]:
+    """(config file, run folder) of a 4-step run made with `morelora train`."""
+    from conftest import tiny_run_config
+
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = tiny_run_config(tiny_bert, tmp / "default_out", max_steps=4, save_steps=2)
+    config = _write(tmp / "c.yaml", cfg)
+    run_dir = tmp / "run"
+    assert main(["train", str(config), "--output-dir", str(run_dir), "train.seed=1"]) == 0
+    return config, run_dir
+
+
+def test_commands_registered_once() -> None:
+    names = [c.name for c in COMMANDS]
+    assert names[:4] == ["train", "eval", "export", "merge"] and len(set(names)) == len(names)
+
+
+def test_train_writes_run_folder(cli_run, capsys) -> None:
+    _, run_dir = cli_run
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"] == 1
+    assert set(json.loads((run_dir / "eval.json").read_text())["tasks"]) == {"rte", "sst2", "arc_easy"}
+
+
+def test_eval_command(cli_run, capsys) -> None:
+    _, run_dir = cli_run
+    before = json.loads((run_dir / "eval.json").read_text())
+    assert main(["eval", str(run_dir)]) == 0
+    assert "average" in capsys.readouterr().out
+    after = json.loads((run_dir / "eval.json").read_text())
+    assert after["tasks"] == before["tasks"]
+    assert main(["eval", str(run_dir), "--split", "validation"]) == 0
+    assert json.loads((run_dir / "eval_validation.json").read_text())["split"] == "validation"
+
+
+def test_export_and_merge(cli_run, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from morelora.training import load_run
+
+    _, run_dir = cli_run
+    assert main(["export", str(run_dir), "--task", "sst2", "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+    assert main(["merge", str(run_dir), "--task", "sst2", "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    run = load_run(run_dir)
+    run.model.eval()
+    from morelora.training.evaluate import make_collator
+
+    batch = make_collator(run)([(1, ex) for ex in run.data[1]["test"][:4]])
+    with torch.no_grad():
+        ours = run.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        theirs = merged(input_ids=batch["input_ids"][:, 0], attention_mask=batch["attention_mask"][:, 0],
+                        token_type_ids=batch["token_type_ids"][:, 0]).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("tasks=[sst2,nope]", "unknown task 'nope'; known tasks: sst2"),
+    ("train.lrr=1", "unknown config key train.lrr; valid keys under train:"),
+    ("train.lr=fast", "train.lr: expected float, got 'fast'"),
+    ("method.name=nope", "unknown method 'nope'"),
+    ("method.rr=3", "unknown option(s) ['rr'] for MoREConfig"),
+    ("task_files={mine: {path: /no/such.jsonl, kind: classification}}", "task file not found"),
+])
+def test_train_bad_input(cli_run, tmp_path: Path, capsys, override: str, message: str) -> None:
+    config, _ = cli_run
+    out = tmp_path / "new"
+    line = _error(capsys, ["train", str(config), "--output-dir", str(out), override])
+    assert message in line
+    assert not out.exists()
+
+
+def test_existing_run_folder_is_not_overwritten(cli_run, capsys) -> None:
+    config, run_dir = cli_run
+    before = _snapshot(run_dir)
+    line = _error(capsys, ["train", str(config), "--output-dir", str(run_dir)])
+    assert "exists and is not empty; pass --resume" in line
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_needs_a_checkpoint(cli_run, tmp_path: Path, capsys) -> None:
+    config, _ = cli_run
+    line = _error(capsys, ["train", str(config), "--output-dir", str(tmp_path / "none"), "--resume"])
+    assert "nothing to resume" in line
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    assert "no complete checkpoint" in _error(capsys, ["train", str(config), "--output-dir",
+                                                        str(tmp_path / "junk"), "--resume"])
+
+
+def test_resume_with_another_config_is_refused(cli_run, capsys) -> None:
+    config, run_dir = cli_run
+    before = _snapshot(run_dir)
+    line = _error(capsys, ["train", str(config), "--output-dir", str(run_dir), "--resume", "train.seed=1",
+                           "train.lr=0.5"])
+    assert line.endswith("differs from " + str(run_dir / "config.yaml") + " in: train.lr")
+    assert _snapshot(run_dir) == before
+
+
+def test_finished_run_resumes_to_nothing(cli_run, capsys) -> None:
+    config, run_dir = cli_run
+    assert main(["train", str(config), "--output-dir", str(run_dir), "--resume", "train.seed=1"]) == 0
+
+
+def test_missing_files_and_folders(cli_run, tmp_path: Path, capsys) -> None:
+    _, run_dir = cli_run
+    assert "config file not found" in _error(capsys, ["train", str(tmp_path / "nope.yaml")])
+    assert "not a run folder" in _error(capsys, ["eval", str(tmp_path)])
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    assert "no complete checkpoint" in _error(capsys, ["eval", str(empty)])
+    assert "no complete checkpoint" in _error(capsys, ["export", str(empty), "--task", "sst2", "--out",
+                                                       str(tmp_path / "o")])
+
+
+def test_export_merge_bad_input(cli_run, tmp_path: Path, capsys) -> None:
+    _, run_dir = cli_run
+    for cmd in ("export", "merge"):
+        line = _error(capsys, [cmd, str(run_dir), "--task", "nope", "--out", str(tmp_path / cmd)])
+        assert "unknown task 'nope'; this run has tasks: rte, sst2, arc_easy" in line
+        assert not (tmp_path / cmd).exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("keep")
+    line = _error(capsys, ["export", str(run_dir), "--task", "sst2", "--out", str(full)])
+    assert "exists and is not empty" in line
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+
+
+def test_usage_errors_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["train"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "x", "--bogus"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_console_error_has_no_traceback(tmp_path: Path) -> None:
+    """The real entry point (`python -m morelora`), as a user sees it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MORELORA_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "morelora", "train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"morelora: error: config file not found: {tmp_path}/missing.yaml"]

@@ -1,0 +1,227 @@
+"""`morelora compare`: statistics against independent computations, planning, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from morelora.cli import main
+from morelora.compare import (
+    CompareError,
+    TaskPredictions,
+    bootstrap_p_value,
+    paired_bootstrap,
+    paired_ttest,
+    plan_runs,
+    t_interval,
+)
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def test_t_interval_matches_hand_computation():
+    x = [0.50, 0.60, 0.70, 0.55]
+    mean = sum(x) / 4
+    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / 3)
+    t_975_df3 = 3.182446305284263  # Student t table, two-sided 95%, 3 degrees of freedom
+    ci = t_interval(x)
+    assert ci["mean"] == pytest.approx(mean)
+    assert ci["half_width"] == pytest.approx(t_975_df3 * sd / 2)
+    assert ci["low"] == pytest.approx(mean - t_975_df3 * sd / 2)
+    one = t_interval([0.7])
+    assert one["mean"] == 0.7 and one["half_width"] is None
+
+
+def test_bootstrap_p_value_hand_case():
+    # tails with add-one smoothing: P(d <= 0) = 2/5, P(d >= 0) = 4/5 -> p = 2 * 0.4
+    assert bootstrap_p_value(np.array([1.0, 1.0, 1.0, -1.0])) == pytest.approx(0.8)
+    assert bootstrap_p_value(np.zeros(10)) == 1.0
+
+
+def _preds(correct_rates, n=200, seeds=2, seed=0):
+    rng = np.random.default_rng(seed)
+    refs = rng.integers(0, 2, n)
+    out = []
+    for rate in correct_rates:
+        rows = []
+        for _ in range(seeds):
+            right = rng.random(n) < rate
+            rows.append(np.where(right, refs, 1 - refs).tolist())
+        out.append(TaskPredictions(rows, refs.tolist(), "accuracy"))
+    return out
+
+
+def test_paired_bootstrap_clear_difference_and_identical():
+    good, bad = _preds([0.9, 0.5])
+    res = paired_bootstrap({"t": good}, {"t": bad}, n_resamples=500)
+    expected = np.mean([np.mean(np.array(p) == np.array(good.references)) for p in good.predictions]) - np.mean(
+        [np.mean(np.array(p) == np.array(bad.references)) for p in bad.predictions])
+    assert res["diff"] == pytest.approx(expected)
+    assert res["p"] <= 2 / 501 + 1e-12 and res["tasks"]["t"]["p"] == res["p"]
+    same = paired_bootstrap({"t": good, "u": bad}, {"t": good, "u": bad}, n_resamples=200)
+    assert same["diff"] == 0 and same["p"] == 1.0
+
+
+def test_paired_bootstrap_close_methods_not_significant_and_f1_path():
+    a, b = _preds([0.7, 0.7], n=100, seed=3)
+    assert paired_bootstrap({"t": a}, {"t": b}, n_resamples=300)["p"] > 0.05
+    a.metric = b.metric = "f1"
+    a.num_labels = b.num_labels = 2
+    same = paired_bootstrap({"t": a}, {"t": a}, n_resamples=50)
+    assert same["p"] == 1.0
+    from sklearn.metrics import f1_score
+
+    res = paired_bootstrap({"t": a}, {"t": b}, n_resamples=20)
+    f1 = [np.mean([f1_score(x.references, p) for p in x.predictions]) for x in (a, b)]
+    assert res["diff"] == pytest.approx(f1[0] - f1[1])
+
+
+def test_paired_ttest_matches_hand_computation():
+    from scipy import stats
+
+    a, b = [0.71, 0.74, 0.69, 0.73], [0.70, 0.70, 0.68, 0.69]
+    d = np.subtract(a, b)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    res = paired_ttest(a, b)
+    assert res["t"] == pytest.approx(t)
+    assert res["p"] == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1))
+    assert paired_ttest([0.5], [0.4])["p"] is None
+    assert paired_ttest([0.5, 0.6], [0.5, 0.6])["p"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------- planning
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_bert, run_config):
+    cfg = run_config(tiny_bert, tmp_path / "unused", max_steps=3, save_steps=0, logging_steps=1, batch_size=4)
+    cfg["tasks"] = ["sst2", "rte"]
+    cfg["data"] = {"max_train_per_task": 16, "max_eval_per_task": 24}
+    cfg["method"]["contrastive_weight"] = 0.1
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_plan_runs_method_options(tmp_path, tiny_config):
+    methods = tmp_path / "methods.yaml"
+    methods.write_text("more_r2: {name: more, r: 2}\n")
+    from morelora.compare import load_method_config
+
+    per = load_method_config(methods, ["methods.more.lora_alpha=4"])
+    runs = plan_runs(tiny_config, "more,more_r2", 2, tmp_path / "c", ["train.seed=5"], per, verbose=False)
+    assert [(r.label, r.seed) for r in runs] == [("more", 5), ("more", 6), ("more_r2", 5), ("more_r2", 6)]
+    assert runs[0].cfg.method == {"name": "more", "r": 4, "lora_alpha": 4, "lora_dropout": 0.0,
+                                  "contrastive_weight": 0.1}
+    assert runs[3].cfg.method["r"] == 2 and runs[3].cfg.method["name"] == "more"
+    assert runs[3].run_dir == tmp_path / "c" / "more_r2" / "seed6"
+    with pytest.raises(CompareError, match="more than once"):
+        plan_runs(tiny_config, "more,more", 1, tmp_path / "c", verbose=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--methods", " , "], "no methods given"),
+    (["--methods", "more", "--seeds", "0"], "--seeds must be at least 1"),
+    (["--methods", "more", "methods.more.no_such_option=1"], "no_such_option"),
+    (["--methods", "more", "--baseline", "lora"], "--baseline lora is not among the compared methods"),
+])
+def test_bad_input_is_one_line_error(tmp_path, tiny_config, capsys, args, message):
+    assert main(["compare", str(tiny_config), "--output-dir", str(tmp_path / "c"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("morelora: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_summary_with_one_seed_reports_na(tmp_path):
+    from morelora.compare import PREDICTIONS_NAME, CompareRun, markdown, plot, summarize
+    from morelora.config import RunConfig
+
+    refs = [0, 1, 1, 0]
+    runs = []
+    for label, preds, params in (("more", [0, 1, 1, 1], 10.0), ("lora", [0, 0, 0, 0], 20.0)):
+        run_dir = tmp_path / label / "seed0"
+        run_dir.mkdir(parents=True)
+        score = float(np.mean(np.equal(preds, refs)))
+        task = {"score": score, "main_metric": "accuracy", "reference_score": 0.5, "num_examples": 4}
+        (run_dir / "eval.json").write_text(json.dumps({
+            "tasks": {"a": task, "b": task}, "average": score, "parameters": {"per_task": params, "trainable": 5},
+            "train": {"train_time_s": 1.5}}))
+        task_preds = {"main_metric": "accuracy", "num_labels": 2, "predictions": preds, "references": refs}
+        (run_dir / PREDICTIONS_NAME).write_text(json.dumps({"tasks": {"a": task_preds, "b": task_preds}}))
+        cfg = RunConfig.from_dict({"model": {"name_or_path": "x"}, "tasks": ["a", "b"], "method": {"name": label},
+                                   "train": {"output_dir": str(run_dir)}})
+        runs.append(CompareRun(label, 0, cfg))
+    summary = summarize(runs, baseline="lora", n_resamples=100)
+    assert summary["methods"]["more"]["average"]["mean"] == 0.75
+    assert summary["tests"]["more"]["diff_average"] == pytest.approx(0.25)
+    assert summary["tests"]["more"]["bootstrap_diff"] == pytest.approx(0.25)
+    assert summary["tests"]["more"]["ttest_p"] is None
+    md = markdown(summary)
+    assert "| more | 75.00 ± n/a | 75.00 ± n/a | **75.00 ± n/a** | 10 | 5 | 1.5 |" in md
+    assert "| *reference* | 50.00 | 50.00 | 50.00 |" in md and "| more | +25.00 |" in md
+    assert plot(summary, tmp_path / "r.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def test_compare_end_to_end_and_resume(tmp_path, tiny_config, monkeypatch, capsys):
+    from morelora import training
+    from morelora.methods import METHODS
+
+    methods = tmp_path / "methods.yaml"
+    methods.write_text("more_r2: {name: more, r: 2}\n")
+    labels = ["more", "lora"] if "lora" in METHODS else ["more", "more_r2"]
+    out = tmp_path / "cmp"
+    argv = ["compare", str(tiny_config), "--methods", ",".join(labels), "--seeds", "2", "--output-dir", str(out),
+            "--method-config", str(methods), "--baseline", labels[1], "--bootstrap", "200"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "run 1/4: more seed 0: training" in printed and "run 4/4" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"] == ["sst2", "rte"] and results["seeds"] == [0, 1]
+    assert list(results["methods"]) == labels
+    for lab in labels:
+        r = results["methods"][lab]
+        assert len(r["average"]["scores"]) == 2 and r["average"]["half_width"] is not None
+        assert r["average"]["mean"] == pytest.approx(np.mean([r["tasks"][t]["mean"] for t in results["tasks"]]))
+        assert r["parameters"]["per_task"] > 0 and r["train_time_s"]["mean"] > 0
+    test = results["tests"][labels[0]]
+    assert test["baseline"] == labels[1]
+    assert 0 < test["bootstrap_p"] <= 1 and test["ttest_n"] == 2
+    # the bootstrap's observed difference is recomputed from the per-example predictions: it matches eval.json
+    assert test["bootstrap_diff"] == pytest.approx(test["diff_average"], abs=1e-9)
+    md = (out / "results.md").read_text()
+    for name in [*labels, "sst2", "rte", "average", "paired bootstrap p", "paired t-test p"]:
+        assert name in md
+    assert (out / "results.png").stat().st_size > 10_000
+
+    # a second invocation reuses finished runs; a run without eval.json resumes from its last checkpoint
+    evals = sorted(out.glob("*/seed*/eval.json"))
+    assert len(evals) == 4
+    mtimes = {p: p.stat().st_mtime_ns for p in evals}
+    unfinished = out / labels[1] / "seed1"
+    (unfinished / "eval.json").unlink()
+    (unfinished / "test_predictions.json").unlink()
+    calls = []
+    real_train = training.train
+
+    def spy(cfg, resume=False):
+        calls.append((cfg.train.output_dir, resume))
+        return real_train(cfg, resume=resume)
+
+    monkeypatch.setattr(training, "train", spy)
+    assert main(argv) == 0
+    assert calls == [(str(unfinished), True)]
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in evals if p.parent != unfinished)
+    assert "done, reusing" in capsys.readouterr().out
+
+    # a finished run is not silently reused with another config
+    assert main([*argv, "train.max_steps=5"]) == 2
+    assert "different config (train.max_steps)" in capsys.readouterr().err

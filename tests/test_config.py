@@ -1,0 +1,112 @@
+"""Run config: defaults, YAML round trip, dotted overrides and error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from morelora.config import ConfigError, RunConfig, apply_overrides, bundled_minilm_path, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults() -> None:
+    cfg = RunConfig()
+    assert cfg.model.name_or_path == bundled_minilm_path()
+    assert Path(cfg.model.name_or_path, "config.json").is_file()
+    assert cfg.tasks == ["sst2", "mrpc", "rte", "boolq", "piqa", "openbookqa", "arc_easy", "arc_challenge"]
+    assert cfg.method == {"name": "more"}
+    assert cfg.train.weight_decay == 0.01
+    assert cfg.data.sampling == "exp"
+
+
+@pytest.mark.parametrize("alias", ["minilm", ""])
+def test_minilm_alias(alias: str) -> None:
+    assert load_config(None, [f"model.name_or_path={alias}"]).model.name_or_path == bundled_minilm_path()
+
+
+def test_overrides_parse_values() -> None:
+    cfg = load_config(None, [
+        "tasks=[sst2,rte]", "method.r=16", "train.lr=1e-3", "train.max_steps=1e3", "data.mixed_batches=true",
+        "data.max_train_per_task=null", "method.target_modules=[query,value]", "train.max_grad_norm=none",
+        "method.name=more",
+    ])
+    assert cfg.tasks == ["sst2", "rte"]
+    assert cfg.method == {"name": "more", "r": 16, "target_modules": ["query", "value"]}
+    assert cfg.method_options == {"r": 16, "target_modules": ["query", "value"]}
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
+    assert cfg.data.mixed_batches is True
+    assert cfg.data.max_train_per_task is None and cfg.train.max_grad_norm is None
+    assert load_config(None, ["tasks=sst2,rte"]).tasks == ["sst2", "rte"]
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, ["tasks=[rte]", "method.r=4", "train.seed=3"])
+    cfg.dump(tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["method"] == {"name": "more", "r": 4}
+
+
+def test_overrides_apply_on_top_of_file(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("tasks: [sst2]\ntrain: {lr: 0.1, batch_size: 4}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.lr=0.5"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.tasks) == (0.5, 4, ["sst2"])
+    raw = {"train": {"lr": 1}}
+    apply_overrides(raw, ["train.lr=2"])
+    assert raw == {"train": {"lr": 1}}  # the input is not modified
+
+
+def test_task_files(tmp_path: Path) -> None:
+    cfg = RunConfig.from_dict({"task_files": {"mine": {"path": "x.jsonl", "kind": "classification"}}})
+    assert cfg.tasks == ["mine"]
+    cfg = RunConfig.from_dict({"tasks": ["sst2"], "task_files": {"mine": {"path": "x.jsonl", "kind": "text2text"}}})
+    assert cfg.tasks == ["sst2", "mine"]
+    with pytest.raises(ConfigError, match="task_files.mine.kind: expected one of"):
+        RunConfig.from_dict({"task_files": {"mine": {"path": "x.jsonl", "kind": "nope"}}})
+    with pytest.raises(ConfigError, match="missing config key task_files.mine.kind"):
+        RunConfig.from_dict({"task_files": {"mine": {"path": "x.jsonl"}}})
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.lrr=1", r"unknown config key train\.lrr; valid keys under train: output_dir, seed, lr"),
+    ("foo=1", r"unknown config key foo; valid keys: model, tasks, task_files, data, method, train"),
+    ("model.size=3", r"unknown config key model\.size; valid keys under model: name_or_path"),
+    ("train.lr=fast", r"train\.lr: expected float, got 'fast'"),
+    ("train.max_steps=2.5", r"train\.max_steps: expected int, got 2\.5"),
+    ("train.batch_size=true", r"train\.batch_size: expected int, got True"),
+    ("data.mixed_batches=3", r"data\.mixed_batches: expected bool, got 3"),
+    ("data.sampling=random", r"data\.sampling: expected one of exp, proportional, uniform, temperature"),
+    ("train.mixed_precision=fp8", r"train\.mixed_precision: expected one of no, fp16, bf16, got 'fp8'"),
+    ("train.batch_size=0", r"train\.batch_size: expected a value >= 1, got 0"),
+    ("train.logging_steps=0", r"train\.logging_steps: expected a value >= 1, got 0"),
+    ("train.lr=-1e-3", r"train\.lr: expected a value >= 0, got -0\.001"),
+    ("model=3", r"model: expected a mapping, got 3"),
+    ("tasks=[]", r"tasks: at least one task"),
+    ("tasks=[a,a]", r"tasks: duplicate task names"),
+    ("train", r"bad override 'train': expected key=value"),
+    ("train.lr.x=1", r"train\.lr: expected float, got \{.x.: 1\}"),
+])
+def test_errors_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper_t5_glue.yaml", "paper_llama2_commonsense.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.tasks and cfg.method_name == "more"

@@ -1,0 +1,166 @@
+"""End-to-end training on tiny random models: run folder, eval.json, checkpoints, kill -9 resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from morelora.config import RunConfig
+from morelora.training import evaluate, latest_checkpoint, load_run, train
+from morelora.training.checkpoint import list_checkpoints
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory, tiny_bert) -> Path:
+    from conftest import tiny_run_config
+
+    out = tmp_path_factory.mktemp("runs") / "enc"
+    cfg = tiny_run_config(tiny_bert, out, eval_steps=3)
+    cfg["method"]["lora_dropout"] = 0.1
+    return train(RunConfig.from_dict(cfg))
+
+
+def test_run_folder_and_eval_json(encoder_run: Path) -> None:
+    result = json.loads((encoder_run / "eval.json").read_text())
+    assert result["split"] == "test" and set(result["tasks"]) == {"rte", "sst2", "arc_easy"}
+    for r in result["tasks"].values():
+        assert r["main_metric"] == "accuracy" and r["score"] == r["metrics"]["accuracy"]
+        assert 0.0 <= r["score"] <= 1.0 and 0.0 < r["reference_score"] <= 1.0
+        assert r["num_examples"] == 16
+    assert result["tasks"]["arc_easy"]["reference_score"] < 0.3  # chance over 3-5 choices
+    assert result["average"] == pytest.approx(sum(r["score"] for r in result["tasks"].values()) / 3)
+    params = result["parameters"]
+    assert 0 < params["trainable"] < params["total"] and params["per_task"] > 0
+    assert result["train"]["steps"] == 6 and result["train"]["examples"] == 24
+    assert result["train"]["train_time_s"] > 0
+
+    saved = yaml.safe_load((encoder_run / "config.yaml").read_text())
+    assert saved["train"]["output_dir"] == str(encoder_run) and saved["method"]["r"] == 4
+
+    rows = _rows(encoder_run)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    for r in train_rows:
+        assert {"loss", "task_loss", "contrastive", "lr", "examples_per_s"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["examples_per_s"] > 0
+        assert r["loss"] == pytest.approx(r["task_loss"] + 0.1 * r["contrastive"], rel=1e-4)
+    assert train_rows[-1]["lr"] == 0.0
+    evals = [r for r in rows if r.get("split") == "validation"]
+    assert [r["step"] for r in evals] == [3] and "eval_rte" in evals[0]
+
+    assert [s for s, _ in list_checkpoints(encoder_run)] == [3, 6]
+    ckpt = latest_checkpoint(encoder_run)
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+            "trainer_state.json"} <= names
+    assert not any(n.startswith("model") for n in names)  # no copy of the frozen base model
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_evaluate_from_run_folder_matches(encoder_run: Path) -> None:
+    run = load_run(encoder_run)
+    again = evaluate(run, "test", batch_size=5)  # other batch boundaries, same predictions
+    saved = json.loads((encoder_run / "eval.json").read_text())
+    assert {t: r["score"] for t, r in again["tasks"].items()} == pytest.approx(
+        {t: r["score"] for t, r in saved["tasks"].items()})
+
+
+def test_incomplete_checkpoints_are_ignored(encoder_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(encoder_run, run_dir)
+    shutil.copytree(run_dir / "checkpoint-6", run_dir / "checkpoint-9.tmp")
+    (run_dir / "checkpoint-12").mkdir()  # no trainer_state.json, no adapter
+    shutil.copytree(run_dir / "checkpoint-6" / "adapter", run_dir / "checkpoint-15" / "adapter")
+    assert latest_checkpoint(run_dir).name == "checkpoint-6"
+
+
+def test_save_total_limit_prunes(tmp_path: Path, tiny_bert: str, run_config) -> None:
+    cfg = run_config(tiny_bert, tmp_path / "r", max_steps=4, save_steps=1, save_total_limit=2)
+    cfg["tasks"] = ["sst2"]
+    run_dir = train(RunConfig.from_dict(cfg))
+    assert [s for s, _ in list_checkpoints(run_dir)] == [3, 4]
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def _launch(args: list[str], log: Path) -> subprocess.Popen:
+    """``python -m morelora ARGS`` in the background, output to ``log`` (a pipe could fill and block it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "morelora", *args], env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path: Path, tiny_bert: str, run_config) -> None:
+    cfg = run_config(tiny_bert, tmp_path / "unused", max_steps=150, save_steps=10, logging_steps=5)
+    cfg["method"]["lora_dropout"] = 0.1  # randomness that the resumed RNG state must reproduce
+    cfg["data"]["max_train_per_task"] = 20  # several epochs per task: the sampler state matters
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+
+    killed = tmp_path / "killed"
+    proc = _launch(["train", str(tmp_path / "c.yaml"), "--output-dir", str(killed)], tmp_path / "1.log")
+    deadline = time.time() + 120
+    while not list_checkpoints(killed) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = list_checkpoints(killed)
+    assert first and first[-1][0] < 150, "the run was not killed before its end"
+    assert not (killed / "eval.json").exists()
+
+    resumed = _launch(["train", str(tmp_path / "c.yaml"), "--output-dir", str(killed), "--resume"],
+                      tmp_path / "2.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "2.log").read_text()[-3000:]
+    assert f"resumed from {killed / 'checkpoint-'}" in (tmp_path / "2.log").read_text()
+
+    straight = tmp_path / "straight"
+    ref = _launch(["train", str(tmp_path / "c.yaml"), "--output-dir", str(straight)], tmp_path / "3.log")
+    assert ref.wait(timeout=300) == 0, (tmp_path / "3.log").read_text()[-3000:]
+
+    a, b = _adapter(killed / "checkpoint-150"), _adapter(straight / "checkpoint-150")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    ra, rb = _rows(killed), _rows(straight)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(5, 151, 5))
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
+    ea, eb = (json.loads((d / "eval.json").read_text()) for d in (killed, straight))
+    assert {t: r["score"] for t, r in ea["tasks"].items()} == {t: r["score"] for t, r in eb["tasks"].items()}
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_t5", "tiny_llama"])
+def test_text_to_text_models(request, tmp_path: Path, model_fixture: str, run_config) -> None:
+    path = request.getfixturevalue(model_fixture)
+    cfg = run_config(path, tmp_path / "r", max_steps=4, save_steps=0)
+    cfg["tasks"] = ["sst2", "arc_easy"]
+    cfg["data"]["max_eval_per_task"] = 6
+    cfg["method"]["target_modules"] = ["q", "v"] if model_fixture == "tiny_t5" else ["q_proj", "v_proj"]
+    run_dir = train(RunConfig.from_dict(cfg))
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert set(result["tasks"]) == {"sst2", "arc_easy"}
+    assert all(r["num_examples"] == 6 and 0.0 <= r["score"] <= 1.0 for r in result["tasks"].values())
+    assert all(math.isfinite(r["loss"]) for r in _rows(run_dir))
+    kind = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["kind"]
+    assert kind == "auto"
+    run = load_run(run_dir)
+    assert run.kind == ("seq2seq" if model_fixture == "tiny_t5" else "causal")
