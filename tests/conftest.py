@@ -9,6 +9,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one thread is fastest, and test subprocesses (resume, 2-process runs) must not oversubscribe
+# the cores (several multi-threaded torch processes on 2 cores run ~10x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def _minilm_tokenizer():

@@ -151,6 +151,47 @@ def _check_task(run_dir: str, task: str) -> None:
         raise UsageError(f"unknown task {task!r}; this run has tasks: {', '.join(tasks)}")
 
 
+# ------------------------------------------------------------------------------------- bench / methods
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see morelora bench -h)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from morelora.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def _methods_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="run config: also count each method's parameters per task on its model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method.r=16")
+
+
+def _methods(args: argparse.Namespace) -> None:
+    from morelora.methods_table import describe_methods
+
+    model = cfg = None
+    if args.config:
+        from morelora.config import load_config
+        from morelora.training.trainer import build_base_model, build_tasks, model_kind
+
+        cfg = load_config(args.config, list(args.overrides))
+        specs = build_tasks(cfg)
+        _, model = build_base_model(cfg, model_kind(cfg.model), specs)
+        cfg = {"tasks": [s.name for s in specs], "method": dict(cfg.method_options, name=cfg.method_name)}
+    rows = describe_methods(model, cfg)
+    header = f"{'method':<10} {'routing':<10} {'mergeable':<9} {'params/task':>12}  description"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        per_task = row.get("params_per_task")
+        count = f"{per_task:>12,.0f}" if per_task is not None else f"{'-':>12}"
+        print(f"{row['name']:<10} {row['routing']:<10} {'yes' if row['mergeable'] else 'no':<9} {count}  "
+              f"{row['description']}")
+
+
 # ------------------------------------------------------------------------------------------- registry
 
 #: The single place where subcommands are registered.
@@ -165,6 +206,10 @@ COMMANDS: list[Command] = [
             _plots.configure, _plots.main),
     Command("fewshot", "add a new task to a trained MoRE run from K examples; compare with LoRA / fresh MoRE",
             _fewshot.configure, _fewshot.main),
+    Command("bench", "benchmark MoRE against PEFT LoRA, the baselines and the base model (ratios from one run)",
+            _bench_args, _bench),
+    Command("methods", "list every method: routing, mergeable, parameters per task for a config's model",
+            _methods_args, _methods),
     Command("sweep", "train a config over values of one parameter x seeds -> sweep.json / .md / .png",
             _sweep.configure, _sweep.main),
 ]

@@ -96,9 +96,19 @@ def load_data(cfg: RunConfig, specs: list[TaskSpec]) -> list[dict[str, list[dict
 
 def build_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[Any, Any]:
     """(tokenizer, adapted model): the frozen base model wrapped by the configured method."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
     from morelora.methods import build_method
+
+    tokenizer, base = build_base_model(cfg, kind, specs)
+    try:
+        model = build_method(cfg.method_name, base, [s.name for s in specs], **method_options(cfg))
+    except TypeError as e:  # e.g. an option of the wrong type reaching the method's config
+        raise ConfigError(f"method: {e}") from None
+    return tokenizer, model
+
+
+def build_base_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[Any, Any]:
+    """(tokenizer, base model): the model every method wraps (an encoder gets one head per task)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path, dtype = cfg.model.name_or_path, DTYPES[cfg.model.dtype]
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -114,11 +124,7 @@ def build_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[Any, 
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = tokenizer.pad_token_id
-    try:
-        model = build_method(cfg.method_name, base, [s.name for s in specs], **method_options(cfg))
-    except TypeError as e:  # e.g. an option of the wrong type reaching the method's config
-        raise ConfigError(f"method: {e}") from None
-    return tokenizer, model
+    return tokenizer, base
 
 
 def method_options(cfg: RunConfig) -> dict[str, Any]:
