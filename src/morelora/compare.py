@@ -188,12 +188,13 @@ def _comparable(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
-def _check_finished_run(run: CompareRun) -> None:
-    """A finished run is reused only if it was trained with the same config."""
-    saved_path = run.run_dir / "config.yaml"
+def check_finished_run(run_dir: Path, cfg: RunConfig, error: type[Exception] | None = None) -> None:
+    """A finished run (compare, sweep) is reused only if it was trained with the same config."""
+    error = error or CompareError
+    saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        raise CompareError(f"{run.run_dir} has eval.json but no config.yaml: remove it or use another --output-dir")
-    saved, new = _comparable(load_config(saved_path)), _comparable(run.cfg)
+        raise error(f"{run_dir} has eval.json but no config.yaml: remove it or use another --output-dir")
+    saved, new = _comparable(load_config(saved_path)), _comparable(cfg)
     diff = []
     for block, value in new.items():
         old = saved.get(block)
@@ -202,8 +203,8 @@ def _check_finished_run(run: CompareRun) -> None:
         elif value != old:
             diff.append(block)
     if diff:
-        raise CompareError(f"finished run {run.run_dir} was trained with a different config ({', '.join(diff)}); "
-                           "remove it or choose another --output-dir")
+        raise error(f"finished run {run_dir} was trained with a different config ({', '.join(diff)}); "
+                    "remove it or choose another --output-dir")
 
 
 def execute(runs: Sequence[CompareRun]) -> None:
@@ -216,7 +217,7 @@ def execute(runs: Sequence[CompareRun]) -> None:
     for k, run in enumerate(runs, 1):
         where = f"compare: run {k}/{len(runs)}: {run.label} seed {run.seed}"
         if (run.run_dir / "eval.json").is_file():
-            _check_finished_run(run)
+            check_finished_run(run.run_dir, run.cfg)
             if main:
                 print(f"{where}: done, reusing {run.run_dir}", flush=True)
         else:

@@ -44,9 +44,6 @@ from morelora.analysis import format_mean_ci, mean_ci
 __all__ = ["SweepRun", "configure", "main", "parse_values", "plan_sweep", "summarize", "sweep"]
 
 #: Train keys that do not change a run's result: a finished run is reused when only these differ.
-FREE_TRAIN_KEYS = ("logging_steps", "save_steps", "eval_steps", "save_total_limit", "eval_batch_size")
-
-
 @dataclass
 class SweepRun:
     """One (value, seed) run of a sweep."""
@@ -167,31 +164,6 @@ def plan_sweep(config: str | Path, param: str, values: Sequence[Any], seeds: int
     return runs
 
 
-def _comparable(cfg: Any) -> dict[str, Any]:
-    d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in FREE_TRAIN_KEYS}
-    return d
-
-
-def _check_finished(run: SweepRun) -> None:
-    from morelora.config import load_config
-
-    saved_path = run.run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise _error(f"{run.run_dir} has eval.json but no config.yaml: remove it or choose another --output-dir")
-    saved, new = _comparable(load_config(saved_path)), _comparable(run.cfg)
-    diff = []
-    for block, value in new.items():
-        old = saved.get(block)
-        if isinstance(value, dict) and isinstance(old, dict):
-            diff += [f"{block}.{k}" for k in sorted(set(value) | set(old)) if value.get(k) != old.get(k)]
-        elif value != old:
-            diff.append(block)
-    if diff:
-        raise _error(f"finished run {run.run_dir} was trained with a different config ({', '.join(diff)}); "
-                     "remove it or choose another --output-dir")
-
-
 def execute(runs: Sequence[SweepRun]) -> list[str]:
     """Train every unfinished run (resuming where possible); returns ``"trained"``/``"resumed"``/``"skipped"``."""
     from morelora.training import train
@@ -200,7 +172,10 @@ def execute(runs: Sequence[SweepRun]) -> list[str]:
     for n, run in enumerate(runs, 1):
         where = f"sweep: run {n}/{len(runs)}: {run.label} seed {run.seed}"
         if (run.run_dir / "eval.json").is_file():
-            _check_finished(run)
+            from morelora.compare import check_finished_run
+            from morelora.config import ConfigError
+
+            check_finished_run(run.run_dir, run.cfg, error=ConfigError)
             print(f"{where}: done, skipping {run.run_dir}", flush=True)
             status.append("skipped")
             continue
