@@ -85,12 +85,7 @@ def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None
     from morelora.training.trainer import Run, build_model, build_tasks
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ckpt.RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
-    if path is None or not (path / ckpt.ADAPTER_DIR).is_dir():
-        raise ckpt.RunError(f"no complete checkpoint in {run_dir}" if checkpoint is None
-                            else f"{checkpoint} is not a complete checkpoint folder")
+    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
     cfg = load_config(run_dir / "config.yaml")
     specs = build_tasks(cfg)
     kind = model_kind(cfg.model)

@@ -76,6 +76,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """The checkpoint to load from a run folder: `checkpoint` if given, else the newest complete one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if path is None or not (path / ADAPTER_DIR).is_dir():
+        raise RunError(f"no complete checkpoint in {run_dir}" if checkpoint is None
+                       else f"{checkpoint} is not a complete checkpoint folder")
+    return path
+
+
 def tmp_checkpoint_dir(run_dir: Path, step: int) -> Path:
     """A fresh ``checkpoint-<step>.tmp`` folder (a stale one from a killed run is removed)."""
     tmp = run_dir / f"checkpoint-{step}.tmp"

@@ -472,12 +472,7 @@ def _write_json(path: Path, data: dict[str, Any], indent: int | None = 2) -> Non
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
     """Rebuild a trained run from its folder: config, data, model with the checkpoint's adapter."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ckpt.RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
-    if path is None or not (path / ckpt.ADAPTER_DIR).is_dir():
-        raise ckpt.RunError(f"no complete checkpoint in {run_dir}" if checkpoint is None
-                            else f"{checkpoint} is not a complete checkpoint folder")
+    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
     cfg = load_config(run_dir / "config.yaml")
     set_seed(cfg.train.seed)
     run = build_run(cfg)
