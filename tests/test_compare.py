@@ -225,3 +225,71 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_config, monkeypatch, capsy
     # a finished run is not silently reused with another config
     assert main([*argv, "train.max_steps=5"]) == 2
     assert "different config (train.max_steps)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- configs as rows
+
+
+def _variant(tiny_config, name, **blocks):
+    cfg = yaml.safe_load(tiny_config.read_text())
+    for block, values in blocks.items():
+        cfg[block] = {**cfg.get(block, {}), **values} if isinstance(values, dict) else values
+    path = tiny_config.parent / "rows" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_plan_config_runs_keeps_each_config(tmp_path, tiny_config):
+    from morelora.compare import plan_config_runs
+    from morelora.config import load_config
+
+    full = _variant(tiny_config, "full")
+    hard = _variant(tiny_config, "no_ste", method={"routing": "hard"}, data={"sampling": "uniform"})
+    runs = plan_config_runs([full, hard], 2, tmp_path / "c", ["train.seed=3"])
+    assert [(r.label, r.seed) for r in runs] == [("full", 3), ("full", 4), ("no_ste", 3), ("no_ste", 4)]
+    assert runs[3].run_dir == tmp_path / "c" / "no_ste" / "seed4"
+    assert runs[3].cfg.method == load_config(hard).method and runs[3].cfg.method["routing"] == "hard"
+    assert runs[3].cfg.data.sampling == "uniform" and runs[0].cfg.data.sampling == load_config(full).data.sampling
+    with pytest.raises(CompareError, match="must name the same tasks"):
+        plan_config_runs([full, _variant(tiny_config, "one", tasks=["sst2"])], 1, tmp_path / "c")
+    other = tmp_path / "x" / "full.yaml"
+    other.parent.mkdir()
+    other.write_text(full.read_text())
+    with pytest.raises(CompareError, match="share the file name"):
+        plan_config_runs([full, other], 1, tmp_path / "c")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "more"], "drop --methods"),
+    (["methods.more.r=2"], "need --methods on one config"),
+])
+def test_config_rows_bad_input(tmp_path, tiny_config, capsys, extra, message):
+    rows = [str(_variant(tiny_config, n)) for n in ("a", "b")]
+    assert main(["compare", *rows, "--output-dir", str(tmp_path / "c"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("morelora: error: ") and message in err
+    assert main(["compare", str(tiny_config), "--output-dir", str(tmp_path / "c")]) == 2
+    assert "no methods given" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_config_rows_end_to_end_and_moved_folder(tmp_path, tiny_config, capsys):
+    full = _variant(tiny_config, "full")
+    hard = _variant(tiny_config, "no_ste", method={"routing": "hard"})
+    out = tmp_path / "abl"
+    argv = ["compare", str(full), str(hard), "--seeds", "1", "--baseline", "full", "--bootstrap", "50"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["full", "no_ste"] and results["baseline"] == "full"
+    assert results["methods"]["no_ste"]["method_options"]["routing"] == "hard"
+    saved = yaml.safe_load((out / "no_ste" / "seed0" / "config.yaml").read_text())
+    assert saved["method"]["routing"] == "hard"
+    assert "no_ste" in results["tests"]
+    # a comparison folder that was moved is reused: output_dir does not change a run's result
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    capsys.readouterr()
+    assert main([*argv, "--output-dir", str(moved)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done, reusing") == 2 and "training" not in printed.replace("train_time", "")

@@ -25,6 +25,12 @@ Outputs in DIR
     ``<label>/seed<s>/test_predictions.json``   per-example test predictions of each run (computed from the
                        final checkpoint when the trainer did not write them): the bootstrap's input.
 
+Several configs instead of methods
+    ``morelora compare A.yaml B.yaml ... --seeds 3 [--baseline A]`` compares whole configs (e.g. the rows of
+    ``configs/ablations/``): each config is one row labelled by its file name, trained with its own
+    ``method:`` block and data / train settings. The configs must name the same tasks; key=value overrides
+    apply to all of them.
+
 Paired bootstrap: per task, test examples are resampled with replacement (the same resample for both
 methods); each method's task score is its main metric on the resample averaged over seeds (for accuracy /
 exact match: the mean per-example correctness pooled over seeds); the statistic is the difference of the
@@ -57,6 +63,7 @@ __all__ = [
     "configure_parser",
     "paired_bootstrap",
     "paired_ttest",
+    "plan_config_runs",
     "plan_runs",
     "run_command",
     "summarize",
@@ -67,8 +74,8 @@ CONFIDENCE = 0.95
 PREDICTIONS_NAME = "test_predictions.json"
 #: Metrics that are means of per-example scores (fast vectorised bootstrap).
 DECOMPOSABLE = ("accuracy", "exact_match")
-#: Train keys that do not change a run's result (a finished run may be reused when only these differ).
-_FREE_TRAIN_KEYS = ("logging_steps", "save_steps", "eval_steps", "save_total_limit", "eval_batch_size")
+#: Train keys that do not change a run's result (a finished run may be reused, or moved, when only these differ).
+_FREE_TRAIN_KEYS = ("output_dir", "logging_steps", "save_steps", "eval_steps", "save_total_limit", "eval_batch_size")
 
 
 class CompareError(ConfigError):
@@ -175,6 +182,35 @@ def plan_runs(config: str | Path | None, methods: Sequence[str], seeds: int, out
             run_dir = out / label / f"seed{seed}"
             cfg = load_config(config, [*overrides, f"train.seed={seed}", f"train.output_dir={run_dir}"])
             cfg.method = dict(block)
+            runs.append(CompareRun(label, seed, cfg))
+    return runs
+
+
+def plan_config_runs(configs: Sequence[str | Path], seeds: int, output_dir: str | Path,
+                     overrides: Sequence[str] = ()) -> list[CompareRun]:
+    """Runs of a config comparison: one row per config (label = file name), ``seeds`` seeds each."""
+    from morelora.methods import get_method
+
+    if not isinstance(seeds, int) or seeds < 1:
+        raise CompareError(f"--seeds must be at least 1, got {seeds}")
+    labels = [Path(c).stem for c in configs]
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise CompareError(f"configs share the file name(s) {', '.join(dup)}: rows are labelled by file name")
+    out = Path(output_dir)
+    runs, tasks = [], None
+    for path, label in zip(configs, labels):
+        base_cfg = load_config(path, list(overrides))
+        if tasks is not None and base_cfg.tasks != tasks:
+            raise CompareError(f"{path} trains tasks {base_cfg.tasks}, {configs[0]} trains {tasks}: "
+                               "configs compared side by side must name the same tasks")
+        tasks = base_cfg.tasks
+        config_class = get_method(base_cfg.method_name).model_class.config_class
+        config_class.from_dict({**base_cfg.method_options, "tasks": base_cfg.tasks})
+        for i in range(seeds):
+            seed = base_cfg.train.seed + i
+            run_dir = out / label / f"seed{seed}"
+            cfg = load_config(path, [*overrides, f"train.seed={seed}", f"train.output_dir={run_dir}"])
             runs.append(CompareRun(label, seed, cfg))
     return runs
 
@@ -604,22 +640,37 @@ def plot(summary: dict[str, Any], path: str | Path, title: str = "Comparison") -
 # ------------------------------------------------------------------------------------------------ top level
 
 
-def compare(config: str | Path | None, methods: str | Sequence[str], seeds: int, output_dir: str | Path,
-            overrides: Sequence[str] = (), method_config: str | Path | None = None, baseline: str | None = None,
-            n_resamples: int = 1000) -> Path:
+def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Sequence[str] | None, seeds: int,
+            output_dir: str | Path, overrides: Sequence[str] = (), method_config: str | Path | None = None,
+            baseline: str | None = None, n_resamples: int = 1000) -> Path:
     """Plan, train (resumably) and summarise a comparison; returns ``output_dir`` (with results.*).
 
+    ``config``: one config (rows = ``methods``) or a list of configs (rows = the configs, ``methods`` None).
     ``baseline``: the label the paired tests compare against; None: ``lora`` when it is compared.
     """
     from accelerate import PartialState
 
     if n_resamples < 1:
         raise CompareError(f"--bootstrap must be at least 1, got {n_resamples}")
-    method_overrides = [o for o in overrides if o.strip().startswith("methods.")]
-    run_overrides = [o for o in overrides if not o.strip().startswith("methods.")]
-    per_method = load_method_config(method_config, method_overrides)
     main = PartialState().is_main_process
-    runs = plan_runs(config, methods, seeds, output_dir, run_overrides, per_method, verbose=main)
+    if isinstance(config, (list, tuple)) and len(config) > 1:
+        if methods:
+            raise CompareError("--methods compares methods on one config; with several configs each config is "
+                               "a row: drop --methods (or compare one config)")
+        if method_config or any(o.strip().startswith("methods.") for o in overrides):
+            raise CompareError("--method-config / methods.* overrides need --methods on one config")
+        runs = plan_config_runs(config, seeds, output_dir, overrides)
+        config = ", ".join(str(c) for c in config)
+    else:
+        if isinstance(config, (list, tuple)):
+            config = config[0] if config else None
+        if not methods:
+            raise CompareError("no methods given: pass e.g. --methods more,lora (or several configs to compare "
+                               "configs)")
+        method_overrides = [o for o in overrides if o.strip().startswith("methods.")]
+        run_overrides = [o for o in overrides if not o.strip().startswith("methods.")]
+        per_method = load_method_config(method_config, method_overrides)
+        runs = plan_runs(config, methods, seeds, output_dir, run_overrides, per_method, verbose=main)
     labels = list(dict.fromkeys(r.label for r in runs))
     if baseline is not None and baseline not in labels:
         raise CompareError(f"--baseline {baseline} is not among the compared methods ({', '.join(labels)})")
@@ -628,7 +679,8 @@ def compare(config: str | Path | None, methods: str | Sequence[str], seeds: int,
     out = Path(output_dir)
     if main:
         summary = summarize(runs, baseline=baseline, n_resamples=n_resamples)
-        title = f"{Path(config).stem if config else 'defaults'}: {', '.join(summary['methods'])}"
+        name = "configs" if config and "," in str(config) else Path(config).stem if config else "defaults"
+        title = f"{name}: {', '.join(summary['methods'])}"
         summary = {"config": str(config) if config else None, "overrides": list(overrides),
                    "method_config": str(method_config) if method_config else None, **summary}
         out.mkdir(parents=True, exist_ok=True)
@@ -643,12 +695,14 @@ def compare(config: str | Path | None, methods: str | Sequence[str], seeds: int,
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """Arguments of ``morelora compare``."""
-    p.add_argument("config", help="run config (YAML) shared by every run, e.g. configs/demo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides for every run (train.max_steps=200); methods.<label>.<option>=value "
-                        "sets one method's option")
-    p.add_argument("--methods", required=True,
-                   help="comma-separated method names (or labels from --method-config), e.g. more,lora")
+    # one positional list (dest "overrides", so the CLI appends key=value given after options): configs + overrides
+    p.add_argument("overrides", nargs="+", metavar="CONFIG [CONFIG ...] [key=value ...]",
+                   help="run config (YAML) shared by every run, e.g. configs/demo.yaml, or several configs to "
+                        "compare as rows (e.g. configs/ablations/*.yaml); key=value: overrides for every run "
+                        "(train.max_steps=200); methods.<label>.<option>=value sets one method's option")
+    p.add_argument("--methods",
+                   help="comma-separated method names (or labels from --method-config), e.g. more,lora; "
+                        "required with one config")
     p.add_argument("--seeds", type=int, default=1,
                    help="number of seeds: train.seed, train.seed+1, ... (default: 1)")
     p.add_argument("--output-dir", help="comparison folder (default: runs/compare-<config name>)")
@@ -663,6 +717,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> None:
     """Entry point of ``morelora compare``."""
-    out = args.output_dir or f"runs/compare-{Path(args.config).stem}"
-    compare(args.config, args.methods, args.seeds, out, overrides=list(args.overrides),
+    configs = [x for x in args.overrides if "=" not in x]
+    overrides = [x for x in args.overrides if "=" in x]
+    if not configs:
+        raise CompareError("no config given: morelora compare CONFIG.yaml --methods more,lora")
+    stem = Path(configs[0]).stem if len(configs) == 1 else Path(configs[0]).parent.name or "configs"
+    out = args.output_dir or f"runs/compare-{stem}"
+    compare(configs, args.methods, args.seeds, out, overrides=overrides,
             method_config=args.method_config, baseline=args.baseline, n_resamples=args.bootstrap)
