@@ -403,3 +403,23 @@ def test_text2text_collator_causal_bpe_and_truncation():
     assert gen["input_ids"][0].tolist() == ids[:-2] and refs == ["positive"]  # same prompt as in training
     n_target = sum(1 for v in batch["labels"][0].tolist() if v != IGNORE_INDEX)
     assert n_target == len(tok(" positive")["input_ids"]) + 1
+
+
+def test_encoder_collator_siamese_encodes_each_text_alone(tokenizer):
+    specs = [get_task("sst2"), *_specs()]
+    sst = {"text": "A fine film.", "label": 1}
+    rte = {"text": "A man is sleeping.", "text_pair": "Someone rests.", "label": 1}
+    arc = {"query": "Which is a planet?", "choices": ["Mars", "the Moon", "a comet"], "gold": 0}
+    batch = EncoderCollator(tokenizer, specs, max_length=8, siamese=True)([(0, sst), (1, rte), (2, arc)])
+    texts = [["A fine film."], ["A man is sleeping.", "Someone rests."], [arc["query"], *arc["choices"]]]
+    expected = [[tokenizer(t, truncation=True, max_length=8)["input_ids"] for t in row] for row in texts]
+    length = max(len(ids) for row in expected for ids in row)
+    assert batch["input_ids"].shape == (3, 4, length) and length <= 8
+    assert batch["choice_mask"].tolist() == [[False] * 3, [True, False, False], [True] * 3]
+    assert (batch["token_type_ids"] == 0).all()
+    for i, row in enumerate(expected):
+        for c, ids in enumerate(row):
+            assert batch["input_ids"][i, c, : len(ids)].tolist() == ids
+    assert batch["attention_mask"][0, 1].tolist() == [1] + [0] * (length - 1)  # padded row: first position
+    single = EncoderCollator(tokenizer, specs, siamese=True)([(0, sst)])
+    assert single["input_ids"].shape[1] == 1 and single["choice_mask"].shape == (1, 0)

@@ -157,3 +157,61 @@ def test_dropout_signature_and_errors():
     assert out.logits.shape == (2, 3)
     with pytest.raises(ValueError, match="no encoder head"):
         MultiTaskHeadModel(BertModel(_config()), [TaskSpec("t", "text2text", [])])
+
+
+# ------------------------------------------------------------------------------------------ siamese
+
+
+def _mean_pool(backbone, ids, mask):
+    h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).float()
+    return (h * m).sum(1) / m.sum(1)
+
+
+def test_siamese_heads_match_hand_computed_features():
+    torch.manual_seed(0)
+    specs = [*SPECS, TaskSpec("single", "classification", ["accuracy"], num_labels=2)]
+    model = MultiTaskHeadModel(BertModel(_config()), specs, pooling="mean", encoding="siamese").eval()
+    hidden = model.config.hidden_size
+    assert all(h.in_features == 4 * hidden + 1 for h in model.heads)
+    mc_head = model.heads[1]  # starts as 20 * cosine, everything else zero
+    assert mc_head.weight[0, -1] == 20.0 and mc_head.weight[0, :-1].abs().sum() == 0 and mc_head.bias.item() == 0
+    for head in model.heads:
+        torch.nn.init.normal_(head.weight, std=0.1)
+        torch.nn.init.normal_(head.bias, std=0.5)
+    x = _inputs(4, 4, seed=3)  # rows: first text, then up to 3 second texts
+    choice_mask = torch.tensor([[True, False, False], [True, True, True], [True, True, False], [False] * 3])
+    task_ids = torch.tensor([0, 1, 1, 3])
+    labels = torch.tensor([2, 1, 0, 1])
+    with torch.no_grad():
+        out = model(**x, choice_mask=choice_mask, task_ids=task_ids, labels=labels)
+        emb = _mean_pool(model.backbone, x["input_ids"].flatten(0, 1), x["attention_mask"].flatten(0, 1))
+    emb = emb.view(4, 4, -1)
+
+    def feats(u, v):
+        return torch.cat([u, v, (u - v).abs(), u * v, F.cosine_similarity(u, v, dim=-1)[..., None]], -1)
+
+    expected = torch.full((4, 3), float("-inf"))
+    expected[0] = model.heads[0](feats(emb[0, 0], emb[0, 1]))          # pair classification, 3 classes
+    for i, n in ((1, 3), (2, 2)):                                       # multiple choice over n choices
+        expected[i, :n] = model.heads[1](feats(emb[i, 0].expand(n, -1), emb[i, 1:1 + n])).squeeze(-1)
+    expected[3, :2] = model.heads[3](feats(emb[3, 0], emb[3, 0]))       # single text: v = u
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+    ce = torch.stack([F.cross_entropy(expected[i:i + 1], labels[i:i + 1]) for i in range(4)]).mean()
+    torch.testing.assert_close(out.loss, ce, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="model.encoding=cross"):
+        model.task_model_spec(0)
+    with pytest.raises(ValueError, match="encoding"):
+        MultiTaskHeadModel(BertModel(_config()), SPECS, encoding="dual")
+
+
+def test_siamese_multiple_choice_starts_at_zero_shot_cosine_ranking():
+    torch.manual_seed(1)
+    model = MultiTaskHeadModel(BertModel(_config()), SPECS, pooling="mean", encoding="siamese").eval()
+    x = _inputs(3, 5, seed=4)
+    with torch.no_grad():
+        out = model(**x, choice_mask=torch.ones(3, 4, dtype=torch.bool), task_ids=torch.ones(3, dtype=torch.long))
+        emb = _mean_pool(model.backbone, x["input_ids"].flatten(0, 1), x["attention_mask"].flatten(0, 1))
+    emb = emb.view(3, 5, -1)
+    cos = F.cosine_similarity(emb[:, :1], emb[:, 1:], dim=-1)
+    torch.testing.assert_close(out.logits, 20.0 * cos, atol=1e-5, rtol=0)

@@ -164,3 +164,21 @@ def test_text_to_text_models(request, tmp_path: Path, model_fixture: str, run_co
     assert kind == "auto"
     run = load_run(run_dir)
     assert run.kind == ("seq2seq" if model_fixture == "tiny_t5" else "causal")
+
+
+def test_siamese_encoding_trains_evaluates_and_reloads(tmp_path: Path, tiny_bert: str, run_config) -> None:
+    cfg = run_config(tiny_bert, tmp_path / "siam", max_steps=4, save_steps=2)
+    cfg["model"].update(pooling="mean", encoding="siamese")
+    cfg["data"]["mixed_batches"] = True  # single texts, pairs and choices in one batch
+    run_dir = train(RunConfig.from_dict(cfg))
+    saved = json.loads((run_dir / "eval.json").read_text())
+    run = load_run(run_dir)
+    heads = run.model.base_model.heads
+    hidden = run.model.base_model.config.hidden_size
+    assert [h.in_features for h in heads] == [4 * hidden + 1] * 3
+    again = evaluate(run, "test", batch_size=5)
+    assert {t: r["score"] for t, r in again["tasks"].items()} == pytest.approx(
+        {t: r["score"] for t, r in saved["tasks"].items()})
+    # the trained heads moved away from their initialisation (the cosine start of the choice head included)
+    arc = heads[run.specs.index(next(s for s in run.specs if s.name == "arc_easy"))]
+    assert arc.weight[0, :-1].abs().sum() > 0

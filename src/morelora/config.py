@@ -67,6 +67,9 @@ class ModelConfig:
     max_target_length: int = field(default=8, metadata=_at_least(1))
     dtype: str = field(default="float32", metadata=_choices("auto", "float32", "float16", "bfloat16"))
     pooling: str = field(default="cls", metadata=_choices("cls", "mean"))  # encoder heads: pooler or mean
+    # encoder heads: "cross" (text pair / query+choice in one sequence, as BertFor* models) or "siamese"
+    # (each text encoded alone, Sentence-BERT features; for sentence-embedding checkpoints such as MiniLM)
+    encoding: str = field(default="cross", metadata=_choices("cross", "siamese"))
 
     def __post_init__(self) -> None:
         if self.name_or_path in ("", "minilm"):

@@ -34,25 +34,55 @@ class MultiTaskHeadModel(nn.Module):
     do (so a task exports as a standard transformers model). ``pooling="mean"`` averages the last hidden
     states over the attention mask: the native pooling of sentence-transformers checkpoints such as
     all-MiniLM-L6-v2, which learn much faster from it; such heads cannot be exported as ``BertFor*``.
+
+    ``encoding="siamese"`` (bi-encoder, the way sentence-embedding checkpoints are trained; inputs from
+    ``EncoderCollator(siamese=True)``): row 0 of an example is its first text, rows ``1..C`` its second
+    texts, each encoded alone to ``u`` and ``v_c``. A head scores ``[u, v, |u - v|, u * v, cos(u, v)]``
+    (Sentence-BERT's classifier features plus the cosine; a single text uses ``v = u``). Multiple-choice
+    heads start as ``20 * cos(u, v_c)`` (the other weights zero), i.e. at the checkpoint's zero-shot
+    similarity ranking. Siamese heads cannot be exported as ``BertFor*`` either.
     """
 
-    def __init__(self, backbone: nn.Module, specs: Sequence[TaskSpec], pooling: str = "cls") -> None:
+    #: Cosine weight a siamese multiple-choice head starts with (sentence-transformers' similarity scale).
+    SIAMESE_COS_SCALE = 20.0
+
+    def __init__(self, backbone: nn.Module, specs: Sequence[TaskSpec], pooling: str = "cls",
+                 encoding: str = "cross") -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if encoding not in ("cross", "siamese"):
+            raise ValueError(f"encoding must be 'cross' or 'siamese', got {encoding!r}")
         self.pooling = pooling
+        self.encoding = encoding
         self.backbone = backbone
         self.config = backbone.config
         self.specs = list(specs)
         self.task_names = [s.name for s in self.specs]
-        hidden = self.config.hidden_size
         dropout = getattr(self.config, "classifier_dropout", None)
         self.dropout = nn.Dropout(dropout if dropout is not None else self.config.hidden_dropout_prob)
-        self.heads = nn.ModuleList([nn.Linear(hidden, self._head_size(s)) for s in self.specs])
-        std = getattr(self.config, "initializer_range", 0.02)
-        for head in self.heads:  # BERT's initialisation of classifier layers
-            nn.init.normal_(head.weight, mean=0.0, std=std)
-            nn.init.zeros_(head.bias)
+        self.heads = nn.ModuleList([self._linear(s) for s in self.specs])
+        for spec, head in zip(self.specs, self.heads):
+            self._init_head(head, spec)
+
+    def new_head(self, spec: TaskSpec) -> nn.Linear:
+        """A freshly initialised head for ``spec`` (e.g. for a task added after training)."""
+        head = self._linear(spec)
+        self._init_head(head, spec)
+        return head
+
+    def _linear(self, spec: TaskSpec) -> nn.Linear:
+        hidden = self.config.hidden_size
+        return nn.Linear(4 * hidden + 1 if self.encoding == "siamese" else hidden, self._head_size(spec))
+
+    def _init_head(self, head: nn.Linear, spec: TaskSpec) -> None:
+        """BERT's initialisation of classifier layers; a siamese multiple-choice head starts at the cosine."""
+        nn.init.normal_(head.weight, mean=0.0, std=getattr(self.config, "initializer_range", 0.02))
+        nn.init.zeros_(head.bias)
+        if self.encoding == "siamese" and spec.kind == "multiple_choice":
+            with torch.no_grad():
+                head.weight.zero_()
+                head.weight[:, -1] = self.SIAMESE_COS_SCALE
 
     @staticmethod
     def _head_size(spec: TaskSpec) -> int:
@@ -106,6 +136,8 @@ class MultiTaskHeadModel(nn.Module):
         else:
             features = out.pooler_output
         pooled = self.dropout(features).view(batch, choices, -1)
+        if self.encoding == "siamese":
+            pooled, choices = self._siamese_features(pooled, choice_mask), choices - 1
 
         present = task_ids.unique().tolist()
         width = max(choices if self.specs[t].kind == "multiple_choice" else self.heads[t].out_features
@@ -134,6 +166,18 @@ class MultiTaskHeadModel(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         attentions=out.attentions)
 
+    @staticmethod
+    def _siamese_features(pooled: torch.Tensor, second_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, 1 + C, H)`` row embeddings -> ``(B, max(C, 1), 4H + 1)`` pair features (``v = u`` if no pair)."""
+        u, v = pooled[:, :1], pooled[:, 1:]
+        if v.shape[1] == 0:
+            v = u
+        else:  # examples without a second text (single-sentence tasks in a mixed batch) pair u with itself
+            v = torch.where(second_mask.any(1)[:, None, None], v, u)
+        u = u.expand_as(v)
+        cos = F.cosine_similarity(u, v, dim=-1, eps=1e-6).unsqueeze(-1)
+        return torch.cat([u, v, (u - v).abs(), u * v, cos], dim=-1)
+
     def task_model_spec(self, task: int | str) -> dict[str, Any]:
         """How task ``task`` maps onto a standard transformers model.
 
@@ -141,9 +185,11 @@ class MultiTaskHeadModel(nn.Module):
         ``config_updates`` for the backbone config, ``prefix`` (the backbone's ``base_model_prefix``: its
         weights go under ``"<prefix>."``) and ``head_state`` (``classifier.weight`` / ``classifier.bias``).
         """
-        if self.pooling != "cls":
-            raise ValueError(f"heads on {self.pooling!r} pooling have no standard transformers model: train with "
-                             "model.pooling=cls to export or merge a task as a BertFor* model")
+        if self.pooling != "cls" or self.encoding != "cross":
+            what = f"{self.pooling!r} pooling" if self.pooling != "cls" else "siamese encoding"
+            raise ValueError(f"heads on {what} have no standard transformers model: train with model.pooling=cls "
+                             "and model.encoding=cross to export or merge a task as a BertFor* model (the "
+                             "adapter itself exports to PEFT either way)")
         index = self._task_index(task)
         spec, head = self.specs[index], self.heads[index]
         if spec.kind == "multiple_choice":

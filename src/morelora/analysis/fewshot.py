@@ -176,15 +176,9 @@ def nearest_task(model: Any, collator: Any, examples: Sequence[dict], new_index:
 
 def _add_head(base: Any, spec: Any, copy_from: int | None = None) -> list[Any]:
     """Append a head for ``spec`` to a :class:`MultiTaskHeadModel`; returns its parameters."""
-    from torch import nn
-
-    hidden = base.config.hidden_size
-    head = nn.Linear(hidden, base._head_size(spec))
+    head = base.new_head(spec)
     if copy_from is not None and base.heads[copy_from].weight.shape == head.weight.shape:
         head.load_state_dict(base.heads[copy_from].state_dict())
-    else:
-        nn.init.normal_(head.weight, mean=0.0, std=getattr(base.config, "initializer_range", 0.02))
-        nn.init.zeros_(head.bias)
     head.to(base.heads[0].weight.device)
     base.specs.append(spec)
     base.task_names.append(spec.name)
@@ -339,7 +333,8 @@ def _lora_scratch(trained: Any, spec: Any, shots: list[dict], evals: list[dict],
     m, method = trained.cfg.model, trained.cfg.method
     dtype = DTYPES[m.dtype]
     if trained.kind == "encoder":
-        base = MultiTaskHeadModel(AutoModel.from_pretrained(m.name_or_path, dtype=dtype), [spec], pooling=m.pooling)
+        base = MultiTaskHeadModel(AutoModel.from_pretrained(m.name_or_path, dtype=dtype), [spec], pooling=m.pooling,
+                                  encoding=m.encoding)
     elif trained.kind == "seq2seq":
         base = AutoModelForSeq2SeqLM.from_pretrained(m.name_or_path, dtype=dtype)
     else:

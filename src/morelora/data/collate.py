@@ -90,12 +90,19 @@ class EncoderCollator:
     position is attended (a fully masked row can give NaN attention); the heads mask them with ``-inf``.
     Sequences longer than ``max_length`` are truncated: the query of a multiple-choice pair first
     ("only_first"), the longer of a classification pair first ("longest_first").
+
+    ``siamese=True`` (bi-encoder, for sentence-embedding checkpoints): every text is its own sequence. Row 0
+    of an example is its ``text`` / ``query``, rows ``1..C`` its ``text_pair`` / choices, so the shape is
+    ``(B, 1 + C, L)`` and ``choice_mask`` ``(B, C)`` marks the second texts present (all False for a
+    single-text example). Each text is truncated to ``max_length`` on its own.
     """
 
-    def __init__(self, tokenizer: Any, specs: Sequence[TaskSpec], max_length: int = 128) -> None:
+    def __init__(self, tokenizer: Any, specs: Sequence[TaskSpec], max_length: int = 128,
+                 siamese: bool = False) -> None:
         self.tokenizer = tokenizer
         self.specs = list(specs)
         self.max_length = max_length
+        self.siamese = siamese
         for spec in self.specs:
             if spec.kind == "text2text":
                 raise ValueError(f"task {spec.name!r} is text2text: use Text2TextCollator")
@@ -114,17 +121,24 @@ class EncoderCollator:
         return [{k: v[j] for k, v in enc.items()} for j in range(len(firsts))]
 
     def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
-        seqs: list[tuple[int, int, str, str | None, str]] = []  # (example, choice, first, second, truncation)
+        seqs: list[tuple[int, int, str, str | None, str]] = []  # (example, row, first, second, truncation)
         labels, regression = [], False
         for i, (task_index, ex) in enumerate(features):
             kind = self.specs[task_index].kind
             if kind == "multiple_choice":
-                seqs += [(i, c, ex["query"], choice, "only_first") for c, choice in enumerate(ex["choices"])]
+                first, seconds = ex["query"], list(ex["choices"])
                 labels.append(ex["gold"])
             else:
-                seqs.append((i, 0, ex["text"], ex.get("text_pair"), "longest_first"))
+                pair = ex.get("text_pair")
+                first, seconds = ex["text"], [] if pair is None else [pair]
                 labels.append(ex["label"])
                 regression |= kind == "regression"
+            if self.siamese:  # row 0: the first text; rows 1..: each second text, alone
+                seqs += [(i, 0, first, None, "")] + [(i, 1 + c, t, None, "") for c, t in enumerate(seconds)]
+            elif kind == "multiple_choice":
+                seqs += [(i, c, first, choice, "only_first") for c, choice in enumerate(seconds)]
+            else:
+                seqs.append((i, 0, first, seconds[0] if seconds else None, "longest_first"))
 
         groups: dict[tuple[bool, str], list[int]] = {}  # one tokenizer call per (single?, truncation)
         for k, (_, _, _, second, truncation) in enumerate(seqs):
@@ -135,19 +149,19 @@ class EncoderCollator:
             for k, e in zip(idx, self._encode([seqs[k][2] for k in idx], seconds, truncation)):
                 encoded[k] = e
 
-        batch_size, num_choices = len(features), 1 + max(c for _, c, *_ in seqs)
+        batch_size, num_rows = len(features), 1 + max(c for _, c, *_ in seqs)
         length = max(len(e["input_ids"]) for e in encoded)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded[0]]
         pad_values = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
-        shape = (batch_size, num_choices, length)
+        shape = (batch_size, num_rows, length)
         batch = {k: torch.full(shape, pad_values[k], dtype=torch.long) for k in keys}
-        choice_mask = torch.zeros(batch_size, num_choices, dtype=torch.bool)
+        row_mask = torch.zeros(batch_size, num_rows, dtype=torch.bool)
         for (i, c, *_), e in zip(seqs, encoded):
             for k in keys:
                 batch[k][i, c, : len(e[k])] = torch.tensor(e[k], dtype=torch.long)
-            choice_mask[i, c] = True
-        batch["attention_mask"][..., 0] |= ~choice_mask  # keep padded choices from being fully masked
-        batch["choice_mask"] = choice_mask
+            row_mask[i, c] = True
+        batch["attention_mask"][..., 0] |= ~row_mask  # keep padded rows from being fully masked
+        batch["choice_mask"] = row_mask[:, 1:] if self.siamese else row_mask
         batch["labels"] = torch.tensor(labels, dtype=torch.float if regression else torch.long)
         batch["task_ids"] = torch.tensor([t for t, _ in features], dtype=torch.long)
         return batch

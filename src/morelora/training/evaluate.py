@@ -49,7 +49,7 @@ def model_kind(model_cfg: ModelConfig) -> str:
 def make_collator(run: Run, train: bool = True) -> EncoderCollator | Text2TextCollator:
     m = run.cfg.model
     if run.kind == "encoder":
-        return EncoderCollator(run.tokenizer, run.specs, max_length=m.max_length)
+        return EncoderCollator(run.tokenizer, run.specs, max_length=m.max_length, siamese=m.encoding == "siamese")
     return Text2TextCollator(run.tokenizer, run.specs, max_length=m.max_length,
                              max_target_length=m.max_target_length, causal=run.kind == "causal")
 

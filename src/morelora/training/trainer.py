@@ -115,7 +115,8 @@ def build_base_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[
     if kind == "encoder":
         from morelora.heads import MultiTaskHeadModel
 
-        base = MultiTaskHeadModel(AutoModel.from_pretrained(path, dtype=dtype), specs, pooling=cfg.model.pooling)
+        base = MultiTaskHeadModel(AutoModel.from_pretrained(path, dtype=dtype), specs, pooling=cfg.model.pooling,
+                                  encoding=cfg.model.encoding)
     elif kind == "seq2seq":
         base = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
     else:
