@@ -93,3 +93,40 @@ def test_reference_score_on_offline_sst2():
     expected = sum(ex["label"] == majority for ex in splits["test"]) / len(splits["test"])
     assert reference_score(get_task("sst2"), splits["train"], splits["test"]) == pytest.approx(expected)
     assert 0.4 < expected < 0.6
+
+
+def test_reference_gap_against_a_hand_bootstrap():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from morelora.metrics import reference_gap
+
+    rng = np.random.default_rng(1)
+    spec = TaskSpec("pair", "classification", ["f1", "accuracy"], num_labels=2)
+    train = [{"text": "x", "label": int(v)} for v in [1, 1, 1, 0]]          # majority label 1
+    test = [{"text": "x", "label": int(v)} for v in rng.integers(0, 2, 60)]
+    refs = np.array([ex["label"] for ex in test])
+    good = np.where(rng.random(60) < 0.9, refs, 1 - refs)
+    gap = reference_gap(spec, good.tolist(), train, test, n_resamples=300, seed=7)
+    idx = np.random.default_rng(7).integers(0, 60, size=(300, 60))         # the same resamples, by hand
+    diffs = np.array([f1_score(refs[i], good[i]) - f1_score(refs[i], np.ones(60, int)) for i in idx])
+    assert gap["diff"] == pytest.approx(f1_score(refs, good) - f1_score(refs, np.ones(60, int)))
+    assert gap["low"] == pytest.approx(np.quantile(diffs, 0.025))
+    assert gap["high"] == pytest.approx(np.quantile(diffs, 0.975))
+    assert gap["p"] == pytest.approx((np.sum(diffs <= 0) + 1) / 301) and gap["p"] < 0.01
+    # the trivial predictor itself is not above the reference
+    same = reference_gap(spec, [1] * 60, train, test, n_resamples=100)
+    assert same["diff"] == 0 and same["p"] == 1.0
+
+    # multiple choice: accuracy against chance (the mean of 1 / number of choices) on each resample
+    mc = TaskSpec("mc", "multiple_choice", ["accuracy"], num_labels=4)
+    test = [{"query": "q", "choices": ["a", "b", "c", "d"][: 2 + k % 3], "gold": 0} for k in range(40)]
+    preds = [0 if k % 2 else 1 for k in range(40)]                          # half right
+    gap = reference_gap(mc, preds, [], test, n_resamples=200, seed=3)
+    chance = np.array([1 / len(ex["choices"]) for ex in test])
+    right = (np.array(preds) == 0).astype(float)
+    idx = np.random.default_rng(3).integers(0, 40, size=(200, 40))
+    diffs = right[idx].mean(1) - chance[idx].mean(1)
+    assert gap["diff"] == pytest.approx(0.5 - chance.mean())
+    assert gap["low"] == pytest.approx(np.quantile(diffs, 0.025))
+    assert gap["p"] == pytest.approx((np.sum(diffs <= 0) + 1) / 201)

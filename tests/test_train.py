@@ -46,6 +46,9 @@ def test_run_folder_and_eval_json(encoder_run: Path) -> None:
         assert r["main_metric"] == "accuracy" and r["score"] == r["metrics"]["accuracy"]
         assert 0.0 <= r["score"] <= 1.0 and 0.0 < r["reference_score"] <= 1.0
         assert r["num_examples"] == 16
+        gap = r["vs_reference"]
+        assert gap["diff"] == pytest.approx(r["score"] - r["reference_score"]) and 0 < gap["p"] <= 1
+        assert gap["low"] <= gap["high"]
     assert result["tasks"]["arc_easy"]["reference_score"] < 0.3  # chance over 3-5 choices
     assert result["average"] == pytest.approx(sum(r["score"] for r in result["tasks"].values()) / 3)
     params = result["parameters"]

@@ -91,7 +91,10 @@ def _print_summary(path: Path) -> None:
         return
     result = json.loads(path.read_text())
     for task, r in result["tasks"].items():
-        print(f"{task:>16}  {r['main_metric']} {r['score']:.4f}   (reference {r['reference_score']:.4f})")
+        gap = r.get("vs_reference")
+        above = (f"; {gap['diff']:+.4f}, 95% CI {gap['low']:+.4f} to {gap['high']:+.4f}, p {gap['p']:.3f}"
+                 if gap else "")
+        print(f"{task:>16}  {r['main_metric']} {r['score']:.4f}   (reference {r['reference_score']:.4f}{above})")
     print(f"{'average':>16}  {result['average']:.4f}   -> {path}")
 
 

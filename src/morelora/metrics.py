@@ -117,10 +117,48 @@ def reference_score(spec: TaskSpec, train: Sequence[Example], test: Sequence[Exa
     """
     if spec.kind == "multiple_choice":
         return float(np.mean([1.0 / len(ex["choices"]) for ex in test]))
+    constant = _constant_prediction(spec, train)
+    return compute_metrics(spec, [constant] * len(test), references(spec, test))[spec.main_metric]
+
+
+def _constant_prediction(spec: TaskSpec, train: Sequence[Example]) -> Any:
     train_refs = references(spec, train)
     if spec.kind == "regression":
-        constant: Any = float(np.mean(train_refs))
+        return float(np.mean(train_refs))
+    counts = Counter(train_refs)
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
+def reference_gap(spec: TaskSpec, predictions: Sequence, train: Sequence[Example], test: Sequence[Example],
+                  n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """How far the main score is above the trivial predictor's (:func:`reference_score`), with uncertainty.
+
+    Test examples are resampled with replacement (``n_resamples`` times); on each resample both the model's
+    and the trivial predictor's score are computed. Returns ``diff`` (observed score - reference score), the
+    percentile ``confidence`` interval ``low`` / ``high`` of the difference, and the one-sided bootstrap
+    ``p`` of "no better than the reference": ``(#{diff* <= 0} + 1) / (n_resamples + 1)``.
+    """
+    refs, preds = references(spec, test), list(predictions)
+    n, main = len(refs), spec.main_metric
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    if spec.kind == "multiple_choice":
+        reference = np.array([1.0 / len(ex["choices"]) for ex in test])[idx].mean(1)
     else:
-        counts = Counter(train_refs)
-        constant = min(counts, key=lambda v: (-counts[v], v))
-    return compute_metrics(spec, [constant] * len(test), references(spec, test))[spec.main_metric]
+        constant = _constant_prediction(spec, train)
+    if main in ("accuracy", "exact_match"):
+        norm = (lambda x: str(x).strip()) if main == "exact_match" else (lambda x: x)
+        right = np.array([norm(p) == norm(r) for p, r in zip(preds, refs)], dtype=float)
+        scores = right[idx].mean(1)
+        if spec.kind != "multiple_choice":
+            reference = np.array([norm(constant) == norm(r) for r in refs], dtype=float)[idx].mean(1)
+    else:
+        metric = METRICS[main]
+        scores = np.array([metric([preds[j] for j in i], [refs[j] for j in i], spec) for i in idx])
+        if spec.kind != "multiple_choice":
+            reference = np.array([metric([constant] * n, [refs[j] for j in i], spec) for i in idx])
+    diffs = scores - reference
+    observed = compute_metrics(spec, preds, refs)[main] - reference_score(spec, train, test)
+    alpha = (1.0 - confidence) / 2
+    return {"diff": float(observed), "low": float(np.quantile(diffs, alpha)),
+            "high": float(np.quantile(diffs, 1.0 - alpha)),
+            "p": float((np.count_nonzero(diffs <= 0) + 1) / (n_resamples + 1))}

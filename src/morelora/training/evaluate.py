@@ -22,6 +22,7 @@ from morelora.metrics import (
     compute_metrics,
     predictions_from_logits,
     predictions_from_text,
+    reference_gap,
     reference_score,
     references,
 )
@@ -59,8 +60,9 @@ def evaluate(run: Run, split: str, batch_size: int, accelerator: Accelerator | N
              keep_predictions: bool = False) -> dict[str, Any]:
     """Score every task of ``run`` on ``split``.
 
-    Returns ``{"split", "tasks": {name: {"metrics", "main_metric", "score", "reference_score",
-    "num_examples"}}, "average"}`` where ``average`` is the mean of the tasks' main scores; with
+    Returns ``{"split", "tasks": {name: {"metrics", "main_metric", "score", "reference_score", "vs_reference",
+    "num_examples"}}, "average"}`` (``vs_reference``: :func:`morelora.metrics.reference_gap`) where
+    ``average`` is the mean of the tasks' main scores; with
     ``keep_predictions`` also ``"predictions": {name: {"main_metric", "num_labels", "predictions",
     "references"}}`` (the format of ``test_predictions.json``).
     """
@@ -87,6 +89,7 @@ def evaluate(run: Run, split: str, batch_size: int, accelerator: Accelerator | N
             "main_metric": spec.main_metric,
             "score": metrics[spec.main_metric],
             "reference_score": reference_score(spec, run.data[t]["train"], examples),
+            "vs_reference": reference_gap(spec, preds, run.data[t]["train"], examples),
             "num_examples": len(examples),
         }
     model.train(was_training)
