@@ -90,8 +90,6 @@ class AdaLoRALinear(TaskAdapterLayer):
         super().__init__(base_layer, num_tasks)
         self.adalora = SVDLinear(base_layer, ADAPTER, config=config, r=config.init_r, lora_alpha=config.lora_alpha)
         self.orth_reg = config.orth_reg_weight > 0
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """(A: r x d_in, E: r x 1, B: d_out x r, scale) of PEFT's SVDLinear."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TaskAdapterLayer, TaskAdapterModel, kaiming_init_
+from .base import TaskAdapterLayer, TaskAdapterModel, kaiming_init_, lora_pair
 from .lora import LowRankConfig
 from .molora import check
 
@@ -64,19 +64,13 @@ class ALoRALinear(TaskAdapterLayer):
         self.max_rank = slots
         self.scaling = config.lora_alpha / config.r
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(slots, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, slots))
+        self.lora_A, self.lora_B = lora_pair(self.in_features, self.out_features, slots, config.init_lora_weights)
         self.lora_lambda = nn.Parameter(torch.ones(slots))
-        kaiming_init_(self.lora_A)
-        if not config.init_lora_weights:
-            kaiming_init_(self.lora_B)
         mask = torch.zeros(slots)
         mask[: config.r] = 1.0
         self.register_buffer("rank_mask", mask)
         self.register_buffer("importance", torch.zeros(slots))
         self.register_buffer("importance_acc", torch.zeros(slots), persistent=False)
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
         self.to(base_layer.weight.device)
 
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,8 @@ class TaskAdapterLayer(nn.Module):
         if not isinstance(base_layer, nn.Linear):
             raise MoreLoraError(f"only nn.Linear layers can be adapted, got {type(base_layer).__name__}")
         self.base_layer = base_layer
+        for p in base_layer.parameters():   # frozen also when a layer is built outside TaskAdapterModel
+            p.requires_grad_(False)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.num_tasks = num_tasks
@@ -650,3 +652,18 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 def kaiming_init_(weight: torch.Tensor) -> None:
     """PEFT's LoRA A init: Kaiming-uniform with a = sqrt(5)."""
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def lora_pair(in_features: int, out_features: int, r: int, init_lora_weights: bool = True,
+              n: int | None = None) -> tuple[nn.Parameter, nn.Parameter]:
+    """PEFT's LoRA init: A (r x d_in) Kaiming-uniform, B (d_out x r) zeros (Kaiming-uniform too when
+    `init_lora_weights` is False, for tests). With `n`: n such pairs stacked, A (n, r, d_in) and B (n, d_out, r),
+    drawn pair by pair (A_0, B_0, A_1, B_1, ...), the random stream of n separate LoRAs."""
+    lead = () if n is None else (n,)
+    a = torch.empty(*lead, r, in_features)
+    b = torch.zeros(*lead, out_features, r)
+    for a_i, b_i in zip(a.view(-1, r, in_features), b.view(-1, out_features, r)):
+        kaiming_init_(a_i)
+        if not init_lora_weights:
+            kaiming_init_(b_i)
+    return nn.Parameter(a), nn.Parameter(b)

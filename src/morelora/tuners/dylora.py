@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, kaiming_init_
+from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair
 from .lora import LowRankConfig, check_int
 
 
@@ -52,11 +52,7 @@ class DyLoRALinear(TaskAdapterLayer):
         #: set by DyLoRAModel for one training forward; None: the layer samples its own
         self.train_rank: int | None = None
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r))
-        kaiming_init_(self.lora_A)
-        if not config.init_lora_weights:
-            kaiming_init_(self.lora_B)
+        self.lora_A, self.lora_B = lora_pair(self.in_features, self.out_features, self.r, config.init_lora_weights)
         self.to(base_layer.weight.device)
 
     def active_rank(self) -> int:

@@ -22,6 +22,7 @@ from torch import nn
 from .base import TaskAdapterLayer, TaskAdapterModel, kaiming_init_
 from .lora import LowRankConfig, check_int
 from .mixlora import TOKEN_ROUTED_NOT_MERGEABLE
+from .routing import router_softmax, token_router
 
 
 @dataclass
@@ -52,12 +53,12 @@ class HydraLoRALinear(TaskAdapterLayer):
         if not config.init_lora_weights:
             for i in range(self.num_heads):
                 kaiming_init_(self.lora_B.data[i])
-        self.router = nn.Linear(self.in_features, self.num_heads, bias=False)
+        self.router = token_router(self.in_features, self.num_heads)
         self.to(base_layer.weight.device)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """w: (..., h) softmax over the heads for every token."""
-        return self.router(x.to(self.router.weight.dtype)).float().softmax(-1)
+        return router_softmax(self.router, x)
 
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         w = (self.route(x) * self.scaling).to(x.dtype)                      # (..., h)

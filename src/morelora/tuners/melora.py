@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, kaiming_init_
+from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair
 from .lora import LowRankConfig, check_int
 
 
@@ -48,14 +48,8 @@ class MELoRALinear(TaskAdapterLayer):
         self.n, self.r = n, r
         self.scaling = config.lora_alpha / (n * r)
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features // n))
-        self.lora_B = nn.Parameter(torch.zeros(n, self.out_features // n, r))
-        for i in range(n):
-            kaiming_init_(self.lora_A.data[i])
-            if not config.init_lora_weights:
-                kaiming_init_(self.lora_B.data[i])
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
+        self.lora_A, self.lora_B = lora_pair(self.in_features // n, self.out_features // n, r,
+                                             config.init_lora_weights, n=n)
         self.to(base_layer.weight.device)
 
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, kaiming_init_, model_type_of
+from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair, model_type_of
 from .lora import LowRankConfig, check_int
+from .routing import router_softmax, token_router
 
 _BERT_FFN = r"(.*\.)?layer\.\d+\.(intermediate|output)\.dense"   # not attention.output.dense
 _LLAMA_FFN = ["gate_proj", "up_proj", "down_proj"]
@@ -100,19 +101,13 @@ class MixLoRALinear(TaskAdapterLayer):
         self.cfg = config
         self.scaling = config.lora_alpha / r
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, r))
-        for i in range(n):
-            kaiming_init_(self.lora_A.data[i])
-            if not config.init_lora_weights:
-                kaiming_init_(self.lora_B.data[i])
-        self.router = nn.Linear(self.in_features, n, bias=False)
-        nn.init.normal_(self.router.weight, std=config.router_init_std)
+        self.lora_A, self.lora_B = lora_pair(self.in_features, self.out_features, r, config.init_lora_weights, n=n)
+        self.router = token_router(self.in_features, n, config.router_init_std)
         self.to(base_layer.weight.device)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w: (..., n) top-k renormalised weights, p: (..., n) softmax, idx: (..., k) chosen experts)."""
-        probs = self.router(x.to(self.router.weight.dtype)).float().softmax(-1)
+        probs = router_softmax(self.router, x)
         top_p, top_idx = probs.topk(self.top_k, dim=-1)
         weights = torch.zeros_like(probs).scatter(-1, top_idx, top_p / top_p.sum(-1, keepdim=True))
         return weights, probs, top_idx

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, grow_rows, kaiming_init_
+from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, grow_rows, lora_pair
 from .lora import LowRankConfig, check_int
 
 
@@ -51,11 +51,7 @@ class MoELoRALinear(TaskAdapterLayer):
         self.cfg = config
         self.scaling = config.lora_alpha / config.r
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r))
-        kaiming_init_(self.lora_A)
-        if not config.init_lora_weights:
-            kaiming_init_(self.lora_B)
+        self.lora_A, self.lora_B = lora_pair(self.in_features, self.out_features, self.r, config.init_lora_weights)
         self.task_embedding = nn.Parameter(torch.randn(num_tasks, config.task_embedding_dim))
         self.gate = nn.Linear(config.task_embedding_dim, self.num_experts, bias=False)
         self.to(base_layer.weight.device)

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, kaiming_init_, model_type_of
+from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair, model_type_of
 from .lora import LowRankConfig, check_int
 from .mixlora import TOKEN_ROUTED_NOT_MERGEABLE, ffn_target_modules
 from .mixlora import load_balancing_loss as mixlora_balance
+from .routing import router_softmax, token_router
 
 __all__ = ["ffn_target_modules"]  # re-exported for LoRAMoE / AdaMoE
 
@@ -73,9 +74,14 @@ def load_balancing_loss(probs: torch.Tensor, top_k: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- shared layers
 class TokenRoutedLayer(TaskAdapterLayer):
-    """A layer whose change depends on each token: no fixed delta W, hence no merge or export."""
+    """A layer whose change depends on each token (through its `router`): no fixed delta W, no merge or export."""
 
     method_label = "this method"
+    router: nn.Linear   # set by the subclass, e.g. with `token_router`
+
+    def router_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax router output (..., n experts + null experts, AdaMoE's) in float32."""
+        return router_softmax(self.router, x)
 
     def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         raise NotImplementedError(TOKEN_ROUTED_NOT_MERGEABLE.format(name=self.method_label)
@@ -119,21 +125,10 @@ class LoRAExpertsLinear(TokenRoutedLayer):
         self.top_k = config.top_k
         self.scaling = config.lora_alpha / config.r
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(n, self.r, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, self.r))
-        for e in range(n):
-            kaiming_init_(self.lora_A.data[e])
-            if not config.init_lora_weights:
-                kaiming_init_(self.lora_B.data[e])
-        self.router = nn.Linear(self.in_features, n + num_null_experts, bias=False)
-        nn.init.normal_(self.router.weight, std=config.router_init_std)
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
+        self.lora_A, self.lora_B = lora_pair(self.in_features, self.out_features, self.r, config.init_lora_weights,
+                                             n=n)
+        self.router = token_router(self.in_features, n + num_null_experts, config.router_init_std)
         self.to(base_layer.weight.device)
-
-    def router_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax router output (..., n + null experts) in float32."""
-        return self.router(x.to(self.router.weight.dtype)).float().softmax(-1)
 
     def expert_weights(self, probs: torch.Tensor) -> torch.Tensor:
         """(..., n) mixing weight of each real expert for each token."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel
 from .molora import TokenRoutedLayer, check, default_targets, route
+from .routing import token_router
 
 
 @dataclass
@@ -55,14 +56,8 @@ class MoVLinear(TokenRoutedLayer):
         if not config.init_ia3_weights:
             with torch.no_grad():
                 self.ia3_l.add_(torch.randn_like(self.ia3_l) * 0.1)
-        self.router = nn.Linear(self.in_features, config.num_experts, bias=False)
-        nn.init.normal_(self.router.weight, std=config.router_init_std)
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
+        self.router = token_router(self.in_features, config.num_experts, config.router_init_std)
         self.to(base_layer.weight.device)
-
-    def router_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return self.router(x.to(self.router.weight.dtype)).float().softmax(-1)
 
     def output_scale(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_out): sum_e w_e l_e for every token."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import TaskAdapterLayer, TaskAdapterModel, kaiming_init_
+from .base import TaskAdapterLayer, TaskAdapterModel, lora_pair
 from .lora import LowRankConfig
 
 
@@ -36,18 +36,13 @@ class MultiLoRALinear(TaskAdapterLayer):
         self.cfg = config
         self.scaling = config.lora_alpha / config.r
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        factors = [self._new_factors() for _ in range(num_tasks)]
-        self.lora_A = nn.Parameter(torch.stack([a for a, _ in factors]))
-        self.lora_B = nn.Parameter(torch.stack([b for _, b in factors]))
+        self.lora_A, self.lora_B = lora_pair(self.in_features, self.out_features, self.r, config.init_lora_weights,
+                                             n=num_tasks)
         self.to(base_layer.weight.device)
 
     def _new_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a = torch.empty(self.r, self.in_features)
-        b = torch.zeros(self.out_features, self.r)
-        kaiming_init_(a)
-        if not self.cfg.init_lora_weights:
-            kaiming_init_(b)
-        return a, b
+        a, b = lora_pair(self.in_features, self.out_features, self.r, self.cfg.init_lora_weights)
+        return a.data, b.data
 
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[task_ids].to(x.dtype)                              # (B, r, d_in)
