@@ -12,6 +12,11 @@ A batch may mix tasks: each example gets a length-r coefficient vector c = (alph
 (times the STE weight), applied between the two low-rank products, so one pair of matmuls serves
 the whole batch:  delta(x) = ((dropout(x) A^T) * c[task]) B^T.  At inference the per-task
 coefficients are computed once from the gate and cached until the router's weights change.
+
+While training, `MoREModel` routes all layers of the same shape in one batched op and hands each layer
+its (batch, r) coefficients for the call (`_routed`); it also collects the contrastive loss of all layers
+at once from their stored first-token inputs (`_cl_input`). A layer called on its own (or a
+configuration the batched path does not cover) computes both itself, as below.
 """
 
 from __future__ import annotations
@@ -37,8 +42,18 @@ def expert_masks(r: int, structure: str, seed: int = 0) -> torch.Tensor:
     return masks
 
 
+def first_token(x: torch.Tensor) -> torch.Tensor:
+    """The input the contrastive loss reads: x[:, 0, :] for (batch, tokens, d), else x itself."""
+    return x[:, 0, :] if x.dim() == 3 else x
+
+
 class MoRELinear(TaskAdapterLayer):
     """A frozen `nn.Linear` plus one LoRA module whose prefix ranks are routed per task."""
+
+    # Per-call state set by MoREModel (batched routing, see model.py); None / False outside its calls.
+    _routed: tuple[torch.Tensor, torch.Tensor] | None = None   # (the model's task ids (B,), coefficients (B, r))
+    _cl_deferred: bool = False                                 # store the contrastive input for the model
+    _cl_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (float copy of first_token(x), its task ids)
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: MoREConfig) -> None:
         super().__init__(base_layer, num_tasks)
@@ -150,18 +165,42 @@ class MoRELinear(TaskAdapterLayer):
         self._batch_cache = (task_ids, table, coef)
         return coef
 
+    def _handed_over(self, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """The model's task ids of this call when `task_ids` are them or their expansion (beams, choices)."""
+        src = self._task_ids
+        if src is None or task_ids is src:
+            return src
+        e = self._expanded
+        return src if e is not None and e[0] is src and e[2] is task_ids else None
+
+    def _routed_coefficients(self, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """(rows, r) coefficients the model computed for this call, expanded like the task ids; else None."""
+        routed = self._routed
+        if routed is None or self._handed_over(task_ids) is not routed[0]:
+            return None
+        src, coef = routed
+        if task_ids is src:
+            return coef
+        return coef.repeat_interleave(task_ids.shape[0] // src.shape[0], 0)   # = expand_task_ids
+
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        coef = self._batch_coefficients(task_ids)                       # (B, r)
+        coef = self._routed_coefficients(task_ids)
+        if coef is None:
+            coef = self._batch_coefficients(task_ids)                   # (B, r)
         z = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))     # (B, ..., r)
         z = z * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), self.r).to(z.dtype)
         if self.training and self.cfg.use_task_embeddings and self.cfg.contrastive_weight > 0:
-            self.aux_loss = self.contrastive_loss(x, task_ids)
+            if self._cl_deferred and self._handed_over(task_ids) is not None:
+                # a copy: a view of x would keep the whole layer input alive until backward
+                self._cl_input = (first_token(x).to(torch.float32, copy=True), task_ids)
+            else:
+                self.aux_loss = self.contrastive_loss(x, task_ids)
         return F.linear(z, self.lora_B.to(x.dtype))
 
     def contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of normalize(x[:, 0]) . normalize(E)^T / tau against the task id."""
         # a copy: a view of x would keep the whole layer input alive until backward
-        h = F.normalize((x[:, 0, :] if x.dim() == 3 else x).float().clone(), dim=-1)
+        h = F.normalize(first_token(x).float().clone(), dim=-1)
         e = F.normalize(self.task_embedding.float(), dim=-1)
         return F.cross_entropy(h @ e.T / self.cfg.contrastive_temperature, task_ids)
 

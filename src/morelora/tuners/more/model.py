@@ -1,9 +1,28 @@
-"""MoREModel: inject MoRE layers into a frozen transformers model (PEFT-style API)."""
+"""MoREModel: inject MoRE layers into a frozen transformers model (PEFT-style API).
+
+Batched routing (training): a layer's router is a handful of tiny ops (gate, softmax, argmax, STE, scale,
+index by task) and the contrastive loss another handful; run per layer they cost more than the layer's
+matmuls on small models (docs/BENCHMARKS.md, "Proposed fixes", fix 5). So before the base forward the
+model groups its layers by `(in_features, r)` and computes every group's `(L, T, r)` coefficient table
+in one `baddbmm` + softmax + argmax + STE, indexes it once with the batch's task ids and hands each
+layer its `(B, r)` rows (`MoRELinear._routed`). Layers store their first-token input instead of
+computing the contrastive loss, and the model computes it per group after the forward with one `bmm`.
+Values and gradients are those of the per-layer path (up to float rounding). Routing stays per layer,
+exactly as before, at inference (eval mode or no grad: the layers' cached tables), for `routing`
+"hard"/"frozen", `ste_estimator="prefix_mask"`, `expert_structure="subset"`, `use_task_embeddings=False`,
+and in a layer called with task ids other than the model's (that layer also computes its own contrastive
+loss); the contrastive loss of the other layers is batched whatever the routing. One difference: an adapted
+layer that does not run in a training forward gets zero (not None) gradients for its router, since its
+group's table was built. `_grouped_routing = False` turns all of this off (the reference path of the tests).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..base import TaskAdapterModel
@@ -23,6 +42,8 @@ class MoREModel(TaskAdapterModel):
     config_class = MoREConfig
     layer_class = MoRELinear
     aux_loss_weights = {"contrastive": "contrastive_weight"}
+    #: False: every layer routes itself and computes its own contrastive loss (the reference path, for tests).
+    _grouped_routing = True
 
     def make_layer(self, name: str, base: nn.Linear) -> MoRELinear:
         return MoRELinear(base, len(self.config.tasks), self.config)
@@ -38,6 +59,126 @@ class MoREModel(TaskAdapterModel):
 
     def _extra_metadata(self) -> dict[str, Any]:
         return {"task_ranks": self.task_ranks()}
+
+    # ------------------------------------------------------------------ batched routing (training)
+    def _layer_groups(self) -> list[list[MoRELinear]]:
+        """Adapter layers grouped by (in_features, r), in model order; rebuilt when the layer list changes."""
+        cache = self.__dict__.get("_group_cache")
+        if cache is None or cache[0] is not self.adapted_names:
+            groups: dict[tuple[int, int], list[MoRELinear]] = {}
+            for _, layer in self.adapter_layers():
+                groups.setdefault((layer.in_features, layer.r), []).append(layer)
+            cache = (self.adapted_names, list(groups.values()))
+            self.__dict__["_group_cache"] = cache
+        return cache[1]
+
+    def _batched_routing_applies(self) -> bool:
+        cfg = self.config
+        return (self.training and cfg.use_task_embeddings and cfg.routing == "ste"
+                and cfg.ste_estimator == "onehot" and cfg.expert_structure == "prefix" and torch.is_grad_enabled())
+
+    @staticmethod
+    def _route_group(layers: list[MoRELinear], ids: torch.Tensor) -> torch.Tensor | None:
+        """Hand every layer of `layers` its (B, r) STE coefficients; returns the stacked E (L, T, d_in)."""
+        first = layers[0]
+        if not all(layer.training for layer in layers) or first.merged_task is not None:
+            return None
+        es = [layer._parameters["task_embedding"] for layer in layers]
+        ws = [layer.gate._parameters["weight"] for layer in layers]
+        bs = [layer.gate._parameters["bias"] for layer in layers]
+        if any(b is None for b in bs) or len({(e.device, e.dtype, w.device, w.dtype) for e, w in zip(es, ws)}) > 1:
+            return None   # mixed devices / dtypes (e.g. a model split over GPUs): per layer
+        E, W, b = torch.stack(es), torch.stack(ws), torch.stack(bs)               # (L,T,d) (L,r,d) (L,r)
+        # = layer.router_probs(): softmax(gate(E.to(gate dtype))) in float32
+        p = torch.baddbmm(b.unsqueeze(1), E.to(W.dtype), W.transpose(1, 2)).float().softmax(-1)  # (L,T,r)
+        idx = p.argmax(-1, keepdim=True)
+        p_k = p.gather(2, idx)                                  # STE: w[k] = 1 + p_k - stopgrad(p_k)
+        table = first.expert_mask[idx.squeeze(-1)] * (p_k - p_k.detach() + 1.0) * first.coef_scale  # (L,T,r)
+        for layer, coef in zip(layers, table[:, ids].unbind(0)):   # one index for the whole group
+            layer._routed = (ids, coef)
+        return E
+
+    @contextlib.contextmanager
+    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None):
+        """The base hand-off, plus (while training) routing per group and deferring the contrastive loss."""
+        routing = defer = False
+        try:
+            if task_ids is not None and self._grouped_routing and self.training:
+                cfg = self.config
+                if self._batched_routing_applies():
+                    routing = True
+                    stacked_e = {i: E for i, layers in enumerate(self._layer_groups())
+                                 if (E := self._route_group(layers, task_ids)) is not None}
+                else:
+                    stacked_e = {}
+                if self.__dict__.get("_in_forward") and cfg.use_task_embeddings and cfg.contrastive_weight > 0:
+                    defer = True
+                    for _, layer in self.adapter_layers():
+                        layer._cl_deferred = True
+                    self.__dict__["_stacked_e"] = stacked_e   # read by _collect_aux_losses after the forward
+            with super()._task_ids_handed_to_layers(task_ids):
+                yield
+        finally:
+            if routing or defer:
+                for _, layer in self.adapter_layers():
+                    layer._routed = None
+                    layer._cl_deferred = False
+
+    def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any):
+        self.__dict__["_in_forward"] = True
+        try:
+            return super().forward(*args, task_ids=task_ids, **kwargs)
+        except BaseException:
+            for _, layer in self.adapter_layers():   # drop what a failed call stored
+                layer._cl_input = None
+            raise
+        finally:
+            self.__dict__["_in_forward"] = False
+            self.__dict__.pop("_stacked_e", None)
+
+    def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
+        """Mean over layers of the contrastive loss: deferred layers per group, the others' own `aux_loss`."""
+        stacked_e = self.__dict__.pop("_stacked_e", None)
+        stored = []
+        if stacked_e is not None:
+            for i, layers in enumerate(self._layer_groups()):
+                entries = [(j, layer._cl_input) for j, layer in enumerate(layers) if layer._cl_input is not None]
+                for layer in layers:
+                    layer._cl_input = None
+                if entries:
+                    stored.append((layers, entries, stacked_e.get(i)))
+        values = []
+        for _, layer in self.adapter_layers():
+            if layer.aux_loss is not None:
+                values.append(layer.aux_loss)
+                layer.aux_loss = None
+        if not stored:
+            return {"contrastive": torch.stack(values).mean()} if values else {}
+        total = sum(self._group_contrastive(*entry) for entry in stored)
+        count = sum(len(entries) for _, entries, _ in stored) + len(values)
+        if values:
+            total = total + torch.stack(values).sum()
+        return {"contrastive": total / count}
+
+    def _group_contrastive(self, layers: list[MoRELinear], stored: list[tuple[int, Any]],
+                           E: torch.Tensor | None) -> torch.Tensor:
+        """Sum over the stored layers of a group (index j, (h, task ids)) of their contrastive loss."""
+        buckets: dict[int, list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        for j, entry in stored:   # layers that saw the same number of rows (B, or B * m for choices)
+            buckets.setdefault(entry[0].shape[0], []).append((j, entry))
+        total = None
+        for rows, entries in buckets.items():
+            H = F.normalize(torch.stack([h for _, (h, _) in entries]), dim=-1)            # (L, rows, d)
+            if E is not None and len(entries) == len(layers):
+                e = E
+            else:
+                e = torch.stack([layers[j]._parameters["task_embedding"] for j, _ in entries])
+            e = F.normalize(e.float(), dim=-1)                                              # (L, T, d)
+            logits = torch.bmm(H, e.transpose(1, 2)) / self.config.contrastive_temperature  # (L, rows, T)
+            ids = entries[0][1][1]
+            part = F.cross_entropy(logits.flatten(0, 1), ids.repeat(len(entries)), reduction="sum") / rows
+            total = part if total is None else total + part
+        return total
 
 
 def get_more_model(model: nn.Module, config: MoREConfig) -> MoREModel:
