@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from morelora.config import ConfigError, RunConfig, apply_overrides, load_config
+from morelora.config import BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, apply_overrides, config_diff, load_config
 
 __all__ = [
     "CompareError",
@@ -74,8 +74,6 @@ CONFIDENCE = 0.95
 PREDICTIONS_NAME = "test_predictions.json"
 #: Metrics that are means of per-example scores (fast vectorised bootstrap).
 DECOMPOSABLE = ("accuracy", "exact_match")
-#: Train keys that do not change a run's result (a finished run may be reused, or moved, when only these differ).
-_FREE_TRAIN_KEYS = ("output_dir", "logging_steps", "save_steps", "eval_steps", "save_total_limit", "eval_batch_size")
 
 
 class CompareError(ConfigError):
@@ -218,26 +216,14 @@ def plan_config_runs(configs: Sequence[str | Path], seeds: int, output_dir: str 
 # ---------------------------------------------------------------------------------------------- execution
 
 
-def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in _FREE_TRAIN_KEYS}
-    return d
-
-
 def check_finished_run(run_dir: Path, cfg: RunConfig, error: type[Exception] | None = None) -> None:
     """A finished run (compare, sweep) is reused only if it was trained with the same config."""
     error = error or CompareError
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise error(f"{run_dir} has eval.json but no config.yaml: remove it or use another --output-dir")
-    saved, new = _comparable(load_config(saved_path)), _comparable(cfg)
-    diff = []
-    for block, value in new.items():
-        old = saved.get(block)
-        if isinstance(value, dict) and isinstance(old, dict):
-            diff += [f"{block}.{k}" for k in sorted(set(value) | set(old)) if value.get(k) != old.get(k)]
-        elif value != old:
-            diff.append(block)
+    # a finished run may be reused, or moved, when only bookkeeping keys (output_dir, logging, ...) differ
+    diff = config_diff(load_config(saved_path), cfg, ignore={f"train.{k}" for k in BOOKKEEPING_TRAIN_KEYS})
     if diff:
         raise error(f"finished run {run_dir} was trained with a different config ({', '.join(diff)}); "
                     "remove it or choose another --output-dir")

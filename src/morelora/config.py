@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "bundled_minilm_path",
+    "config_diff",
     "load_config",
 ]
 
@@ -115,6 +117,7 @@ class TrainConfig:
     eval_steps: int = field(default=0, metadata=_at_least(0))
     logging_steps: int = field(default=10, metadata=_at_least(1))
     save_total_limit: int | None = field(default=2, metadata=_at_least(1))
+    fused_adamw: bool | str = field(default="auto", metadata=_choices("auto"))  # auto: where torch can
 
 
 def _default_tasks() -> list[str]:
@@ -186,6 +189,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     return RunConfig.from_dict(apply_overrides(raw, overrides))
+
+
+#: Train keys that do not change what a run learns (where it writes, how often it logs / saves / evaluates).
+BOOKKEEPING_TRAIN_KEYS = ("output_dir", "logging_steps", "save_steps", "eval_steps", "save_total_limit",
+                          "eval_batch_size")
+
+
+def config_diff(old: RunConfig, new: RunConfig, ignore: Iterable[str] = ()) -> list[str]:
+    """Sorted dotted names (``train.lr``, ``method.r``, ``tasks``) of the fields that differ.
+
+    Blocks are compared one level deep; a missing option equals an explicit ``None``; names in ``ignore``
+    are skipped. Used by ``--resume`` and by compare / sweep before reusing a finished run.
+    """
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    a, b, skip = flat(old.to_dict()), flat(new.to_dict()), set(ignore)
+    return sorted(k for k in a.keys() | b.keys() if k not in skip and a.get(k) != b.get(k))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

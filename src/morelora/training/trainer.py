@@ -22,6 +22,7 @@ complete one with the same data order. Under FSDP / DeepSpeed accelerate also st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -34,7 +35,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from morelora.config import ConfigError, RunConfig, load_config
+from morelora.config import BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
 from morelora.data import TaskSpec, get_task
 from morelora.data.sampling import MultiTaskSampler
 from morelora.training import checkpoint as ckpt
@@ -194,7 +195,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         cfg.dump(run_dir / "config.yaml")
 
     sampler = _make_sampler(cfg, run, accelerator.num_processes)
-    optimizer, scheduler = _make_optimizer(cfg, run.model)
+    optimizer, scheduler = _make_optimizer(cfg, run.model, accelerator.device)
     model, optimizer, scheduler = accelerator.prepare(run.model, optimizer, scheduler)
     _register_checkpointing(accelerator, sampler)
     state = _resume(accelerator, run_dir) if resume else TrainState(num_processes=accelerator.num_processes)
@@ -264,23 +265,10 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    free = {f"train.{k}" for k in ("output_dir", "max_steps", "save_steps", "eval_steps", "logging_steps",
-                                   "save_total_limit", "eval_batch_size")}
-    saved, new = _flatten(load_config(saved_path).to_dict()), _flatten(cfg.to_dict())
-    diff = sorted(k for k in saved.keys() | new.keys() if k not in free and saved.get(k) != new.get(k))
+    ignore = {f"train.{k}" for k in (*BOOKKEEPING_TRAIN_KEYS, "max_steps")}
+    diff = config_diff(load_config(saved_path), cfg, ignore=ignore)
     if diff:
         raise ckpt.RunError(f"--resume with a config that differs from {saved_path} in: {', '.join(diff)}")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (blocks only; task_files and method stay whole)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("model", "data", "train"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _make_sampler(cfg: RunConfig, run: Run, num_processes: int) -> MultiTaskSampler:
@@ -304,7 +292,7 @@ def _batches(sampler: MultiTaskSampler, collator: Any, run: Run, accelerator: Ac
         yield {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _make_optimizer(cfg: RunConfig, model: torch.nn.Module):
+def _make_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device | None = None):
     """AdamW over the trainable parameters (no weight decay on biases / norms) + linear warm-up/decay."""
     from transformers import get_linear_schedule_with_warmup
 
@@ -313,9 +301,29 @@ def _make_optimizer(cfg: RunConfig, model: torch.nn.Module):
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr)
+    fused = _use_fused_adamw(tc.fused_adamw, [p for _, p in params], device)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **({"fused": True} if fused else {}))
     scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     return optimizer, scheduler
+
+
+def _use_fused_adamw(setting: bool | str, params: list[torch.Tensor], device: torch.device | None) -> bool:
+    """``train.fused_adamw``: true / false, or "auto": fused where torch has the kernel for the device and dtypes."""
+    if setting != "auto":
+        return bool(setting)
+    device_types = {device.type} if device is not None else {p.device.type for p in params}
+    return all(_fused_adamw_runs(t, dtype) for t in device_types for dtype in {p.dtype for p in params})
+
+
+@functools.cache
+def _fused_adamw_runs(device_type: str, dtype: torch.dtype) -> bool:
+    try:
+        p = torch.zeros(1, device=device_type, dtype=dtype, requires_grad=True)
+        p.grad = torch.ones_like(p)
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 class _LossTracker:
