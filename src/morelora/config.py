@@ -105,6 +105,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     lr: float = field(default=3e-4, metadata=_at_least(0))
+    head_lr: float | None = field(default=None, metadata=_at_least(0))  # task heads (modules_to_save); None: lr
     weight_decay: float = field(default=0.01, metadata=_at_least(0))
     batch_size: int = field(default=32, metadata=_at_least(1))
     eval_batch_size: int = field(default=64, metadata=_at_least(1))

@@ -293,14 +293,23 @@ def _batches(sampler: MultiTaskSampler, collator: Any, run: Run, accelerator: Ac
 
 
 def _make_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device | None = None):
-    """AdamW over the trainable parameters (no weight decay on biases / norms) + linear warm-up/decay."""
+    """AdamW over the trainable parameters (no weight decay on biases / norms; task heads at ``train.head_lr``
+    when set) + linear warm-up/decay."""
     from transformers import get_linear_schedule_with_warmup
 
     tc = cfg.train
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    heads: set[int] = set()
+    if tc.head_lr is not None:
+        for name in getattr(model, "saved_module_names", []):
+            heads |= {id(p) for p in model.base_model.get_submodule(name).parameters()}
+        if not heads:
+            raise ConfigError("train.head_lr is set but the model has no task heads (modules_to_save)")
+    groups = []
+    for lr, in_group in ((tc.lr, lambda p: id(p) not in heads), (tc.head_lr, lambda p: id(p) in heads)):
+        chosen = [p for _, p in params if in_group(p)]
+        groups += [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": tc.weight_decay, "lr": lr},
+                   {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     fused = _use_fused_adamw(tc.fused_adamw, [p for _, p in params], device)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **({"fused": True} if fused else {}))
     scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)

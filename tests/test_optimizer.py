@@ -1,4 +1,4 @@
-"""train.fused_adamw: the config switch, what the trainer builds, and that fused AdamW only changes rounding."""
+"""The trainer's optimizer: train.fused_adamw (only changes rounding) and train.head_lr (task heads)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,27 @@ def test_fused_training_equals_default_up_to_rounding(tmp_path: Path, tiny_bert:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_head_lr_groups_and_training(tmp_path: Path, tiny_bert: str, run_config):
+    from morelora.training import load_run
+
+    cfg = run_config(tiny_bert, tmp_path / "h", max_steps=3, save_steps=3, lr=0.0, head_lr=1e-2)
+    cfg["tasks"] = ["sst2", "rte"]
+    run_dir = train(RunConfig.from_dict(cfg))
+    run = load_run(run_dir)
+    optimizer, _ = _make_optimizer(run.cfg, run.model)
+    heads = {id(p) for p in run.model.base_model.heads.parameters()}
+    by_lr: dict[float, set[int]] = {}
+    for g in optimizer.param_groups:
+        by_lr.setdefault(g["lr"], set()).update(id(p) for p in g["params"])
+    assert set(by_lr) == {0.0, 1e-2}
+    assert by_lr[1e-2] == heads and not by_lr[0.0] & heads
+    # lr 0 for the adapter: its zero-initialised B factors stay zero while the trained heads moved
+    ckpt = load_file(str(run_dir / "checkpoint-3" / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in ckpt.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() == 0 for v in lora_b)
+    assert any(".heads." in k or k.startswith("heads.") for k in ckpt)
+    # without task heads, head_lr is a config error
+    with pytest.raises(ConfigError, match="head_lr"):
+        _make_optimizer(RunConfig.from_dict({"train": {"head_lr": 1e-3}}), torch.nn.Linear(2, 2))
