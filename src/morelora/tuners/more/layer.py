@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import TaskAdapterLayer, grow_rows, kaiming_init_
+from ..base import TaskAdapterLayer, grow_rows, lora_pair
 from .config import MoREConfig
 
 
@@ -62,11 +62,7 @@ class MoRELinear(TaskAdapterLayer):
         self.cfg = config
         self.scaling = config.lora_alpha / r
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(r, d_in))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
-        kaiming_init_(self.lora_A)
-        if not config.init_lora_weights:
-            kaiming_init_(self.lora_B)
+        self.lora_A, self.lora_B = lora_pair(d_in, self.out_features, r, config.init_lora_weights)
         names = ["lora_A", "lora_B"]
         if config.use_task_embeddings:
             self.task_embedding = nn.Parameter(torch.randn(num_tasks, d_in) * config.task_embedding_std)
@@ -86,8 +82,6 @@ class MoRELinear(TaskAdapterLayer):
         self.register_buffer("expert_mask", expert_masks(r, config.expert_structure, config.seed), persistent=False)
         self._coef_cache: tuple[Any, torch.Tensor] | None = None
         self._batch_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
         dev = base_layer.weight.device
         self.to(dev)
 
