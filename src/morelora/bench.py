@@ -131,7 +131,7 @@ class Env:
     device: torch.device
     dtype: torch.dtype
     clock: str = "auto"
-    adamw: str = "default"
+    adamw: str = "fused"
     log: Callable[[str], None] = print
 
     def cpu_clock(self) -> bool:
@@ -535,7 +535,7 @@ def _bench_rank(suite: Suite, env: Env) -> list[Row]:
 def run_benchmarks(suite: str = "default", *, sections: Sequence[str] = SECTIONS, device: str = "cpu",
                    dtype: str = "fp32", threads: int | None = 1, repeats: int | None = None,
                    models: Sequence[str] | None = None, baselines: Sequence[str] = BASELINES, clock: str = "auto",
-                   adamw: str = "default", log: Callable[[str], None] | None = None) -> list[Row]:
+                   adamw: str = "fused", log: Callable[[str], None] | None = None) -> list[Row]:
     """Run benchmark `suite` ('quick': tiny models, < 1 minute; 'default': < 10 minutes on 2 CPU cores; 'full').
 
     Returns rows, dicts with a ``kind``: ``"meta"`` (first: machine, date, settings), ``"timing"`` (median and
@@ -544,7 +544,7 @@ def run_benchmarks(suite: str = "default", *, sections: Sequence[str] = SECTIONS
     `repeats` overrides every case's number of rounds; `models` keeps only the cases on those models;
     `threads` sets torch's CPU threads for the run (1: stable ratios, and the CPU clock applies);
     `clock`: "auto" (process CPU time on CPU with one thread, else wall), "cpu" or "wall";
-    `adamw`: "default", "foreach" or "fused".
+    `adamw`: "fused" (the trainer's default, ``train.fused_adamw: auto``), "foreach" or "default".
     """
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {sorted(SUITES)}")
@@ -663,7 +663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="auto: process CPU time on CPU with one thread (robust to other processes), else wall")
-    p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default")
+    p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="fused",
+                   help="AdamW implementation for every variant (default: fused, as the trainer uses where it can)")
     p.add_argument("--repeats", type=int, default=None, help="override the timing rounds of every case")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--markdown", default=None, help="write the report to this file")
