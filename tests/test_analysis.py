@@ -191,26 +191,19 @@ ABLATIONS = {
 }
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("model", "data", "method", "train"):
-            out.update(_flat(v, f"{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def test_ablation_configs_are_the_demo_plus_one_switch() -> None:
+def test_ablation_configs_are_the_comparison_setup_plus_one_switch() -> None:
+    from morelora.config import BOOKKEEPING_TRAIN_KEYS, config_diff
     from morelora.methods import get_method
 
     files = sorted(p.stem for p in (REPO / "configs" / "ablations").glob("*.yaml"))
     assert files == sorted(ABLATIONS)
-    demo = _flat(load_config(REPO / "configs" / "demo.yaml").to_dict())
+    reference = load_config(REPO / "configs" / "compare_offline.yaml")
+    ignore = {f"train.{k}" for k in BOOKKEEPING_TRAIN_KEYS}
     for name, switch in ABLATIONS.items():
         cfg = load_config(REPO / "configs" / "ablations" / f"{name}.yaml")
-        flat = _flat(cfg.to_dict())
-        diff = {k: v for k, v in flat.items() if demo.get(k) != v and k != "train.output_dir"}
-        assert diff == switch, name
-        assert flat["train.output_dir"] == f"runs/ablations/{name}"
+        assert config_diff(reference, cfg, ignore=ignore) == sorted(switch), name
+        for key, value in switch.items():
+            block, option = key.split(".")
+            assert cfg.to_dict()[block][option] == value, name
+        assert cfg.train.output_dir == f"runs/ablations/{name}"
         get_method(cfg.method_name).model_class.config_class.from_dict({**cfg.method_options, "tasks": cfg.tasks})
