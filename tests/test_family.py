@@ -239,6 +239,20 @@ def test_mola_schedules_and_per_layer_counts():
         build_method("mola", tiny_t5(), TASKS, top_k=3)
 
 
+def test_mola_layers_outside_the_blocks_take_the_nearest_depth():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=20,
+                                vocab_size=50, max_position_embeddings=32))
+    m = build_method("mola", bert, TASKS, target_modules=["query", "dense"])  # "dense" matches pooler.dense
+    counts = m.experts_per_layer()
+    assert counts["pooler.dense"] == 8 == counts["encoder.layer.3.output.dense"]   # after the last block
+    assert counts["encoder.layer.0.attention.self.query"] == 2
+    with pytest.raises(MoreLoraError, match="none of"):
+        build_method("mola", torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 4)}), TASKS, target_modules=["proj"])
+
+
 # --------------------------------------------------------------------------------------------- MELoRA
 def test_melora_block_diagonal_equals_dense_lora():
     m = toy("melora", d_in=8, d_out=12, num_minis=4, r=2)

@@ -2,6 +2,8 @@
 
 A layer's depth is the first integer in its module name (`encoder.layer.3.attention...` -> 3; T5's encoder
 and decoder blocks with the same index get the same depth); L = largest depth + 1 over the adapted layers.
+A layer outside the numbered blocks (BERT's `pooler.dense`, an `lm_head`) takes the depth of the blocks
+next to it: 0 if it comes before the first numbered block in module order, L - 1 otherwise.
 Named schedules split the depths into four equal bands (band = depth * 4 // L):
 
     inverted_triangle  2-4-6-8   (few experts in low layers, many in high ones: the paper's best)
@@ -99,11 +101,16 @@ class MoLAModel(TaskAdapterModel):
             names = [n for n, m in self.base_model.named_modules()
                      if isinstance(m, nn.Linear) and matches_target(n, targets)]
             depths = {n: layer_index(n) for n in names}
-            missing = [n for n, d in depths.items() if d is None]
-            if missing:
-                raise MoreLoraError(f"MoLA needs each adapted layer's depth from a layer index in its name; "
-                                    f"{missing[:3]} have none: choose target_modules inside numbered blocks")
-            num_layers = max(depths.values(), default=-1) + 1
+            indexed = [d for d in depths.values() if d is not None]
+            if not indexed:
+                raise MoreLoraError(f"MoLA needs layer depths from the block indices in module names; none of "
+                                    f"{names[:3]} has one: choose target_modules inside numbered blocks")
+            num_layers = max(indexed) + 1
+            seen_block = False
+            for n, d in depths.items():  # outside the blocks: the depth of the nearest end (module order)
+                seen_block |= d is not None
+                if d is None:
+                    depths[n] = num_layers - 1 if seen_block else 0
             counts = schedule_counts(self.config.experts_per_layer, num_layers)
             self._counts = {n: counts[d] for n, d in depths.items()}
         return self._counts
