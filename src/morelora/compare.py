@@ -682,7 +682,7 @@ def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Seq
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """Arguments of ``morelora compare``."""
     # one positional list (dest "overrides", so the CLI appends key=value given after options): configs + overrides
-    p.add_argument("overrides", nargs="+", metavar="CONFIG [CONFIG ...] [key=value ...]",
+    p.add_argument("overrides", nargs="+", metavar="CONFIG|key=value",
                    help="run config (YAML) shared by every run, e.g. configs/demo.yaml, or several configs to "
                         "compare as rows (e.g. configs/ablations/*.yaml); key=value: overrides for every run "
                         "(train.max_steps=200); methods.<label>.<option>=value sets one method's option")
