@@ -110,3 +110,15 @@ def test_file_errors(tmp_path: Path) -> None:
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(REPO / "configs" / name)
     assert cfg.tasks and cfg.method_name == "more"
+
+
+def test_dotted_keys_create_mappings_and_name_the_non_mapping_prefix():
+    from morelora.config import set_dotted
+
+    raw = {"train": {"lr": 0.1}}
+    set_dotted(raw, "model.pooling", "mean")
+    assert raw == {"train": {"lr": 0.1}, "model": {"pooling": "mean"}}
+    with pytest.raises(ValueError, match=r"^train\.lr$"):
+        set_dotted(raw, "train.lr.x", 1)
+    with pytest.raises(ConfigError, match=r"bad override 'train.lr.x=1': train.lr is not a mapping"):
+        apply_overrides(raw, ["train.lr.x=1"])

@@ -51,9 +51,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import yaml
 
-from morelora.config import BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, apply_overrides, config_diff, load_config
+from morelora.config import (
+    BOOKKEEPING_TRAIN_KEYS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_diff,
+    load_config,
+    read_yaml_mapping,
+)
 
 __all__ = [
     "CompareError",
@@ -110,17 +117,8 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
 
 def load_method_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """``{label: {option: value}}`` from a YAML file and ``methods.<label>.<option>=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise CompareError(f"method config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CompareError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise CompareError(f"{path}: expected a mapping {{method: {{option: value}}}}")
+    raw = (read_yaml_mapping(path, "method config", "a mapping {method: {option: value}}", CompareError)
+           if path is not None else {})
     raw = apply_overrides({"methods": raw}, list(overrides))["methods"]
     out = {}
     for label, opts in raw.items():
@@ -646,10 +644,11 @@ def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Seq
         if method_config or any(o.strip().startswith("methods.") for o in overrides):
             raise CompareError("--method-config / methods.* overrides need --methods on one config")
         runs = plan_config_runs(config, seeds, output_dir, overrides)
-        config = ", ".join(str(c) for c in config)
+        config, name = ", ".join(str(c) for c in config), "configs"
     else:
         if isinstance(config, (list, tuple)):
             config = config[0] if config else None
+        name = Path(config).stem if config else "defaults"
         if not methods:
             raise CompareError("no methods given: pass e.g. --methods more,lora (or several configs to compare "
                                "configs)")
@@ -665,7 +664,6 @@ def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Seq
     out = Path(output_dir)
     if main:
         summary = summarize(runs, baseline=baseline, n_resamples=n_resamples)
-        name = "configs" if config and "," in str(config) else Path(config).stem if config else "defaults"
         title = f"{name}: {', '.join(summary['methods'])}"
         summary = {"config": str(config) if config else None, "overrides": list(overrides),
                    "method_config": str(method_config) if method_config else None, **summary}

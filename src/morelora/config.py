@@ -35,6 +35,8 @@ __all__ = [
     "bundled_minilm_path",
     "config_diff",
     "load_config",
+    "read_yaml_mapping",
+    "set_dotted",
 ]
 
 TASK_KINDS = ("classification", "regression", "multiple_choice", "text2text")
@@ -178,18 +180,23 @@ class RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config (or start from the defaults) and apply ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "config file", "a mapping at the top level") if path is not None else {}
     return RunConfig.from_dict(apply_overrides(raw, overrides))
+
+
+def read_yaml_mapping(path: str | Path, what: str, expected: str,
+                      error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (empty file: ``{}``); ``error`` with a one-line message otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected {expected}")
+    return raw
 
 
 #: Train keys that do not change what a run learns (where it writes, how often it logs / saves / evaluates).
@@ -230,17 +237,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
-        parts = key.strip().split(".")
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"bad override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_dotted(raw, key.strip(), value)
+        except ValueError as e:
+            raise ConfigError(f"bad override {item!r}: {e} is not a mapping") from None
     return raw
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw[a][b][c] = value`` for ``key = "a.b.c"``, creating missing mappings on the way.
+
+    Raises ``ValueError(prefix)`` naming the first part of the key (``"a.b"``) that holds a non-mapping.
+    """
+    *parents, last = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ValueError(".".join(parents[: i + 1]))
+        node = child
+    node[last] = value
 
 
 def _deepcopy(d: Any) -> Any:

@@ -306,14 +306,21 @@ def _scratch_run(trained: Any, spec: Any, shots: list[dict], evals: list[dict], 
 def _more_scratch(trained: Any, spec: Any, shots: list[dict], evals: list[dict], seed: int, opts: dict) -> dict:
     import torch
 
-    from morelora.training.evaluate import make_collator
     from morelora.training.trainer import build_model
 
     torch.manual_seed(seed)
     _, model = build_model(trained.cfg, trained.kind, [spec])
     model.to(_device())
+    return _fit_and_score(trained, spec, shots, evals, seed, opts, model,
+                          [p for p in model.parameters() if p.requires_grad])
+
+
+def _fit_and_score(trained: Any, spec: Any, shots: list[dict], evals: list[dict], seed: int, opts: dict,
+                   model: Any, params: list[Any]) -> dict:
+    """Train ``params`` of a fresh single-task ``model`` on the shots; its score on ``evals``."""
+    from morelora.training.evaluate import make_collator
+
     run_like = _scratch_run(trained, spec, shots, evals, model)
-    params = [p for p in model.parameters() if p.requires_grad]
     losses = _fit(model, make_collator(run_like), shots, 0, params, opts["epochs"], opts["batch_size"], opts["lr"],
                   seed)
     return {"score": _score(run_like, spec.name, opts["eval_batch_size"]), "trainable_parameters": _count(params),
@@ -323,24 +330,13 @@ def _more_scratch(trained: Any, spec: Any, shots: list[dict], evals: list[dict],
 def _lora_scratch(trained: Any, spec: Any, shots: list[dict], evals: list[dict], seed: int, opts: dict) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from morelora.heads import MultiTaskHeadModel
-    from morelora.training.evaluate import make_collator
-    from morelora.training.trainer import DTYPES
+    from morelora.training.trainer import build_base_model
 
     torch.manual_seed(seed)
-    m, method = trained.cfg.model, trained.cfg.method
-    dtype = DTYPES[m.dtype]
-    if trained.kind == "encoder":
-        base = MultiTaskHeadModel(AutoModel.from_pretrained(m.name_or_path, dtype=dtype), [spec], pooling=m.pooling,
-                                  encoding=m.encoding)
-    elif trained.kind == "seq2seq":
-        base = AutoModelForSeq2SeqLM.from_pretrained(m.name_or_path, dtype=dtype)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype)
-        if base.config.pad_token_id is None:
-            base.config.pad_token_id = trained.tokenizer.pad_token_id
+    method = trained.cfg.method
+    _, base = build_base_model(trained.cfg, trained.kind, [spec])
     lora = LoraConfig(r=int(method.get("r", 8)), lora_alpha=float(method.get("lora_alpha", 32)),
                       lora_dropout=float(method.get("lora_dropout", 0.1)),
                       target_modules=method.get("target_modules"))
@@ -349,13 +345,8 @@ def _lora_scratch(trained: Any, spec: Any, shots: list[dict], evals: list[dict],
         for p in base.heads.parameters():
             p.requires_grad_(True)
     peft_model.to(_device())
-    model = _DropTaskIds(peft_model)
-    run_like = _scratch_run(trained, spec, shots, evals, model)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    losses = _fit(model, make_collator(run_like), shots, 0, params, opts["epochs"], opts["batch_size"], opts["lr"],
-                  seed)
-    return {"score": _score(run_like, spec.name, opts["eval_batch_size"]), "trainable_parameters": _count(params),
-            "losses": losses}
+    return _fit_and_score(trained, spec, shots, evals, seed, opts, _DropTaskIds(peft_model),
+                          [p for p in peft_model.parameters() if p.requires_grad])
 
 
 _RUNNERS = {"more_transfer": more_transfer, "lora_scratch": _lora_scratch, "more_scratch": _more_scratch}

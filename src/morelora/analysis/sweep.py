@@ -117,7 +117,7 @@ def _with_tasks(raw: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
 def plan_sweep(config: str | Path, param: str, values: Sequence[Any], seeds: int, output_dir: str | Path,
                overrides: Sequence[str] = ()) -> list[SweepRun]:
     """Configs of every (value, seed) run, all validated before anything trains."""
-    from morelora.config import RunConfig, apply_overrides, load_config
+    from morelora.config import RunConfig, apply_overrides, load_config, set_dotted
     from morelora.methods import get_method
 
     if not isinstance(seeds, int) or seeds < 1:
@@ -125,7 +125,7 @@ def plan_sweep(config: str | Path, param: str, values: Sequence[Any], seeds: int
     if param == "train.seed" and seeds != 1:
         raise _error("--param train.seed sweeps the seeds itself: leave --seeds at 1")
     base = load_config(config, list(overrides))  # checks the file and the overrides
-    raw = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, list(overrides))
+    raw = base.to_dict()
     if param not in ("tasks", "num_tasks"):
         top = param.split(".")[0]
         if top not in {"model", "data", "method", "train", "task_files"}:
@@ -142,16 +142,10 @@ def plan_sweep(config: str | Path, param: str, values: Sequence[Any], seeds: int
             vraw = _with_tasks(raw, suite[:value])
         else:
             vraw = apply_overrides(raw, [])  # a deep copy
-            *parents, last = param.split(".")
-            node = vraw
-            for part in parents:
-                child = node.get(part)
-                if child is None:
-                    child = node[part] = {}
-                elif not isinstance(child, dict):
-                    raise _error(f"--param {param!r}: {part} is not a mapping in the config")
-                node = child
-            node[last] = value
+            try:
+                set_dotted(vraw, param, value)
+            except ValueError as e:
+                raise _error(f"--param {param!r}: {e} is not a mapping in the config") from None
         label = _slug(param, value)
         for i in range(seeds):
             seed = int(value) if param == "train.seed" else base.train.seed + i
