@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from morelora.bench import SECTIONS, TARGETS, format_report, main
+from morelora.bench import SECTIONS, TARGETS, Case, _median_ci, _target, format_report, main
 
 
 def test_quick_suite_rows_are_well_formed(tmp_path, capsys):
@@ -27,8 +27,33 @@ def test_quick_suite_rows_are_well_formed(tmp_path, capsys):
     for r in (r for r in rows if r["kind"] == "target"):
         assert r["target"] in TARGETS and r["status"] in ("PASS", "MISS")
         assert math.isfinite(r["value"]) and r["limit"] == TARGETS[r["target"]][0]
+        assert r["ci_low"] <= r["ci_high"] and isinstance(r["decided"], bool)
     assert {r["target"] for r in rows if r["kind"] == "target"} >= {
         "train_vs_lora", "infer_vs_lora", "mixed_vs_single", "merged_vs_base", "added_vs_peft_mixed", "tasks_flat"}
     assert all(r["peak_mb"] >= 0 for r in rows if r["kind"] == "memory")
     assert "| target |" in report and ("PASS" in report or "MISS" in report)
     assert "| target |" in format_report(rows)
+
+
+def test_median_ci_is_the_binomial_order_statistic_interval():
+    """For n = 30 the distribution-free 95 % interval of the median is [x_(10), x_(21)] (1-based): P(Bin(30, 1/2)
+    <= 9) = 0.0214 <= 0.025 < P(<= 10) = 0.0494."""
+    from scipy.stats import binom
+
+    assert binom.cdf(9, 30, 0.5) <= 0.025 < binom.cdf(10, 30, 0.5)
+    xs = [1.0 + 0.01 * ((7 * i) % 30) for i in range(30)]   # 30 distinct values, shuffled
+    s = sorted(xs)
+    assert _median_ci(xs) == (s[9], s[20])
+    assert _median_ci(xs[:4]) == (min(xs[:4]), max(xs[:4]))   # too few rounds for a 95 % interval
+
+
+def test_target_status_and_decided():
+    case = Case("m", 1, 1, 1)
+    below = [0.90 + 0.001 * i for i in range(30)]             # all under the 1.05 limit
+    row = _target("train_vs_lora", case, 0.915, below, "d", "train")
+    assert (row["status"], row["decided"]) == ("PASS", True)
+    straddle = [0.95 + 0.01 * i for i in range(30)]          # median 1.095 over 1.05, CI reaches under it
+    row = _target("train_vs_lora", case, 1.095, straddle, "d", "train")
+    assert (row["status"], row["decided"]) == ("MISS", False) and row["ci_low"] < 1.05 < row["ci_high"]
+    row = _target("vs_baseline", case, 1.0, [1.0] * 10, "d", "train")   # "faster" is strict
+    assert (row["status"], row["decided"]) == ("MISS", True)

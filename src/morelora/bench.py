@@ -340,17 +340,29 @@ def _quantiles(xs: Sequence[float]) -> tuple[float, float, float]:
     return q[1], q[0], q[2]
 
 
-def _paired(times: Times, a: str, b: str) -> tuple[float, float, float]:
-    """(median, p25, p75) of the per-round ratios t_a / t_b."""
-    return _quantiles([x / y for x, y in zip(times[a], times[b])])
+def _paired(times: Times, a: str, b: str) -> list[float]:
+    """The per-round ratios t_a / t_b."""
+    return [x / y for x, y in zip(times[a], times[b])]
 
 
-def _added(times: Times, a: str, b: str, base: str) -> tuple[float, float, float]:
-    """(t_a - t_base) / (t_b - t_base) from the medians, with p25 and p75 of the per-round values (unstable when the
-    denominator is small: a spread, not a confidence interval)."""
+def _added(times: Times, a: str, b: str, base: str) -> tuple[float, list[float]]:
+    """(t_a - t_base) / (t_b - t_base) from the medians, and the per-round values (unstable when the denominator is
+    small: their spread is wide)."""
     med = {k: statistics.median(times[k]) for k in (a, b, base)}
-    per_round = _quantiles([(x - z) / max(y - z, 1e-12) for x, y, z in zip(times[a], times[b], times[base])])
-    return (med[a] - med[base]) / max(med[b] - med[base], 1e-12), per_round[1], per_round[2]
+    per_round = [(x - z) / max(y - z, 1e-12) for x, y, z in zip(times[a], times[b], times[base])]
+    return (med[a] - med[base]) / max(med[b] - med[base], 1e-12), per_round
+
+
+def _median_ci(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median (order statistics, `scipy.stats.quantile_test`); with
+    fewer than 6 values none exists at 95 % and the range is returned."""
+    from scipy.stats import quantile_test
+
+    if len(xs) < 6:
+        return min(xs), max(xs)
+    ci = quantile_test(list(xs), q=statistics.median(xs), p=0.5).confidence_interval(level)
+    lo, hi = (min(xs) if math.isnan(ci.low) else ci.low), (max(xs) if math.isnan(ci.high) else ci.high)
+    return float(lo), float(hi)
 
 
 def _peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
@@ -389,26 +401,33 @@ def _timing_rows(section: str, case: Case, mode: str, times: Times, wall: Times,
                "note": v.note, **(extra or {})}
         for ref in refs:
             if ref in times and ref != name:
-                row[f"ratio_vs_{ref}"] = _paired(times, name, ref)[0]
+                row[f"ratio_vs_{ref}"] = statistics.median(_paired(times, name, ref))
         rows.append(row)
     env.log(f"  {section} {case.model} {case.batch}x{case.seq} {mode}: "
             + ", ".join(f"{n} {1e3 * statistics.median(x):.1f} ms" for n, x in times.items()))
     return rows
 
 
-def _target(key: str, case: Case, value: tuple[float, float, float], detail: str, mode: str,
+def _target(key: str, case: Case, value: float, per_round: Sequence[float], detail: str, mode: str,
             min_ratio: float | None = None) -> Row:
-    """A target row: the figure (median, p25, p75), its limit and PASS/MISS."""
+    """A target row: the figure, the p25-p75 and 95 % CI of the median of its per-round values, its limit,
+    PASS/MISS (by the figure) and whether the CI lies wholly on that side of the limit ("decided")."""
     limit, what = TARGETS[key]
-    ok = value[0] < limit if key == "vs_baseline" else value[0] <= limit
+    strict = key == "vs_baseline"
+    ok = value < limit if strict else value <= limit
+    _, p25, p75 = _quantiles(per_round)
+    lo, hi = _median_ci(per_round)
+    decided = (hi < limit if strict else hi <= limit) if ok else (lo >= limit if strict else lo > limit)
     return {"kind": "target", "target": key, "what": what, "detail": detail, "model": case.model,
-            "batch": case.batch, "seq": case.seq, "mode": mode, "value": value[0], "p25": value[1],
-            "p75": value[2], "min_ratio": min_ratio, "limit": limit, "status": "PASS" if ok else "MISS"}
+            "batch": case.batch, "seq": case.seq, "mode": mode, "value": value, "p25": p25, "p75": p75,
+            "ci_low": lo, "ci_high": hi, "min_ratio": min_ratio, "limit": limit, "status": "PASS" if ok else "MISS",
+            "decided": decided}
 
 
 def _ratio(key: str, case: Case, times: Times, a: str, b: str, detail: str, mode: str) -> Row:
     """Target row for t_a / t_b (median of paired ratios; min(t_a) / min(t_b) alongside)."""
-    return _target(key, case, _paired(times, a, b), detail, mode, min(times[a]) / min(times[b]))
+    per_round = _paired(times, a, b)
+    return _target(key, case, statistics.median(per_round), per_round, detail, mode, min(times[a]) / min(times[b]))
 
 
 def _ids(case: Case, vocab: int, device: torch.device) -> torch.Tensor:
@@ -473,7 +492,7 @@ def _bench_mixed(case: Case, suite: Suite, env: Env) -> list[Row]:
                          {"tasks": t})
     rows.append(_ratio("mixed_vs_single", case, times, "more-mixed", "more", "infer, more mixed / single", "infer"))
     mins = {k: min(times[k]) for k in ("more-mixed", peft_mixed, "base")}
-    rows.append(_target("added_vs_peft_mixed", case, _added(times, "more-mixed", peft_mixed, "base"),
+    rows.append(_target("added_vs_peft_mixed", case, *_added(times, "more-mixed", peft_mixed, "base"),
                         f"infer, (more-mixed - base) / ({peft_mixed} - base), from medians", "infer",
                         (mins["more-mixed"] - mins["base"]) / max(mins[peft_mixed] - mins["base"], 1e-12)))
     return rows
@@ -618,15 +637,16 @@ def format_report(rows: Sequence[Row]) -> str:
                 f"peft {meta['peft']}", ""]
     tg = [r for r in rows if r["kind"] == "target"]
     if tg:
-        out += ["| target | model | batch x seq | figure | value | p25-p75 | ratio of minima | limit | status |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        out += ["| target | model | batch x seq | figure | value | p25-p75 | 95% CI of median | ratio of minima | "
+                "limit | status | decided |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in tg:
             op = "<" if r["target"] == "vs_baseline" else "<="
             mr = f"{r['min_ratio']:.3f}" if r.get("min_ratio") is not None else ""
             out.append(f"| {r['target']} | {r['model']} | {r['batch']}x{r['seq']} | {r['detail']} | "
-                       f"{r['value']:.3f} | {r['p25']:.3f}-{r['p75']:.3f} | {mr} | {op} {r['limit']:.2f} | "
-                       f"{r['status']} |")
-        out.append("")
+                       f"{r['value']:.3f} | {r['p25']:.3f}-{r['p75']:.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
+                       f"{mr} | {op} {r['limit']:.2f} | {r['status']} | {'yes' if r['decided'] else 'no'} |")
+        out += ["", "decided: the 95 % confidence interval of the median per-round figure (order statistics, "
+                "distribution-free) lies wholly on the status's side of the limit.", ""]
     tm = [r for r in rows if r["kind"] == "timing"]
     if tm:
         out += ["| section | model | batch x seq | mode | variant | median ms | min ms | IQR % | x peft-lora | "

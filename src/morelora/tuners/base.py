@@ -3,8 +3,8 @@
 A method is a `TaskAdapterLayer` subclass (the per-layer math, one file per method) plus a
 `TaskAdapterModel` subclass that says which layer class to inject. The base model is frozen, target
 linear layers are swapped for adapter layers, and the batch's task ids reach every adapter layer
-through forward pre-hooks installed for one call (the pattern of PEFT's Poly), so the wrapped model's
-own code is untouched and no global "current task" exists.
+for the duration of one call (set on the layers and cleared after it), so the wrapped model's own code
+is untouched and no global "current task" exists.
 
 Methods that can write a task's weight change as one low-rank product (`lora_factors`) get merging,
 `merge_and_unload` and export as a standard PEFT LoRA adapter for free.
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -55,9 +56,11 @@ class CheckpointError(MoreLoraError):
 class TaskAdapterLayer(nn.Module):
     """A frozen `nn.Linear` plus a task-conditioned adapter.
 
-    Subclasses implement `adapter_forward(x, task_ids)` (the added output) and, when the task's
-    change is a low-rank product, `lora_factors(task)`. `adapter_param_names` names the trainable
-    parameters so saving and counting work generically.
+    Subclasses implement `adapter_forward(x, task_ids)` (the added output) — or, when that output is one
+    last matmul `scale * z @ W^T`, `low_rank_parts(x, task_ids) -> (z, W, scale)`, which also lets
+    inference add it into the base output in place — and, when the task's change is a low-rank product,
+    `lora_factors(task)`. `adapter_param_names` names the trainable parameters so saving and counting
+    work generically.
     """
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
@@ -79,7 +82,17 @@ class TaskAdapterLayer(nn.Module):
 
     # -- subclasses
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The adapter's added output for `x` (default: from `low_rank_parts`)."""
+        parts = self.low_rank_parts(x, task_ids)
+        if parts is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither adapter_forward nor low_rank_parts")
+        return add_low_rank(None, *parts)
+
+    def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(z, W, scale) with adapter output = scale * z @ W^T (W: (d_out, k), or (batch, d_out, k) per
+        example); None when the adapter is not of that form."""
+        return None
 
     def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A: k x d_in, B: d_out x k, scale) with delta_W = scale * B @ A for `task`."""
@@ -101,7 +114,12 @@ class TaskAdapterLayer(nn.Module):
                 "task_ids are required: pass task_ids=... (a tensor of task indices or a list of task "
                 "names, one per example) or merge a task first with model.merge_task(name)"
             )
-        return result + self.adapter_forward(x, self._expand(task_ids, x.shape[0])).to(result.dtype)
+        task_ids = self._expand(task_ids, x.shape[0])
+        if not torch.is_grad_enabled() and result.is_contiguous():
+            parts = self.low_rank_parts(x, task_ids)
+            if parts is not None:      # inference: one addmm_ into the base output, no extra pass over it
+                return add_low_rank(result, *parts)
+        return result + self.adapter_forward(x, task_ids).to(result.dtype)
 
     def _expand(self, task_ids: torch.Tensor, batch: int) -> torch.Tensor:
         """`expand_task_ids`, reusing the last result while the same ids tensor comes back."""
@@ -156,6 +174,24 @@ def expand_task_ids(task_ids: torch.Tensor, batch: int) -> torch.Tensor:
             "(a batch that is a multiple of it, as in beam search, repeats each id)"
         )
     return task_ids.repeat_interleave(batch // n)
+
+
+def add_low_rank(result: torch.Tensor | None, z: torch.Tensor, weight: torch.Tensor, scale: float = 1.0
+                 ) -> torch.Tensor:
+    """`scale * z @ weight^T` (weight (d_out, k), or (batch, d_out, k) per example), added into `result` in
+    place when given (one `addmm_` / `baddbmm_`: no separate pass over the output; not for autograd)."""
+    if result is None:
+        w = weight.to(z.dtype)
+        out = F.linear(z, w) if w.dim() == 2 else \
+            torch.bmm(z.reshape(z.shape[0], -1, z.shape[-1]), w.transpose(1, 2)).reshape(*z.shape[:-1], -1)
+        return out if scale == 1.0 else out * scale
+    z, w = z.to(result.dtype), weight.to(result.dtype)
+    if w.dim() == 2:
+        result.view(-1, result.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), w.T, alpha=scale)
+    else:
+        n = z.shape[0]
+        result.view(n, -1, result.shape[-1]).baddbmm_(z.reshape(n, -1, z.shape[-1]), w.transpose(1, 2), alpha=scale)
+    return result
 
 
 def grow_rows(param: nn.Parameter, init_from: int | None, std: float = 0.0) -> nn.Parameter:

@@ -64,11 +64,11 @@ class MoELoRALinear(TaskAdapterLayer):
         """(T, r): each rank carries its expert's gate weight."""
         return self.gate_weights().repeat_interleave(self.r // self.num_experts, dim=1)
 
-    def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         coef = self.rank_weights()[task_ids] * self.scaling                 # (B, r)
         z = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))         # (B, ..., r)
         z = z * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), self.r).to(z.dtype)
-        return F.linear(z, self.lora_B.to(x.dtype))
+        return z, self.lora_B, 1.0                                          # output z @ B^T
 
     def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """([g_i A_i] stacked: r x d_in, [B_i] side by side: d_out x r, alpha / r)."""

@@ -44,12 +44,11 @@ class MultiLoRALinear(TaskAdapterLayer):
         a, b = lora_pair(self.in_features, self.out_features, self.r, self.cfg.init_lora_weights)
         return a.data, b.data
 
-    def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         a = self.lora_A[task_ids].to(x.dtype)                              # (B, r, d_in)
-        b = self.lora_B[task_ids].to(x.dtype)                              # (B, d_out, r)
         h = self.lora_dropout(x).reshape(x.shape[0], -1, self.in_features)  # (B, n, d_in)
-        out = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2)) * self.scaling
-        return out.reshape(*x.shape[:-1], self.out_features)
+        z = torch.bmm(h, a.transpose(1, 2)).reshape(*x.shape[:-1], self.r)
+        return z, self.lora_B[task_ids], self.scaling                      # output scale * z @ B[t]^T
 
     def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A[task], self.lora_B[task], self.scaling

@@ -177,7 +177,8 @@ class MoRELinear(TaskAdapterLayer):
             return coef
         return coef.repeat_interleave(task_ids.shape[0] // src.shape[0], 0)   # = expand_task_ids
 
-    def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(z, B, 1): the adapter output is z @ B^T with z = (dropout(x) A^T) * c[task] (see the module doc)."""
         coef = self._routed_coefficients(task_ids)
         if coef is None:
             coef = self._batch_coefficients(task_ids)                   # (B, r)
@@ -189,7 +190,7 @@ class MoRELinear(TaskAdapterLayer):
                 self._cl_input = (first_token(x).to(torch.float32, copy=True), task_ids)
             else:
                 self.aux_loss = self.contrastive_loss(x, task_ids)
-        return F.linear(z, self.lora_B.to(x.dtype))
+        return z, self.lora_B, 1.0
 
     def contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of normalize(x[:, 0]) . normalize(E)^T / tau against the task id."""
