@@ -73,12 +73,12 @@ class ALoRALinear(TaskAdapterLayer):
         self.register_buffer("importance_acc", torch.zeros(slots), persistent=False)
         self.to(base_layer.weight.device)
 
-    def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         z = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)) * (self.lora_lambda * self.rank_mask).to(x.dtype)
         if self.training and z.requires_grad:
             value = z.detach()
             z.register_hook(lambda g: self._accumulate(value, g))
-        return F.linear(z, self.lora_B.to(x.dtype)) * self.scaling
+        return z, self.lora_B, self.scaling
 
     @torch.no_grad()
     def _accumulate(self, z: torch.Tensor, grad: torch.Tensor) -> None:

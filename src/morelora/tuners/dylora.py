@@ -62,10 +62,10 @@ class DyLoRALinear(TaskAdapterLayer):
             return self.train_rank
         return int(torch.randint(1, self.r + 1, ()).item())
 
-    def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         b = self.active_rank()
         z = F.linear(self.lora_dropout(x), self.lora_A[:b].to(x.dtype))
-        return F.linear(z, self.lora_B[:, :b].to(x.dtype)) * (self.cfg.lora_alpha / b)
+        return z, self.lora_B[:, :b], self.cfg.lora_alpha / b
 
     def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         k = self.inference_rank
