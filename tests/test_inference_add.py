@@ -41,10 +41,15 @@ def test_no_grad_output_equals_autograd_path_and_adds_in_place(name, family):
     try:
         with torch.no_grad():
             got = m(input_ids=x, task_ids=task_ids).logits
+            assert seen["layer"] is seen["base"], f"{lname}: the adapter output was not added into the base output"
+            layer.inplace_inference_add = False                # the switch: the same numbers, out of place
+            off = m(input_ids=x, task_ids=task_ids).logits
+            assert seen["layer"] is not seen["base"]
     finally:
         h1.remove(), h2.remove()
-    assert seen["layer"] is seen["base"], f"{lname}: the adapter output was not added into the base output"
+        layer.__dict__.pop("inplace_inference_add", None)
     torch.testing.assert_close(got, ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off, ref.detach(), atol=1e-5, rtol=1e-5)
     with torch.inference_mode():
         torch.testing.assert_close(m(input_ids=x, task_ids=task_ids).logits, ref.detach(), atol=1e-5, rtol=1e-5)
     if name in ("dylora", "alora"):

@@ -64,6 +64,8 @@ class TaskAdapterLayer(nn.Module):
     """
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
+    #: inference (autograd off) adds `low_rank_parts` into the base output in place; False: `result + adapter_forward`
+    inplace_inference_add: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int) -> None:
         super().__init__()
@@ -115,7 +117,7 @@ class TaskAdapterLayer(nn.Module):
                 "names, one per example) or merge a task first with model.merge_task(name)"
             )
         task_ids = self._expand(task_ids, x.shape[0])
-        if not torch.is_grad_enabled() and result.is_contiguous():
+        if self.inplace_inference_add and not torch.is_grad_enabled() and result.is_contiguous():
             parts = self.low_rank_parts(x, task_ids)
             if parts is not None:      # inference: one addmm_ into the base output, no extra pass over it
                 return add_low_rank(result, *parts)
