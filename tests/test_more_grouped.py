@@ -107,6 +107,13 @@ def test_grouped_matches_per_layer_on_mixed_batch(family):
     assert m.task_ranks() == ref.task_ranks()
 
 
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_grouped_batch_smaller_than_the_task_count(family):
+    """Fewer examples than tasks: the group routes only the batch's rows (not every task's); the same step."""
+    m, ref = _pair(_base(family), target_modules=TARGETS[family])
+    _assert_same_step(m, ref, **_inputs(family, batch=2), task_ids=torch.tensor([2, 0]))
+
+
 def test_grouped_eval_logits_identical_and_gate_cached():
     m, ref = _pair(tiny_bert())
     m.eval(), ref.eval()

@@ -3,10 +3,12 @@
 Batched routing (training): a layer's router is a handful of tiny ops (gate, softmax, argmax, STE, scale,
 index by task) and the contrastive loss another handful; run per layer they cost more than the layer's
 matmuls on small models (docs/BENCHMARKS.md, "Proposed fixes", fix 5). So before the base forward the
-model groups its layers by `(in_features, r)` and computes every group's `(L, T, r)` coefficient table
-in one `baddbmm` + softmax + argmax + STE, indexes it once with the batch's task ids and hands each
-layer its `(B, r)` rows (`MoRELinear._routed`). Layers store their first-token input instead of
-computing the contrastive loss, and the model computes it per group after the forward with one `bmm`.
+model groups its layers by `(in_features, r)` and computes every group's coefficients in one `baddbmm` +
+softmax + argmax + STE — for the batch's B task rows when B < T (so the cost follows the batch, not the
+number of tasks), else as an `(L, T, r)` table indexed once with the task ids — and hands each layer its
+`(B, r)` rows (`MoRELinear._routed`). Layers store their first-token input instead of computing the
+contrastive loss, and the model computes it per group after the forward with one `bmm` (dividing the
+`(L, B, T)` logits by the embeddings' norms rather than normalizing all `(L, T, d_in)` embeddings).
 Values and gradients are those of the per-layer path (up to float rounding). Routing stays per layer,
 exactly as before, at inference (eval mode or no grad: the layers' cached tables), for `routing`
 "hard"/"frozen", `ste_estimator="prefix_mask"`, `expert_structure="subset"`, `use_task_embeddings=False`,
@@ -89,13 +91,17 @@ class MoREModel(TaskAdapterModel):
         if any(b is None for b in bs) or len({(e.device, e.dtype, w.device, w.dtype) for e, w in zip(es, ws)}) > 1:
             return None   # mixed devices / dtypes (e.g. a model split over GPUs): per layer
         E, W, b = torch.stack(es), torch.stack(ws), torch.stack(bs)               # (L,T,d) (L,r,d) (L,r)
+        # rows: the batch's task embeddings when it has fewer examples than there are tasks (the cost then
+        # follows the batch, not the number of tasks), else every task's, indexed after; same values
+        per_example = ids.shape[0] < E.shape[1]
+        rows = E[:, ids] if per_example else E
         # = layer.router_probs(): softmax(gate(E.to(gate dtype))) in float32
-        p = torch.baddbmm(b.unsqueeze(1), E.to(W.dtype), W.transpose(1, 2)).float().softmax(-1)  # (L,T,r)
+        p = torch.baddbmm(b.unsqueeze(1), rows.to(W.dtype), W.transpose(1, 2)).float().softmax(-1)  # (L,rows,r)
         idx = p.argmax(-1, keepdim=True)
         p_k = p.gather(2, idx)                                  # STE: w[k] = 1 + p_k - stopgrad(p_k)
-        table = first.expert_mask[idx.squeeze(-1)] * (p_k - p_k.detach() + 1.0) * first.coef_scale  # (L,T,r)
-        for layer, coef in zip(layers, table[:, ids].unbind(0)):   # one index for the whole group
-            layer._routed = (ids, coef)
+        coef = first.expert_mask[idx.squeeze(-1)] * (p_k - p_k.detach() + 1.0) * first.coef_scale  # (L,rows,r)
+        for layer, c in zip(layers, (coef if per_example else coef[:, ids]).unbind(0)):   # one index per group
+            layer._routed = (ids, c)
         return E
 
     @contextlib.contextmanager
@@ -173,8 +179,10 @@ class MoREModel(TaskAdapterModel):
                 e = E
             else:
                 e = torch.stack([layers[j]._parameters["task_embedding"] for j, _ in entries])
-            e = F.normalize(e.float(), dim=-1)                                              # (L, T, d)
-            logits = torch.bmm(H, e.transpose(1, 2)) / self.config.contrastive_temperature  # (L, rows, T)
+            # = H . normalize(e)^T, dividing the (L, rows, T) logits by the norms instead of normalizing all of e
+            e = e.float()
+            norms = e.norm(dim=-1).clamp_min(1e-12).unsqueeze(1)                            # (L, 1, T)
+            logits = torch.bmm(H, e.transpose(1, 2)) / (norms * self.config.contrastive_temperature)  # (L, rows, T)
             ids = entries[0][1][1]
             part = F.cross_entropy(logits.flatten(0, 1), ids.repeat(len(entries)), reduction="sum") / rows
             total = part if total is None else total + part
