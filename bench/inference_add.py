@@ -81,8 +81,7 @@ def run(model: str, repeats: int) -> None:
         lo, hi = b._median_ci(pr)
         print(f"| {a} / {c} | {statistics.median(pr):.3f} | {lo:.3f}-{hi:.3f} |")
     for a in ("more-mixed", "more-mixed (out of place)"):
-        value, per_round = b._added(times, a, "peft-mixed-8", "base")
-        lo, hi = b._median_ci(per_round)
+        value, _, (lo, hi) = b._added(times, a, "peft-mixed-8", "base")
         print(f"| added: ({a} - base) / (peft-mixed-8 - base) | {value:.3f} | {lo:.3f}-{hi:.3f} |")
 
 

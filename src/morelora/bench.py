@@ -96,7 +96,7 @@ SUITES: dict[str, Suite] = {
         main=(Case("tiny-bert", 4, 16, 41), Case("minilm", 8, 64, 25), Case("minilm", 8, 128, 15, baselines=False),
               Case("minilm", 32, 128, 9, train=False, baselines=False), Case("llama-1024", 8, 64, 15),
               Case("llama-2048", 8, 64, 9, baselines=False)),
-        mixed=(Case("minilm", 8, 64, 25), Case("llama-1024", 8, 64, 25)),
+        mixed=(Case("minilm", 8, 64, 41), Case("llama-1024", 8, 64, 41)),
         merge=(Case("minilm", 8, 64, 25), Case("llama-1024", 8, 64, 15)),
         tasks_case=Case("minilm", 8, 64, 9), task_counts=(2, 8, 32, 128, 256),
         rank_case=Case("minilm", 8, 64, 9), ranks=(4, 16, 64),
@@ -345,12 +345,25 @@ def _paired(times: Times, a: str, b: str) -> list[float]:
     return [x / y for x, y in zip(times[a], times[b])]
 
 
-def _added(times: Times, a: str, b: str, base: str) -> tuple[float, list[float]]:
-    """(t_a - t_base) / (t_b - t_base) from the medians, and the per-round values (unstable when the denominator is
-    small: their spread is wide)."""
-    med = {k: statistics.median(times[k]) for k in (a, b, base)}
-    per_round = [(x - z) / max(y - z, 1e-12) for x, y, z in zip(times[a], times[b], times[base])]
-    return (med[a] - med[base]) / max(med[b] - med[base], 1e-12), per_round
+def _added(times: Times, a: str, b: str, base: str) -> tuple[float, list[float], tuple[float, float]]:
+    """What a adds over the base relative to what b adds: median_i(t_a,i - t_base,i) / median_i(t_b,i - t_base,i)
+    (differences paired within each round, so drifts between rounds cancel), the per-round ratios (their spread)
+    and a paired bootstrap 95 % CI of the figure (`scipy.stats.bootstrap`, percentile, 2000 resamples)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    ta, tb, tz = (np.asarray(times[k]) for k in (a, b, base))
+
+    def stat(x: np.ndarray, y: np.ndarray, z: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.median(x - z, axis=axis) / np.maximum(np.median(y - z, axis=axis), 1e-12)
+
+    value = float(stat(ta, tb, tz))
+    per_round = [(x - z) / max(y - z, 1e-12) for x, y, z in zip(ta, tb, tz)]
+    if len(ta) < 6:
+        return value, per_round, (min(per_round), max(per_round))
+    ci = bootstrap((ta, tb, tz), stat, paired=True, vectorized=True, n_resamples=2000, method="percentile",
+                   random_state=0).confidence_interval
+    return value, per_round, (float(ci.low), float(ci.high))
 
 
 def _median_ci(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -409,19 +422,20 @@ def _timing_rows(section: str, case: Case, mode: str, times: Times, wall: Times,
 
 
 def _target(key: str, case: Case, value: float, per_round: Sequence[float], detail: str, mode: str,
-            min_ratio: float | None = None) -> Row:
-    """A target row: the figure, the p25-p75 and 95 % CI of the median of its per-round values, its limit,
-    PASS/MISS (by the figure) and whether the CI lies wholly on that side of the limit ("decided")."""
+            min_ratio: float | None = None, ci: tuple[float, float] | None = None) -> Row:
+    """A target row: the figure, the p25-p75 of its per-round values, its 95 % CI (given, or that of the median of
+    the per-round values), its limit, PASS/MISS (by the figure) and whether the CI lies wholly on that side of the
+    limit ("decided")."""
     limit, what = TARGETS[key]
     strict = key == "vs_baseline"
     ok = value < limit if strict else value <= limit
     _, p25, p75 = _quantiles(per_round)
-    lo, hi = _median_ci(per_round)
+    lo, hi = ci if ci is not None else _median_ci(per_round)
     decided = (hi < limit if strict else hi <= limit) if ok else (lo >= limit if strict else lo > limit)
     return {"kind": "target", "target": key, "what": what, "detail": detail, "model": case.model,
             "batch": case.batch, "seq": case.seq, "mode": mode, "value": value, "p25": p25, "p75": p75,
             "ci_low": lo, "ci_high": hi, "min_ratio": min_ratio, "limit": limit, "status": "PASS" if ok else "MISS",
-            "decided": decided}
+            "decided": bool(decided)}
 
 
 def _ratio(key: str, case: Case, times: Times, a: str, b: str, detail: str, mode: str) -> Row:
@@ -492,9 +506,10 @@ def _bench_mixed(case: Case, suite: Suite, env: Env) -> list[Row]:
                          {"tasks": t})
     rows.append(_ratio("mixed_vs_single", case, times, "more-mixed", "more", "infer, more mixed / single", "infer"))
     mins = {k: min(times[k]) for k in ("more-mixed", peft_mixed, "base")}
-    rows.append(_target("added_vs_peft_mixed", case, *_added(times, "more-mixed", peft_mixed, "base"),
-                        f"infer, (more-mixed - base) / ({peft_mixed} - base), from medians", "infer",
-                        (mins["more-mixed"] - mins["base"]) / max(mins[peft_mixed] - mins["base"], 1e-12)))
+    value, per_round, ci = _added(times, "more-mixed", peft_mixed, "base")
+    rows.append(_target("added_vs_peft_mixed", case, value, per_round,
+                        f"infer, (more-mixed - base) / ({peft_mixed} - base), medians of paired differences", "infer",
+                        (mins["more-mixed"] - mins["base"]) / max(mins[peft_mixed] - mins["base"], 1e-12), ci))
     return rows
 
 
@@ -645,8 +660,8 @@ def format_report(rows: Sequence[Row]) -> str:
             out.append(f"| {r['target']} | {r['model']} | {r['batch']}x{r['seq']} | {r['detail']} | "
                        f"{r['value']:.3f} | {r['p25']:.3f}-{r['p75']:.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
                        f"{mr} | {op} {r['limit']:.2f} | {r['status']} | {'yes' if r['decided'] else 'no'} |")
-        out += ["", "decided: the 95 % confidence interval of the median per-round figure (order statistics, "
-                "distribution-free) lies wholly on the status's side of the limit.", ""]
+        out += ["", "decided: the figure's 95 % confidence interval lies wholly on the status's side of the limit "
+                "(ratios: CI of the median per-round ratio, order statistics; added time: paired bootstrap).", ""]
     tm = [r for r in rows if r["kind"] == "timing"]
     if tm:
         out += ["| section | model | batch x seq | mode | variant | median ms | min ms | IQR % | x peft-lora | "

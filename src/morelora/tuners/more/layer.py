@@ -127,9 +127,14 @@ class MoRELinear(TaskAdapterLayer):
         return self.expert_mask[idx] * (p_k - p_k.detach() + 1.0)
 
     def _router_key(self) -> tuple:
-        params = [self.task_embedding, self.gate.weight, self.gate.bias] if self.cfg.use_task_embeddings \
-            else [self.router_logits]
-        return tuple((id(p), p._version) for p in params) + (self.frozen_expert._version,)
+        # read through the module dicts: this runs in every inference call of every layer
+        own = self._parameters
+        if self.cfg.use_task_embeddings:
+            gate = self._modules["gate"]._parameters
+            params = (own["task_embedding"], gate["weight"], gate["bias"])
+        else:
+            params = (own["router_logits"],)
+        return (*[(id(p), p._version) for p in params], self._buffers["frozen_expert"]._version)
 
     def task_coefficients(self) -> torch.Tensor:
         """(T, r): (alpha / r) * s^2 * rank weights. Cached (no gate run) while not training."""
@@ -182,8 +187,10 @@ class MoRELinear(TaskAdapterLayer):
         coef = self._routed_coefficients(task_ids)
         if coef is None:
             coef = self._batch_coefficients(task_ids)                   # (B, r)
-        z = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))     # (B, ..., r)
-        z = z * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), self.r).to(z.dtype)
+        a = self.lora_A
+        z = F.linear(self.lora_dropout(x) if self.training else x, a if a.dtype == x.dtype else a.to(x.dtype))
+        coef = coef.unsqueeze(1) if x.dim() == 3 else coef.view(coef.shape[0], *([1] * (x.dim() - 2)), self.r)
+        z = z * (coef if coef.dtype == z.dtype else coef.to(z.dtype))                       # (B, ..., r)
         if self.training and self.cfg.use_task_embeddings and self.cfg.contrastive_weight > 0:
             if self._cl_deferred and self._handed_over(task_ids) is not None:
                 # a copy: a view of x would keep the whole layer input alive until backward
