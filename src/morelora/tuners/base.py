@@ -65,6 +65,7 @@ class TaskAdapterLayer(nn.Module):
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
     #: inference (autograd off) adds `low_rank_parts` into the base output in place; False: `result + adapter_forward`
+    #: (set it False when a forward hook on `base_layer` keeps that output: in place, it would see the sum)
     inplace_inference_add: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int) -> None:
