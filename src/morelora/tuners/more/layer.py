@@ -161,7 +161,7 @@ class MoRELinear(TaskAdapterLayer):
         if cached is not None and cached[0] is task_ids and cached[1] is table:
             return cached[2]
         coef = table[task_ids]
-        self._batch_cache = (task_ids, table, coef)
+        self.__dict__["_batch_cache"] = (task_ids, table, coef)   # plain attribute: skip nn.Module.__setattr__
         return coef
 
     def _handed_over(self, task_ids: torch.Tensor) -> torch.Tensor | None:
