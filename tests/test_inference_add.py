@@ -73,3 +73,15 @@ def test_add_low_rank_matches_matmul():
     out = base.to(torch.bfloat16)                              # result dtype wins, like the autograd path
     assert add_low_rank(out, z, w).dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), base + z @ w.T, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("name", ["more", "multilora"])
+def test_bf16_model_in_place_add_matches_autograd_path(name):
+    """A bf16 base (as on a GPU): the in-place add casts z and W to the output's dtype like the autograd path."""
+    m = build(name, tiny_llama().to(torch.bfloat16))
+    x, task_ids = ids(3, 6), [1, 2, 0]
+    ref = m(input_ids=x, task_ids=task_ids).logits.detach()
+    with torch.no_grad():
+        got = m(input_ids=x, task_ids=task_ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
