@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from morelora import bench as b
-from morelora.tuners.base import TaskAdapterLayer
+from morelora.tuners.base import TaskAdapterLayer, per_example
 from morelora.tuners.more.layer import MoRELinear
 
 
@@ -28,21 +28,20 @@ def _truncated_parts(self: MoRELinear, x: torch.Tensor, task_ids: torch.Tensor):
     """Prototype: MoRE's low-rank parts over the first K ranks only (K = the batch's largest task rank, set below)."""
     coef = self._batch_coefficients(task_ids)
     k = self._proto_k
-    z = F.linear(x, self.lora_A[:k]) * coef[:, :k].view(coef.shape[0], *([1] * (x.dim() - 2)), k)
-    return z, self.lora_B[:, :k], 1.0
+    z = F.linear(x, self.lora_A[:k])
+    return z * per_example(coef[:, :k], z), self.lora_B[:, :k], 1.0
 
 
 def _wrapped(fn: Callable[[], None], *, inplace: bool = True, truncate: bool = False) -> Callable[[], None]:
     def call() -> None:
-        saved = MoRELinear.low_rank_parts
+        saved = MoRELinear.low_rank_parts, TaskAdapterLayer.inplace_inference_add
         TaskAdapterLayer.inplace_inference_add = inplace
         if truncate:
             MoRELinear.low_rank_parts = _truncated_parts
         try:
             fn()
         finally:
-            TaskAdapterLayer.inplace_inference_add = True
-            MoRELinear.low_rank_parts = saved
+            MoRELinear.low_rank_parts, TaskAdapterLayer.inplace_inference_add = saved
     return call
 
 

@@ -367,12 +367,10 @@ def _added(times: Times, a: str, b: str, base: str) -> tuple[float, list[float],
 
 
 def _median_ci(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median (order statistics, `scipy.stats.quantile_test`); with
-    fewer than 6 values none exists at 95 % and the range is returned."""
+    """Distribution-free confidence interval of the median (order statistics, `scipy.stats.quantile_test`); where
+    none exists at this level (95 %: fewer than 6 values) the range of the values."""
     from scipy.stats import quantile_test
 
-    if len(xs) < 6:
-        return min(xs), max(xs)
     ci = quantile_test(list(xs), q=statistics.median(xs), p=0.5).confidence_interval(level)
     lo, hi = (min(xs) if math.isnan(ci.low) else ci.low), (max(xs) if math.isnan(ci.high) else ci.high)
     return float(lo), float(hi)

@@ -179,6 +179,12 @@ def expand_task_ids(task_ids: torch.Tensor, batch: int) -> torch.Tensor:
     return task_ids.repeat_interleave(batch // n)
 
 
+def per_example(coef: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-example coefficients (B, k) shaped to multiply `z` (B, ..., k), in `z`'s dtype."""
+    c = coef.view(coef.shape[0], *([1] * (z.dim() - 2)), coef.shape[-1])
+    return c if c.dtype == z.dtype else c.to(z.dtype)
+
+
 def add_low_rank(result: torch.Tensor | None, z: torch.Tensor, weight: torch.Tensor, scale: float = 1.0
                  ) -> torch.Tensor:
     """`scale * z @ weight^T` (weight (d_out, k), or (batch, d_out, k) per example), added into `result` in

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, grow_rows, lora_pair
+from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, grow_rows, lora_pair, per_example
 from .lora import LowRankConfig, check_int
 
 
@@ -67,7 +67,7 @@ class MoELoRALinear(TaskAdapterLayer):
     def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         coef = self.rank_weights()[task_ids] * self.scaling                 # (B, r)
         z = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))         # (B, ..., r)
-        z = z * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), self.r).to(z.dtype)
+        z = z * per_example(coef, z)
         return z, self.lora_B, 1.0                                          # output z @ B^T
 
     def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import TaskAdapterLayer, grow_rows, lora_pair
+from ..base import TaskAdapterLayer, grow_rows, lora_pair, per_example
 from .config import MoREConfig
 
 
@@ -189,8 +189,7 @@ class MoRELinear(TaskAdapterLayer):
             coef = self._batch_coefficients(task_ids)                   # (B, r)
         a = self.lora_A
         z = F.linear(self.lora_dropout(x) if self.training else x, a if a.dtype == x.dtype else a.to(x.dtype))
-        coef = coef.unsqueeze(1) if x.dim() == 3 else coef.view(coef.shape[0], *([1] * (x.dim() - 2)), self.r)
-        z = z * (coef if coef.dtype == z.dtype else coef.to(z.dtype))                       # (B, ..., r)
+        z = z * per_example(coef, z)                                                          # (B, ..., r)
         if self.training and self.cfg.use_task_embeddings and self.cfg.contrastive_weight > 0:
             if self._cl_deferred and self._handed_over(task_ids) is not None:
                 # a copy: a view of x would keep the whole layer input alive until backward
