@@ -406,3 +406,59 @@ def test_real_minilm_export_parity(tmp_path, minilm_path):
     m.export_lora("rte", tmp_path / "rte")
     peft_model = PeftModel.from_pretrained(load(), tmp_path / "rte").eval()
     torch.testing.assert_close(peft_model(**batch).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def _fresh_vs_cached(m, x, t):
+    """(output with whatever routing the layers cached, output after dropping every cache)."""
+    with torch.no_grad():
+        cached = m(input_ids=x, task_ids=t).logits
+        for _, layer in m.adapter_layers():
+            layer.clear_cache()
+        fresh = m(input_ids=x, task_ids=t).logits
+    return cached, fresh
+
+
+@pytest.mark.parametrize("in_eval_mode", [False, True])
+def test_routing_cache_never_stale_after_fused_adamw(in_eval_mode):
+    """Fused AdamW does not bump the parameters' version counters: the cached routing must still refresh,
+    whether the steps run in train mode (then eval()) or in eval mode (no mode change at all; there the
+    cached routing sends the router no gradient, so the steps apply gradients set by hand)."""
+    torch.manual_seed(0)
+    m = more(tiny_bert(hidden=16))
+    shuffle_router(m)
+    x, t, y = ids(6, 7), torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, 2, 0, 1, 2])
+    m.eval()
+    _fresh_vs_cached(m, x, t)               # fills the cache
+    m.train(not in_eval_mode)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.5, fused=True)
+    before = {n: layer.task_embedding.detach().clone() for n, layer in m.adapter_layers()}
+    versions = [layer.task_embedding._version for _, layer in m.adapter_layers()]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        m(input_ids=x, task_ids=t, labels=y).loss.backward()
+        for _, layer in m.adapter_layers():
+            for p in (layer.task_embedding, layer.gate.weight, layer.gate.bias):
+                if p.grad is None:
+                    p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        opt.zero_grad()
+    # the premise: the router moved, and its version counters did not
+    assert any(not torch.equal(before[n], layer.task_embedding) for n, layer in m.adapter_layers())
+    assert [layer.task_embedding._version for _, layer in m.adapter_layers()] == versions
+    m.eval()
+    cached, fresh = _fresh_vs_cached(m, x, t)
+    assert torch.equal(cached, fresh)
+
+
+def test_routing_cache_refreshes_after_data_writes_and_mode_change():
+    """A write through `p.data` (no version bump) followed by eval(): the new routing is used."""
+    m = more().eval()
+    x, t = ids(3, 5), torch.tensor([0, 1, 2])
+    _fresh_vs_cached(m, x, t)
+    for _, layer in m.adapter_layers():
+        layer.gate.bias.data = torch.tensor([0.0, 0.0, 0.0, 50.0]) * (1 + torch.arange(4.0))  # all on expert 4
+    m.train()
+    m.eval()
+    cached, fresh = _fresh_vs_cached(m, x, t)
+    assert torch.equal(cached, fresh)
+    assert all(k == 4 for ranks in m.task_ranks().values() for k in ranks.values())

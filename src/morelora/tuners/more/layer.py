@@ -26,9 +26,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..base import TaskAdapterLayer, grow_rows, lora_pair, per_example
 from .config import MoREConfig
+
+
+class _StepCounter:
+    """How many optimizer steps this process has taken (any optimizer): part of the routing cache key."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *_: Any) -> None:
+        cls.count += 1
+
+
+_OPTIMIZER_STEPS = _StepCounter
+register_optimizer_step_post_hook(_StepCounter.bump)
 
 
 def expert_masks(r: int, structure: str, seed: int = 0) -> torch.Tensor:
@@ -127,34 +142,47 @@ class MoRELinear(TaskAdapterLayer):
         return self.expert_mask[idx] * (p_k - p_k.detach() + 1.0)
 
     def _router_key(self) -> tuple:
-        # read through the module dicts: this runs in every inference call of every layer
+        # read through the module dicts: this runs in every inference call of every layer. The version
+        # counters catch in-place edits through autograd-visible ops; the optimizer-step generation catches
+        # fused / foreach optimizer kernels and writes through `p.data`, which do not bump them; `train()` /
+        # `eval()` and `load_adapter` clear the cache outright.
         own = self._parameters
         if self.cfg.use_task_embeddings:
             gate = self._modules["gate"]._parameters
             params = (own["task_embedding"], gate["weight"], gate["bias"])
         else:
             params = (own["router_logits"],)
-        return (*[(id(p), p._version) for p in params], self._buffers["frozen_expert"]._version)
+        return (_OPTIMIZER_STEPS.count, *[(id(p), p._version, p.data_ptr()) for p in params],
+                self._buffers["frozen_expert"]._version)
+
+    def _uses_cache(self) -> bool:
+        """Cached (T, r) coefficients at inference (eval mode or autograd off); the live STE routing otherwise."""
+        return self.cfg.routing == "frozen" or not self.training or not torch.is_grad_enabled()
 
     def task_coefficients(self) -> torch.Tensor:
-        """(T, r): (alpha / r) * s^2 * rank weights. Cached (no gate run) while not training."""
-        if self.training and self.cfg.routing != "frozen":
+        """(T, r): (alpha / r) * s^2 * rank weights. Cached (no gate run) at inference."""
+        if not self._uses_cache():
             return self._rank_weights() * self.coef_scale
         key = self._router_key()
         if self._coef_cache is None or self._coef_cache[0] != key:
             with torch.no_grad():
                 coef = self._rank_weights() * self.coef_scale
-            self._coef_cache = (self._router_key(), coef)
-            self._batch_cache = None
+            self.__dict__["_coef_cache"] = (key, coef)
+            self.__dict__["_batch_cache"] = None
         return self._coef_cache[1]
 
     def clear_cache(self) -> None:
-        self._coef_cache = None
-        self._batch_cache = None
+        """Drop the cached routing: the next inference call runs the gate again."""
+        self.__dict__["_coef_cache"] = None
+        self.__dict__["_batch_cache"] = None
+
+    def train(self, mode: bool = True) -> MoRELinear:
+        self.clear_cache()   # entering or leaving evaluation: never carry routing across (weights may have moved)
+        return super().train(mode)
 
     # ------------------------------------------------------------------ forward
     def _batch_coefficients(self, task_ids: torch.Tensor) -> torch.Tensor:
-        if self.training and self.cfg.routing != "frozen":
+        if not self._uses_cache():
             return self.task_coefficients()[task_ids]
         table = self.task_coefficients()
         cached = self._batch_cache
