@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import morelora
 from morelora.config import RunConfig
 from morelora.training import evaluate, latest_checkpoint, load_run, train
 from morelora.training.checkpoint import list_checkpoints
@@ -58,6 +59,15 @@ def test_run_folder_and_eval_json(encoder_run: Path) -> None:
 
     saved = yaml.safe_load((encoder_run / "config.yaml").read_text())
     assert saved["train"]["output_dir"] == str(encoder_run) and saved["method"]["r"] == 4
+
+    # the code the run trained with: this checkout's commit, as git reports it
+    src = Path(morelora.__file__).parent
+    head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
+    rows = [json.loads(line) for line in (encoder_run / "provenance.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in rows] == [("start", 0)]
+    assert rows[0]["torch"] == torch.__version__ and result["code"]["morelora"] == morelora.__version__
+    if head.returncode == 0:
+        assert rows[0]["commit"] == result["code"]["commit"] == head.stdout.strip()
 
     rows = _rows(encoder_run)
     train_rows = [r for r in rows if "loss" in r]
@@ -135,6 +145,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path: Path, tiny_bert:
                       tmp_path / "2.log")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "2.log").read_text()[-3000:]
     assert f"resumed from {killed / 'checkpoint-'}" in (tmp_path / "2.log").read_text()
+    rows = [json.loads(line) for line in (killed / "provenance.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows] == ["start", "resume"] and rows[1]["step"] == first[-1][0]
 
     straight = tmp_path / "straight"
     ref = _launch(["train", str(tmp_path / "c.yaml"), "--output-dir", str(straight)], tmp_path / "3.log")

@@ -12,6 +12,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ __all__ = [
     "finalize_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
+    "code_version",
+    "record_provenance",
     "prune_checkpoints",
     "read_trainer_state",
     "tmp_checkpoint_dir",
@@ -150,3 +155,37 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+PROVENANCE_NAME = "provenance.jsonl"
+
+
+@cache
+def code_version() -> dict[str, Any]:
+    """The code a run trains with: morelora / torch / transformers / peft versions, and the git commit of the
+    morelora source (with ``dirty``: uncommitted changes under ``src/``) when it is a git checkout."""
+    import peft
+    import torch
+    import transformers
+
+    import morelora
+
+    info: dict[str, Any] = {"morelora": morelora.__version__, "torch": torch.__version__,
+                            "transformers": transformers.__version__, "peft": peft.__version__}
+    src = Path(morelora.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+                                text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return info   # an installed package, not a checkout
+    return {**info, "commit": commit, "dirty": bool(status.strip())}
+
+
+def record_provenance(run_dir: Path, event: str, step: int) -> dict[str, Any]:
+    """Append one line to ``RUN_DIR/provenance.jsonl``: which code started or resumed the run, at which step."""
+    row = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **code_version()}
+    with open(run_dir / PROVENANCE_NAME, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row

@@ -199,6 +199,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     model, optimizer, scheduler = accelerator.prepare(run.model, optimizer, scheduler)
     _register_checkpointing(accelerator, sampler)
     state = _resume(accelerator, run_dir) if resume else TrainState(num_processes=accelerator.num_processes)
+    if accelerator.is_main_process:   # the code each stretch of the run trained with (runs span sessions)
+        ckpt.record_provenance(run_dir, "resume" if resume else "start", state.step)
     batches = _batches(sampler, make_collator(run, train=True), run, accelerator)
     logger = _MetricsLogger(run_dir, accelerator)
     tracker = _LossTracker()
@@ -471,6 +473,7 @@ def _write_eval(path: Path, result: dict[str, Any], run: Run, state: TrainState 
     result["method"] = run.cfg.method_name
     result["model"] = run.cfg.model.name_or_path
     result["parameters"] = run.model.parameter_counts()
+    result["code"] = ckpt.code_version()
     if state is not None:
         result["train"] = {"steps": state.step, "examples": state.examples,
                            "train_time_s": round(state.train_time, 2), "num_processes": state.num_processes}
