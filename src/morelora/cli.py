@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from morelora.analysis import curves as _curves
 from morelora.analysis import fewshot as _fewshot
 from morelora.analysis import plots as _plots
 from morelora.analysis import sweep as _sweep
@@ -207,6 +208,8 @@ COMMANDS: list[Command] = [
             _compare_args, _compare),
     Command("plot", "plot what the router learned (embeddings, ranks, training curves) -> RUN_DIR/plots/",
             _plots.configure, _plots.main),
+    Command("curves", "validation curves of several runs side by side, and where each stops rising",
+            _curves.configure, _curves.main),
     Command("fewshot", "add a new task to a trained MoRE run from K examples; compare with LoRA / fresh MoRE",
             _fewshot.configure, _fewshot.main),
     Command("bench", "benchmark MoRE against PEFT LoRA, the baselines and the base model (ratios from one run)",
