@@ -78,7 +78,7 @@ def test_run_folder_and_eval_json(encoder_run: Path) -> None:
         assert r["loss"] == pytest.approx(r["task_loss"] + 0.1 * r["contrastive"], rel=1e-4)
     assert train_rows[-1]["lr"] == 0.0
     evals = [r for r in rows if r.get("split") == "validation"]
-    assert [r["step"] for r in evals] == [3] and "eval_rte" in evals[0]
+    assert [r["step"] for r in evals] == [3, 6] and "eval_rte" in evals[0]
 
     assert [s for s, _ in list_checkpoints(encoder_run)] == [3, 6]
     ckpt = latest_checkpoint(encoder_run)
@@ -95,6 +95,13 @@ def test_evaluate_from_run_folder_matches(encoder_run: Path) -> None:
     saved = json.loads((encoder_run / "eval.json").read_text())
     assert {t: r["score"] for t, r in again["tasks"].items()} == pytest.approx(
         {t: r["score"] for t, r in saved["tasks"].items()})
+    # the last validation row of the curve was made with the final weights (and fresh routing), after an
+    # earlier evaluation at step 3
+    last = [r for r in _rows(encoder_run) if r.get("split") == "validation"][-1]
+    val = evaluate(run, "validation", batch_size=5)
+    assert last["step"] == 6
+    assert {k.removeprefix("eval_"): v for k, v in last.items() if k.startswith("eval_") and k != "eval_average"} \
+        == pytest.approx({t: r["score"] for t, r in val["tasks"].items()})
 
 
 def test_incomplete_checkpoints_are_ignored(encoder_run: Path, tmp_path: Path) -> None:

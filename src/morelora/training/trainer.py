@@ -232,8 +232,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             logger.log(row)
         if (tc.save_steps and state.step % tc.save_steps == 0) or state.step == tc.max_steps:
             _save_checkpoint(accelerator, run_dir, state, tc.save_total_limit)
-        if tc.eval_steps and state.step % tc.eval_steps == 0 and state.step < tc.max_steps:
-            _evaluate_during_training(run, accelerator, logger, state.step)
+        if tc.eval_steps and (state.step % tc.eval_steps == 0 or state.step == tc.max_steps):
+            _evaluate_during_training(run, accelerator, logger, state.step)   # the curve ends at the last step
             model.train()
     bar.close()
 
