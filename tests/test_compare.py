@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from morelora.compare import (
     plan_runs,
     t_interval,
 )
+from morelora.config import ConfigError
 
 # ------------------------------------------------------------------------------------------- statistics
 
@@ -293,3 +295,23 @@ def test_compare_config_rows_end_to_end_and_moved_folder(tmp_path, tiny_config, 
     assert main([*argv, "--output-dir", str(moved)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done, reusing") == 2 and "training" not in printed.replace("train_time", "")
+
+
+def test_method_config_run_keys_per_label(tmp_path, tiny_config):
+    """Dotted keys in a label's entry set that label's run config (a learning-rate sweep as rows)."""
+    from morelora.compare import load_method_config
+
+    methods = tmp_path / "methods.yaml"
+    methods.write_text("more_fast: {name: more, r: 2, train.lr: 5.0e-3, train.warmup_steps: 1}\n")
+    runs = plan_runs(tiny_config, "more,more_fast", 1, tmp_path / "c", [], load_method_config(methods),
+                     verbose=False)
+    base, fast = runs
+    assert fast.cfg.train.lr == 5e-3 and fast.cfg.train.warmup_steps == 1 and fast.cfg.method["r"] == 2
+    assert base.cfg.train.lr != 5e-3 and "train.lr" not in fast.cfg.method
+    assert fast.run_dir == tmp_path / "c" / "more_fast" / "seed0" == Path(fast.cfg.train.output_dir)
+    methods.write_text("more_fast: {name: more, method.r: 2}\n")
+    with pytest.raises(CompareError, match="method.r: set method options without the 'method.' prefix"):
+        plan_runs(tiny_config, "more_fast", 1, tmp_path / "c", [], load_method_config(methods), verbose=False)
+    methods.write_text("more_fast: {name: more, train.no_such_key: 2}\n")
+    with pytest.raises(ConfigError, match="no_such_key"):
+        plan_runs(tiny_config, "more_fast", 1, tmp_path / "c", [], load_method_config(methods), verbose=False)

@@ -16,6 +16,8 @@ Method options
     from ``--method-config FILE`` (YAML ``{label: {option: value}}``) and ``methods.<label>.<option>=value``
     overrides, applied in that order. A label that is not a method name defines a variant with its own
     ``name``: ``more_r4: {name: more, r: 4}`` lets ``--methods more,more_r4`` compare two MoRE settings.
+    Dotted keys outside the method block set that label's run config: ``lora_lr1e-3: {name: lora,
+    train.lr: 1.0e-3}`` (a learning-rate sweep as rows, or each method at its own tuned rate).
 
 Outputs in DIR
     ``results.json``   per method: per-task and average scores (mean, 95% t-interval over seeds, per seed),
@@ -130,6 +132,17 @@ def load_method_config(path: str | Path | None, overrides: Sequence[str] = ()) -
     return out
 
 
+def _split_run_keys(label: str, extra: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A label's method options, and its dotted run-config overrides (``train.lr: 1e-3`` -> ``train.lr=0.001``)."""
+    options = {k: v for k, v in extra.items() if "." not in str(k)}
+    keys = {k: v for k, v in extra.items() if "." in str(k)}
+    bad = sorted(k for k in keys if str(k).split(".", 1)[0] in ("method", "tasks"))
+    if bad:
+        raise CompareError(f"method config for {label!r}: {', '.join(bad)}: set method options without the "
+                           "'method.' prefix; the task list is shared by every row")
+    return options, [f"{k}={json.dumps(v)}" for k, v in keys.items()]
+
+
 def _method_block(label: str, base: dict[str, Any], extra: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The ``method:`` block of ``label``'s runs and the shared options it drops."""
     from morelora.methods import METHODS, get_method
@@ -167,7 +180,8 @@ def plan_runs(config: str | Path | None, methods: Sequence[str], seeds: int, out
     for label in labels:
         if not label.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise CompareError(f"method label {label!r}: use letters, digits, '_', '-' and '.' only")
-        block, dropped = _method_block(label, base_cfg.method, method_config.get(label, {}))
+        options, run_keys = _split_run_keys(label, method_config.get(label, {}))
+        block, dropped = _method_block(label, base_cfg.method, options)
         if dropped and verbose:
             print(f"compare: {label}: not passing option(s) {', '.join(dropped)} of the config's method block "
                   f"({block['name']} does not take them)")
@@ -176,7 +190,7 @@ def plan_runs(config: str | Path | None, methods: Sequence[str], seeds: int, out
         for i in range(seeds):
             seed = first_seed + i
             run_dir = out / label / f"seed{seed}"
-            cfg = load_config(config, [*overrides, f"train.seed={seed}", f"train.output_dir={run_dir}"])
+            cfg = load_config(config, [*overrides, *run_keys, f"train.seed={seed}", f"train.output_dir={run_dir}"])
             cfg.method = dict(block)
             runs.append(CompareRun(label, seed, cfg))
     return runs
