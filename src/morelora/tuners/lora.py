@@ -23,7 +23,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel, resolve_target_modules
+from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel, refuse_quantized_merge, resolve_target_modules
 
 ADAPTER = "default"
 
@@ -125,6 +125,7 @@ class SingleLoRAModel(TaskAdapterModel):
     def merge_task(self, task: str | int) -> None:
         """Fold the adapter into the frozen weights (the change is the same for every task)."""
         t = self.task_index(task)
+        refuse_quantized_merge(self.adapter_layers())   # PEFT would re-round the packed weights
         if self._merged is not None:
             raise MoreLoraError(f"task {self.tasks[self._merged]!r} is already merged; call model.unmerge() "
                                 f"before merging {self.tasks[t]!r}")
@@ -140,6 +141,7 @@ class SingleLoRAModel(TaskAdapterModel):
 
     def merge_and_unload(self, task: str | int) -> nn.Module:
         self.task_index(task)
+        refuse_quantized_merge(self.adapter_layers())
         self.unmerge()
         for name, layer in list(self.adapter_layers()):
             layer.merge(adapter_names=[ADAPTER])
