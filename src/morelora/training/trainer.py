@@ -496,11 +496,16 @@ def _write_json(path: Path, data: dict[str, Any], indent: int | None = 2) -> Non
 # ------------------------------------------------------------------------------------------ run folders
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
-    """Rebuild a trained run from its folder: config, data, model with the checkpoint's adapter."""
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, full_precision: bool = False) -> Run:
+    """Rebuild a trained run from its folder: config, data, model with the checkpoint's adapter.
+
+    ``full_precision``: load the base unquantised even when the run trained on a 4-bit / 8-bit one (the adapter
+    does not depend on how the base is stored), e.g. to merge a task into float weights."""
     run_dir = Path(run_dir)
     path = ckpt.resolve_checkpoint(run_dir, checkpoint)
     cfg = load_config(run_dir / "config.yaml")
+    if full_precision:
+        cfg.model.quantization = None
     set_seed(cfg.train.seed)
     run = build_run(cfg)
     run.model.load_adapter(path / ckpt.ADAPTER_DIR)
