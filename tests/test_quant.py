@@ -164,3 +164,108 @@ def test_a_model_with_nothing_to_quantise_is_one_clear_error(tmp_path):
                                           r"\(model type bert: no nn\.Linear layer it can pack\); set "
                                           r"model\.quantization: null$"):
         prepare_quantized(copy.deepcopy(model), str(path))
+
+
+# ------------------------------------------------------------------------------------ runs, export, errors
+@pytest.fixture(scope="module")
+def quant_run(tmp_path_factory, tiny_llama):
+    """MoRE trained 6 steps through the trainer on the tiny LLaMA loaded 4-bit."""
+    from conftest import tiny_run_config
+
+    from morelora.config import RunConfig
+    from morelora.training import train
+
+    cfg = tiny_run_config(tiny_llama, tmp_path_factory.mktemp("q") / "run", save_steps=0)
+    cfg["tasks"] = ["rte", "sst2"]
+    cfg["model"]["quantization"] = {"bits": 4}
+    return train(RunConfig.from_dict(cfg))
+
+
+def test_4bit_run_saves_loads_and_exports_to_peft_over_the_full_precision_base(quant_run, tiny_llama, tmp_path,
+                                                                                capsys):
+    from peft import PeftModel
+
+    from morelora.cli import main
+    from morelora.training import load_run
+
+    run = load_run(quant_run)                                     # the saved adapter back on a 4-bit base
+    assert run.cfg.model.quantization.bits == 4
+    packed = [n for n, m in run.model.base_model.named_modules() if isinstance(m, nn.Linear) and is_quantized(m)]
+    assert packed and all(is_quantized(layer.base_layer) for _, layer in run.model.adapter_layers())
+    trained = run.model.adapter_state_dict()
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith("lora_B")), "B left its zero init"
+
+    assert main(["export", str(quant_run), "--task", "sst2", "--out", str(tmp_path / "peft")]) == 0
+    full = load_run(quant_run, full_precision=True).model.eval()  # the same adapter on the float base
+    assert not any(is_quantized(layer.base_layer) for _, layer in full.adapter_layers())
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "peft").eval()
+    x = ids(3, 9)
+    with torch.no_grad():
+        ours = full(input_ids=x, task_ids=["sst2"] * 3).logits
+        theirs = peft_model(input_ids=x).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=x).logits
+    assert (ours - plain).abs().max() > 1e-4                      # the adapter changes the output
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+    capsys.readouterr()
+    assert main(["merge", str(quant_run), "--task", "sst2", "--out", str(tmp_path / "merged")]) == 0
+    assert "(trained on a 4-bit base; merged into its full-precision weights)" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    from morelora.cli import main
+
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("morelora: error: "), lines
+    return lines[0]
+
+
+def _train_argv(model: str, tmp_path) -> list[str]:
+    import yaml
+    from conftest import tiny_run_config
+
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(model, tmp_path / "run")))
+    return ["train", str(config), "model.quantization.bits=4", "tasks=[sst2]", "train.max_steps=1"]
+
+
+def test_missing_or_old_bitsandbytes_is_one_line(monkeypatch, capsys, tmp_path, tiny_llama):
+    import importlib.metadata
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else find_spec(n, *a))
+    assert _cli_error(capsys, _train_argv(tiny_llama, tmp_path)) == (
+        "morelora: error: model.quantization needs bitsandbytes >= 0.47: pip install 'morelora[quant]' "
+        "(or set model.quantization: null)")
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.45.5" if n == "bitsandbytes" else version(n))
+    assert _cli_error(capsys, _train_argv(tiny_llama, tmp_path)) == (
+        "morelora: error: model.quantization needs bitsandbytes >= 0.47 (CPU backend), found 0.45.5: "
+        "pip install -U 'bitsandbytes>=0.47'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bitsandbytes_without_a_backend_here_is_one_line(monkeypatch, capsys, tmp_path, tiny_llama):
+    import bitsandbytes as bnb
+
+    from morelora import quantization
+
+    def no_kernel(self, x):
+        raise NotImplementedError("no kernel registered for bitsandbytes::gemv_4bit on cpu\nmore detail")
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", no_kernel)
+    quantization._backend_error.cache_clear()
+    try:
+        line = _cli_error(capsys, _train_argv(tiny_llama, tmp_path))
+    finally:
+        quantization._backend_error.cache_clear()
+    assert line.startswith("morelora: error: bitsandbytes 0.") and line.endswith(
+        "cannot run 4-bit layers on this machine (cpu: NotImplementedError: no kernel registered for "
+        "bitsandbytes::gemv_4bit on cpu); set model.quantization: null, or use a machine it supports (CUDA GPU, "
+        "or x86 CPU with AVX2)")
