@@ -106,7 +106,8 @@ def test_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper_t5_glue.yaml", "paper_llama2_commonsense.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper_t5_glue.yaml", "paper_llama2_commonsense.yaml",
+                                  "paper_llama2_commonsense_4bit.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(REPO / "configs" / name)
     assert cfg.tasks and cfg.method_name == "more"

@@ -128,11 +128,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
+    from morelora.config import load_config
     from morelora.training import load_run
 
     out = _fresh_out_dir(args.out)
     _check_task(args.run_dir, args.task)
-    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    # a run trained on a quantised base merges into a full-precision copy of it: packed weights cannot take the
+    # change without re-rounding the whole matrix
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, full_precision=True)
     merged = run.model.merge_and_unload(task=args.task)
     if hasattr(merged, "build_task_model"):  # encoder + task heads: a plain model for one task
         merged = merged.build_task_model(args.task)
@@ -140,7 +143,9 @@ def _merge(args: argparse.Namespace) -> None:
         raise UsageError(f"the merged {type(merged).__name__} cannot be saved as a transformers model")
     merged.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
-    print(f"merged task {args.task!r} into the base model -> {out}")
+    quant = load_config(Path(args.run_dir) / "config.yaml").model.quantization
+    note = f" (trained on a {quant.bits}-bit base; merged into its full-precision weights)" if quant else ""
+    print(f"merged task {args.task!r} into the base model{note} -> {out}")
 
 
 def _check_task(run_dir: str, task: str) -> None:

@@ -2,7 +2,7 @@
 
 A run config has five blocks::
 
-    model:  {name_or_path, kind, max_length, max_target_length, dtype}
+    model:  {name_or_path, kind, max_length, max_target_length, dtype, quantization}
     tasks:  [names]             task_files: {name: {path, kind}}
     data:   {source, max_train_per_task, max_eval_per_task, sampling, temperature, mixed_batches}
     method: {name: more, <options passed to morelora.methods.build_method>}
@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ModelConfig",
+    "QuantizationConfig",
     "RunConfig",
     "TaskFileConfig",
     "TrainConfig",
@@ -61,6 +62,30 @@ def _at_least(low: float) -> dict[str, float]:
     return {"min": low}
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class QuantizationConfig:
+    """A frozen base quantised by bitsandbytes on load (QLoRA): ``{bits: 4, quant_type, double_quant,
+    compute_dtype}`` or ``{bits: 8}``. The adapters stay in float32; only the base's linear layers are packed."""
+
+    bits: int = 4
+    quant_type: str | None = field(default=None, metadata=_choices("nf4", "fp4"))  # 4-bit; None: nf4
+    double_quant: bool | None = None  # 4-bit: also quantise the block scales (QLoRA); None: true
+    compute_dtype: str | None = field(default=None, metadata=_choices(*COMPUTE_DTYPES))  # 4-bit matmuls; None: fp32
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ConfigError(f"model.quantization.bits: expected 4 or 8, got {self.bits!r}")
+        four_bit = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+        for name, default in four_bit.items():
+            if self.bits == 8 and getattr(self, name) is not None:
+                raise ConfigError(f"model.quantization.{name} applies to 4-bit only; remove it for bits: 8")
+            if self.bits == 4 and getattr(self, name) is None:
+                setattr(self, name, default)
+
+
 @dataclass
 class ModelConfig:
     """The frozen base model. ``name_or_path`` "minilm" (or empty) means the bundled MiniLM."""
@@ -74,6 +99,8 @@ class ModelConfig:
     # encoder heads: "cross" (text pair / query+choice in one sequence, as BertFor* models) or "siamese"
     # (each text encoded alone, Sentence-BERT features; for sentence-embedding checkpoints such as MiniLM)
     encoding: str = field(default="cross", metadata=_choices("cross", "siamese"))
+    # null: full precision (``dtype``); else the base's linear layers are loaded 4-bit / 8-bit by bitsandbytes
+    quantization: QuantizationConfig | None = None
 
     def __post_init__(self) -> None:
         if self.name_or_path in ("", "minilm"):
@@ -316,6 +343,11 @@ def _check(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None = None
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and choices and isinstance(value, str) and value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        blocks = [a for a in inner if dataclasses.is_dataclass(a)]
+        if blocks:  # an optional block (``X | None``): its own errors name the key inside it
+            return _check(blocks[0], value, key, choices)
         for a in inner:
             try:
                 return _check(a, value, key, choices)

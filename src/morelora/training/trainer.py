@@ -111,19 +111,28 @@ def build_base_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[
     """(tokenizer, base model): the model every method wraps (an encoder gets one head per task)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    path, dtype = cfg.model.name_or_path, DTYPES[cfg.model.dtype]
+    path, dtype, quant = cfg.model.name_or_path, DTYPES[cfg.model.dtype], cfg.model.quantization
     tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def load(auto_class: Any) -> Any:
+        if quant is None:
+            return auto_class.from_pretrained(path, dtype=dtype)
+        from morelora.quantization import bnb_config, check_bitsandbytes, prepare_quantized
+
+        check_bitsandbytes(quant.bits)
+        return prepare_quantized(auto_class.from_pretrained(path, dtype=dtype, quantization_config=bnb_config(quant)),
+                                 path)
+
     if kind == "encoder":
         from morelora.heads import MultiTaskHeadModel
 
-        base = MultiTaskHeadModel(AutoModel.from_pretrained(path, dtype=dtype), specs, pooling=cfg.model.pooling,
-                                  encoding=cfg.model.encoding)
+        base = MultiTaskHeadModel(load(AutoModel), specs, pooling=cfg.model.pooling, encoding=cfg.model.encoding)
     elif kind == "seq2seq":
-        base = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+        base = load(AutoModelForSeq2SeqLM)
     else:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        base = load(AutoModelForCausalLM)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, base
@@ -490,11 +499,16 @@ def _write_json(path: Path, data: dict[str, Any], indent: int | None = 2) -> Non
 # ------------------------------------------------------------------------------------------ run folders
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
-    """Rebuild a trained run from its folder: config, data, model with the checkpoint's adapter."""
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, full_precision: bool = False) -> Run:
+    """Rebuild a trained run from its folder: config, data, model with the checkpoint's adapter.
+
+    ``full_precision``: load the base unquantised even when the run trained on a 4-bit / 8-bit one (the adapter
+    does not depend on how the base is stored), e.g. to merge a task into float weights."""
     run_dir = Path(run_dir)
     path = ckpt.resolve_checkpoint(run_dir, checkpoint)
     cfg = load_config(run_dir / "config.yaml")
+    if full_precision:
+        cfg.model.quantization = None
     set_seed(cfg.train.seed)
     run = build_run(cfg)
     run.model.load_adapter(path / ckpt.ADAPTER_DIR)

@@ -19,6 +19,7 @@ import torch
 from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel as PeftAdaLoraModel
 from peft.tuners.adalora.layer import RankAllocator, SVDLinear
+from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
 from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterLayer, TaskAdapterModel, resolve_target_modules
@@ -89,6 +90,7 @@ class AdaLoRALinear(TaskAdapterLayer):
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: AdaLoraConfig) -> None:
         super().__init__(base_layer, num_tasks)
         self.adalora = SVDLinear(base_layer, ADAPTER, config=config, r=config.init_r, lora_alpha=config.lora_alpha)
+        cast_adapter_dtype(self.adalora, ADAPTER)   # float32 adapter on a bf16 / fp16 base, as PeftModel does
         self.orth_reg = config.orth_reg_weight > 0
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

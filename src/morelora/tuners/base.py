@@ -52,6 +52,25 @@ class CheckpointError(MoreLoraError):
     """A checkpoint that is missing, corrupt, or made for another base model or method."""
 
 
+def is_quantized(layer: nn.Module) -> bool:
+    """True for a linear layer whose weight is packed (bitsandbytes 4-bit / 8-bit): no float weight to merge into."""
+    w = getattr(layer, "weight", None)
+    return w is not None and (not w.dtype.is_floating_point or getattr(w, "quant_state", None) is not None
+                              or type(w).__name__ in ("Params4bit", "Int8Params"))
+
+
+def refuse_quantized_merge(layers: Any) -> None:
+    """Raise MoreLoraError when any adapted layer's base is quantised (``layers``: (name, adapter layer) pairs)."""
+    for name, layer in layers:
+        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else getattr(layer, "base_layer", layer)
+        if is_quantized(base):
+            raise MoreLoraError(
+                f"cannot merge into {name}: the base is quantised ({type(base).__name__}, packed weights) and "
+                "merging would re-round it; load the base in full precision (model.quantization: null), load the "
+                "adapter there and merge (`morelora merge RUN` does this), or export with export_lora")
+
+
+
 # --------------------------------------------------------------------------------------------- layers
 class TaskAdapterLayer(nn.Module):
     """A frozen `nn.Linear` plus a task-conditioned adapter.
@@ -139,6 +158,7 @@ class TaskAdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, task: int) -> None:
+        refuse_quantized_merge([(type(self).__name__, self)])
         if self.merged_task is not None:
             raise MoreLoraError(f"layer already has task {self.merged_task} merged; unmerge first")
         w = self.base_layer.weight
@@ -456,6 +476,7 @@ class TaskAdapterModel(nn.Module):
     def merge_task(self, task: str | int) -> None:
         """Fold task `task`'s change into the frozen weights: W0 + dW_t (no task_ids needed after)."""
         t = self.task_index(task)
+        refuse_quantized_merge(self.adapter_layers())
         if self.merged_task is not None:
             raise MoreLoraError(
                 f"task {self.tasks[self.merged_task]!r} is already merged; call model.unmerge() before "
@@ -471,6 +492,7 @@ class TaskAdapterModel(nn.Module):
     def merge_and_unload(self, task: str | int) -> nn.Module:
         """The base model with task `task` merged and the adapter layers removed."""
         t = self.task_index(task)
+        refuse_quantized_merge(self.adapter_layers())
         self.unmerge()
         for name, layer in list(self.adapter_layers()):
             layer.merge(t)

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel, resolve_target_modules
+from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel, refuse_quantized_merge, resolve_target_modules
 
 ADAPTER = "default"
 
@@ -100,6 +101,7 @@ class SingleLoRAModel(TaskAdapterModel):
             raise MoreLoraError(f"PEFT could not inject LoRA with target_modules={cfg.target_modules!r} ({e}); "
                                 f"linear layer names in this model: {linear}") from e
         self.base_model.__dict__.pop("peft_config", None)  # PEFT's bookkeeping; self.config is the record
+        cast_adapter_dtype(self.base_model, ADAPTER)   # float32 adapter on a bf16 / fp16 base, as PeftModel does
         return [n for n, m in self.base_model.named_modules() if isinstance(m, LoraLayer)]
 
     def adapter_layers(self) -> Iterator[tuple[str, Any]]:
@@ -125,6 +127,7 @@ class SingleLoRAModel(TaskAdapterModel):
     def merge_task(self, task: str | int) -> None:
         """Fold the adapter into the frozen weights (the change is the same for every task)."""
         t = self.task_index(task)
+        refuse_quantized_merge(self.adapter_layers())   # PEFT would re-round the packed weights
         if self._merged is not None:
             raise MoreLoraError(f"task {self.tasks[self._merged]!r} is already merged; call model.unmerge() "
                                 f"before merging {self.tasks[t]!r}")
@@ -140,6 +143,7 @@ class SingleLoRAModel(TaskAdapterModel):
 
     def merge_and_unload(self, task: str | int) -> nn.Module:
         self.task_index(task)
+        refuse_quantized_merge(self.adapter_layers())
         self.unmerge()
         for name, layer in list(self.adapter_layers()):
             layer.merge(adapter_names=[ADAPTER])
