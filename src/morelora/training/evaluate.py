@@ -123,7 +123,7 @@ def predict_batch(run: Run, model: Any, collator: Any, features: list[tuple[int,
     choice, regression: one value) or the generated text. The evaluation and the server both call this, so
     a served answer is the offline prediction by construction. Examples need no labels.
     """
-    features = [(t, _with_placeholder_label(run.specs[t], ex)) for t, ex in features]
+    features = [(t, with_placeholder_label(run.specs[t], ex)) for t, ex in features]
     if run.kind == "encoder":
         batch = collator(features)
         batch.pop("labels")
@@ -155,9 +155,9 @@ def _num_outputs(spec: Any, example: dict) -> int:
     return 1 if spec.kind == "regression" else spec.num_labels
 
 
-def _with_placeholder_label(spec: Any, example: dict) -> dict:
-    """The collators read a label / gold / target; an unlabelled example (a served request) gets a
-    placeholder, which prediction never reads."""
+def with_placeholder_label(spec: Any, example: dict) -> dict:
+    """``example``, or a copy with a placeholder label / gold / target where it has none: the collators read
+    one (to build training targets), prediction never does."""
     key = {"multiple_choice": "gold", "text2text": "target"}.get(spec.kind, "label")
     if key in example:
         return example
