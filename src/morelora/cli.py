@@ -109,6 +109,18 @@ def _task_out_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder written by `morelora train`")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="task to export")
+    which.add_argument("--all-tasks", action="store_true", help="every task, one adapter folder each: OUT/<task>")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--uniform-rank", action="store_true",
+                   help="every module at one rank (unused ranks zero-padded), no rank_pattern / alpha_pattern: "
+                        "for engines that read only r and lora_alpha (vLLM, LoRAX, TGI)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
+
+
 def _fresh_out_dir(path: str) -> Path:
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -120,11 +132,13 @@ def _export(args: argparse.Namespace) -> None:
     from morelora.training import load_run
 
     out = _fresh_out_dir(args.out)
-    _check_task(args.run_dir, args.task)
+    tasks = _check_task(args.run_dir, args.task) if args.task else _run_tasks(args.run_dir)
     run = load_run(args.run_dir, checkpoint=args.checkpoint)
-    run.model.export_lora(args.task, out)
-    run.tokenizer.save_pretrained(out)
-    print(f"exported task {args.task!r} as a PEFT LoRA adapter -> {out}")
+    for task in tasks:
+        folder = out / task if args.all_tasks else out
+        run.model.export_lora(task, folder, uniform_rank=args.uniform_rank)
+        run.tokenizer.save_pretrained(folder)
+        print(f"exported task {task!r} as a PEFT LoRA adapter -> {folder}")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -148,16 +162,57 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged task {args.task!r} into the base model{note} -> {out}")
 
 
-def _check_task(run_dir: str, task: str) -> None:
-    """Fail fast (before loading any weights) on a task the run does not have."""
+def _run_tasks(run_dir: str) -> list[str]:
+    """The run's tasks, read from its config.yaml (before any weights are loaded)."""
     from morelora.config import load_config
     from morelora.training import RunError
 
     if not (Path(run_dir) / "config.yaml").is_file():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    tasks = load_config(Path(run_dir) / "config.yaml").tasks
+    return list(load_config(Path(run_dir) / "config.yaml").tasks)
+
+
+def _check_task(run_dir: str, task: str) -> list[str]:
+    """Fail fast (before loading any weights) on a task the run does not have."""
+    tasks = _run_tasks(run_dir)
     if task not in tasks:
         raise UsageError(f"unknown task {task!r}; this run has tasks: {', '.join(tasks)}")
+    return [task]
+
+
+# ------------------------------------------------------------------------------------------------ serve
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder written by `morelora train`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="examples per forward pass, any mix of tasks (also the most inputs per request; default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests after its first (default 5)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="queued requests; beyond: 503 + Retry-After (default 256)")
+    p.add_argument("--request-timeout-s", type=float, default=60.0,
+                   help="a request not answered in time gets 504 (default 60)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from morelora.serve import ServeOptions, serve
+    from morelora.training import load_run
+
+    _run_tasks(args.run_dir)
+    options = ServeOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                           max_queue=args.max_queue, request_timeout_s=args.request_timeout_s)
+    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    run.model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"serving {len(run.task_names)} tasks ({run.cfg.method_name}, {run.kind}) of {args.run_dir} on "
+          f"http://{args.host}:{args.port}: {', '.join(run.task_names)}", flush=True)
+    serve(run, host=args.host, port=args.port, options=options)
 
 
 # ------------------------------------------------------------------------------------- bench / methods
@@ -207,8 +262,11 @@ def _methods(args: argparse.Namespace) -> None:
 COMMANDS: list[Command] = [
     Command("train", "train one multi-task adapter from a run config", _train_args, _train),
     Command("eval", "evaluate a run folder's newest checkpoint -> RUN_DIR/eval.json", _eval_args, _eval),
-    Command("export", "write one task of a run as a standard PEFT LoRA adapter", _task_out_args, _export),
+    Command("export", "write one task (or every task) of a run as a standard PEFT LoRA adapter", _export_args,
+            _export),
     Command("merge", "merge one task into the base model, save model + tokenizer", _task_out_args, _merge),
+    Command("serve", "serve every task of a run from one model over HTTP (mixed-task batches)", _serve_args,
+            _serve),
     Command("compare", "train and evaluate methods x seeds, compare them with CIs and paired tests",
             _compare_args, _compare),
     Command("plot", "plot what the router learned (embeddings, ranks, training curves) -> RUN_DIR/plots/",

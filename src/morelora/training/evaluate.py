@@ -30,7 +30,7 @@ from morelora.metrics import (
 if TYPE_CHECKING:
     from morelora.training.trainer import Run
 
-__all__ = ["evaluate", "make_collator", "model_kind"]
+__all__ = ["evaluate", "make_collator", "model_kind", "predict_batch"]
 
 
 def model_kind(model_cfg: ModelConfig) -> str:
@@ -103,24 +103,65 @@ def evaluate(run: Run, split: str, batch_size: int, accelerator: Accelerator | N
 def _predict(run: Run, model: Any, collator: Any, task: int, examples: list[dict], batch_size: int,
              accelerator: Accelerator) -> list[Any]:
     """Predictions (label / choice index, value or text) for ``examples`` of task ``task``."""
-    spec, device = run.specs[task], accelerator.device
+    spec = run.specs[task]
     preds: list[Any] = []
     steps = range(0, len(examples), batch_size)
     for start in tqdm(steps, desc=f"eval {spec.name}", leave=False,
                       disable=not accelerator.is_local_main_process or len(steps) < 2):
-        chunk = examples[start:start + batch_size]
-        features = [(task, ex) for ex in chunk]
+        features = [(task, ex) for ex in examples[start:start + batch_size]]
         with accelerator.autocast():
-            if run.kind == "encoder":
-                batch = collator(features)
-                batch.pop("labels")
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-                preds.extend(predictions_from_logits(spec, logits))
-            else:
-                inputs, _ = collator.generation_inputs(features)
-                texts = _generate(run, model, {k: v.to(device) for k, v in inputs.items()})
-                preds.extend(predictions_from_text(spec, texts, chunk))
+            preds.extend(p for p, _ in predict_batch(run, model, collator, features, accelerator.device))
     return preds
+
+
+def predict_batch(run: Run, model: Any, collator: Any, features: list[tuple[int, dict]],
+                  device: torch.device | str = "cpu") -> list[tuple[Any, Any]]:
+    """``(prediction, output)`` for each ``(task_index, example)`` of one batch, whose tasks may be mixed.
+
+    ``prediction`` is what ``test_predictions.json`` holds (label / choice index, value or text); ``output``
+    is the model's raw answer: the example's row of logits without padding (encoder: one per class /
+    choice, regression: one value) or the generated text. The evaluation and the server both call this, so
+    a served answer is the offline prediction by construction. Examples need no labels.
+    """
+    features = [(t, with_placeholder_label(run.specs[t], ex)) for t, ex in features]
+    if run.kind == "encoder":
+        batch = collator(features)
+        batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.detach().float().cpu()
+        outputs: list[Any] = [row[:_num_outputs(run.specs[t], ex)] for row, (t, ex) in zip(logits, features)]
+        predict = predictions_from_logits
+    else:
+        inputs, _ = collator.generation_inputs(features)
+        outputs = _generate(run, model, {k: v.to(device) for k, v in inputs.items()})
+        predict = None
+    preds: list[Any] = [None] * len(features)
+    by_task: dict[int, list[int]] = {}
+    for i, (t, _) in enumerate(features):
+        by_task.setdefault(t, []).append(i)
+    for t, rows in by_task.items():  # one call per task: predictions depend on the task's kind
+        spec = run.specs[t]
+        if predict is not None:
+            got = predict(spec, logits[rows])
+        else:
+            got = predictions_from_text(spec, [outputs[i] for i in rows], [features[i][1] for i in rows])
+        for i, p in zip(rows, got):
+            preds[i] = p
+    return list(zip(preds, outputs))
+
+
+def _num_outputs(spec: Any, example: dict) -> int:
+    if spec.kind == "multiple_choice":
+        return len(example["choices"])
+    return 1 if spec.kind == "regression" else spec.num_labels
+
+
+def with_placeholder_label(spec: Any, example: dict) -> dict:
+    """``example``, or a copy with a placeholder label / gold / target where it has none: the collators read
+    one (to build training targets), prediction never does."""
+    key = {"multiple_choice": "gold", "text2text": "target"}.get(spec.kind, "label")
+    if key in example:
+        return example
+    return {**example, key: "" if key == "target" else 0}
 
 
 def _generate(run: Run, model: Any, inputs: dict[str, torch.Tensor]) -> list[str]:

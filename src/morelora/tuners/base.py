@@ -600,8 +600,13 @@ class TaskAdapterModel(nn.Module):
 
     # -- PEFT export
     def export_lora(self, task: str | int, save_directory: str | os.PathLike,
-                    base_model_name_or_path: str | None = None) -> Path:
-        """Write task `task` as a standard PEFT LoRA adapter (per-module ranks via rank_pattern)."""
+                    base_model_name_or_path: str | None = None, uniform_rank: bool = False) -> Path:
+        """Write task `task` as a standard PEFT LoRA adapter (per-module ranks via rank_pattern).
+
+        `uniform_rank=True`: every module at one rank r (the method's `r`, or the largest module rank), the
+        unused ranks zero-padded, and no rank_pattern / alpha_pattern, for serving engines that read only
+        `r` and `lora_alpha`; a module whose scale differs from the first one's has it folded into lora_B.
+        """
         from peft import LoraConfig
 
         t = self.task_index(task)
@@ -616,6 +621,8 @@ class TaskAdapterModel(nn.Module):
             state[f"base_model.model.{pname}.lora_A.weight"] = a.detach().float().contiguous().cpu()
             state[f"base_model.model.{pname}.lora_B.weight"] = b.detach().float().contiguous().cpu()
             ranks[pname], alphas[pname] = k, scale * k   # PEFT scale = alpha / r
+        if uniform_rank:
+            state, ranks, alphas = _pad_to_uniform_rank(state, ranks, alphas, getattr(self.config, "r", 0))
         if spec:
             saved = {f"base_model.model.{k}": v for k, v in spec["head_state"].items()}
             modules_to_save = sorted({k.rsplit(".", 1)[0] for k in spec["head_state"]})
@@ -628,8 +635,9 @@ class TaskAdapterModel(nn.Module):
         base_cfg = getattr(self.base_model, "config", None)
         cfg = LoraConfig(
             r=r0, lora_alpha=alphas[max(ranks, key=ranks.get)],
-            target_modules=sorted(ranks), rank_pattern={re.escape(n): k for n, k in ranks.items()},
-            alpha_pattern={re.escape(n): a for n, a in alphas.items()},
+            target_modules=sorted(ranks),
+            rank_pattern={} if uniform_rank else {re.escape(n): k for n, k in ranks.items()},
+            alpha_pattern={} if uniform_rank else {re.escape(n): a for n, a in alphas.items()},
             modules_to_save=modules_to_save or None, lora_dropout=0.0,
             base_model_name_or_path=base_model_name_or_path or getattr(base_cfg, "_name_or_path", None),
         )
@@ -645,6 +653,22 @@ class TaskAdapterModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _pad_to_uniform_rank(state: dict[str, torch.Tensor], ranks: dict[str, int], alphas: dict[str, float],
+                         r: int) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+    """LoRA factors zero-padded to rank max(r, largest rank) with one lora_alpha: zero rows of A and columns
+    of B add nothing, and B takes `scale / common scale` where a module's scale differs."""
+    r = max(r or 0, *ranks.values())
+    scales = {n: alphas[n] / ranks[n] for n in ranks}
+    common = next(iter(scales.values()))
+    padded = dict(state)
+    for n in ranks:
+        a, b = state[f"base_model.model.{n}.lora_A.weight"], state[f"base_model.model.{n}.lora_B.weight"]
+        padded[f"base_model.model.{n}.lora_A.weight"] = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
+        padded[f"base_model.model.{n}.lora_B.weight"] = (b * (scales[n] / common)).contiguous()
+    return padded, dict.fromkeys(ranks, r), dict.fromkeys(ranks, common * r)
+
+
 def _named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(obj, nn.Module):
         for n, p in obj.named_parameters():

@@ -172,10 +172,10 @@ class SingleLoRAModel(TaskAdapterModel):
         return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
     def export_lora(self, task: str | int, save_directory: str | os.PathLike,
-                    base_model_name_or_path: str | None = None) -> Path:
+                    base_model_name_or_path: str | None = None, uniform_rank: bool = False) -> Path:
         """Write the adapter (identical for every task) as a standard PEFT LoRA adapter."""
         self._factor_views = True
         try:
-            return super().export_lora(task, save_directory, base_model_name_or_path)
+            return super().export_lora(task, save_directory, base_model_name_or_path, uniform_rank)
         finally:
             self._factor_views = False
