@@ -338,20 +338,28 @@ class TaskAdapterModel(nn.Module):
 
     def resolve_task_ids(self, task_ids: Any, device: torch.device | None = None) -> torch.Tensor:
         """Task ids as a LongTensor: accepts a tensor, ints, names, or one name/int for all."""
+        return self._resolve_task_ids(task_ids, device)[0]
+
+    def _resolve_task_ids(self, task_ids: Any, device: torch.device | None) -> tuple[torch.Tensor, list[int]]:
+        """(ids, [lowest id, highest id]) with every id checked to be in range, on any device.
+
+        The range is one `aminmax` reduction read back with one sync (`tolist`), on every device: an id out of
+        range, or another task's id reaching a merged model, would otherwise index other rows silently or fail
+        later in a device-side assert that leaves a CUDA context unusable; the sync buys a clear
+        `MoreLoraError` instead, at one small device-to-host copy per call.
+        """
         if isinstance(task_ids, (str, int)):
             task_ids = [task_ids]
         if isinstance(task_ids, torch.Tensor):
             ids = task_ids.long().reshape(-1)
-            if ids.device.type == "cpu":
-                if ids.numel():
-                    lo, hi = torch.aminmax(ids)
-                    if lo < 0 or hi >= self.num_tasks:
-                        self.task_index(int(lo if lo < 0 else hi))  # raises with the message
-            elif ids.numel():
-                torch._assert_async(((ids >= 0) & (ids < self.num_tasks)).all(), "task id out of range")
+            span = torch.stack(torch.aminmax(ids)).tolist() if ids.numel() else []
         else:
-            ids = torch.tensor([self.task_index(t) for t in task_ids], dtype=torch.long)
-        return ids.to(device) if device is not None else ids
+            values = [self.task_index(t) for t in task_ids]
+            ids = torch.tensor(values, dtype=torch.long)
+            span = [min(values), max(values)] if values else []
+        for t in span:
+            self.task_index(t)   # raises with the message when out of range
+        return (ids.to(device) if device is not None else ids), span
 
     def _device(self) -> torch.device:
         return next(self.base_model.parameters()).device
@@ -383,10 +391,10 @@ class TaskAdapterModel(nn.Module):
                     "merge a task first with model.merge_task(name)"
                 )
             return None
-        ids = self.resolve_task_ids(task_ids, self._device())
-        if self.merged_task is not None and ids.device.type == "cpu" and bool((ids != self.merged_task).any()):
-            raise MoreLoraError(f"task {self.tasks[self.merged_task]!r} is merged; unmerge() before running "
-                                "other tasks")
+        ids, span = self._resolve_task_ids(task_ids, self._device())
+        merged = self.merged_task
+        if merged is not None and any(t != merged for t in span):
+            raise MoreLoraError(f"task {self.tasks[merged]!r} is merged; unmerge() before running other tasks")
         return ids
 
     def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any):
