@@ -82,6 +82,8 @@ class TaskAdapterLayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self._expanded: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._task_ids: torch.Tensor | None = None   # set by the model for the duration of one call
+        #: W0 while a task is merged (a buffer, so it follows device and dtype moves; not saved)
+        self.register_buffer("unmerged_weight", None, persistent=False)
 
     # -- subclasses
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -138,11 +140,17 @@ class TaskAdapterLayer(nn.Module):
         return (b.float() @ a.float()) * scale
 
     @torch.no_grad()
-    def merge(self, task: int) -> None:
+    def merge(self, task: int, restorable: bool = True) -> None:
+        """Put W0 + dW_t into the base weight. `restorable`: keep W0 itself (the tensor, not a copy) until `unmerge`
+        puts it back bit for bit: subtracting dW_t again would not undo the rounding of W0 + dW_t to the weight's
+        dtype, and repeated merge/unmerge cycles would drift. While merged this holds one more weight per layer."""
         if self.merged_task is not None:
             raise MoreLoraError(f"layer already has task {self.merged_task} merged; unmerge first")
         w = self.base_layer.weight
-        w.data = (w.data.float() + self.delta_weight(task).to(w.device)).to(w.dtype)
+        merged = (w.data.float() + self.delta_weight(task).to(w.device)).to(w.dtype)   # a new tensor
+        if restorable:
+            self.unmerged_weight = w.data
+        w.data = merged
         self.merged_task = task
 
     @torch.no_grad()
@@ -150,7 +158,11 @@ class TaskAdapterLayer(nn.Module):
         if self.merged_task is None:
             return
         w = self.base_layer.weight
-        w.data = (w.data.float() - self.delta_weight(self.merged_task).to(w.device)).to(w.dtype)
+        if self.unmerged_weight is not None:
+            w.data = self.unmerged_weight.to(w.device)
+            self.unmerged_weight = None
+        else:   # merged without keeping W0: undo up to rounding
+            w.data = (w.data.float() - self.delta_weight(self.merged_task).to(w.device)).to(w.dtype)
         self.merged_task = None
 
     @property
@@ -481,7 +493,7 @@ class TaskAdapterModel(nn.Module):
         t = self.task_index(task)
         self.unmerge()
         for name, layer in list(self.adapter_layers()):
-            layer.merge(t)
+            layer.merge(t, restorable=False)
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
             setattr(parent, child, layer.base_layer)
