@@ -3,9 +3,12 @@ bit-exact merge/unmerge, gradient checkpointing for every method, adapter config
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
-from _tiny import ids, tiny_bert
+from _tiny import ids, tiny_bert, tiny_llama
 
 import morelora
 from morelora import MoreLoraError
@@ -80,3 +83,76 @@ def test_merge_unmerge_cycles_restore_base_weights_exactly(name, dtype):
     m.unmerge()
     plain = m.merge_and_unload("c")   # W0 is not kept once the adapter layers are gone
     torch.testing.assert_close(plain(input_ids=x).logits, want, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------ gradient checkpointing, every method
+def _nontrivial(name: str) -> dict:
+    """Options giving every method a non-zero adapter at init (dropout left at its default: RNG replay is tested)."""
+    return {"init_ia3_weights": False} if name == "mov" else {"init_lora_weights": False}
+
+
+def _step(model, x: torch.Tensor, labels: torch.Tensor, seed: int):
+    """(loss, aux losses, parameter gradients) of one training step from a fixed RNG state."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=x, labels=labels, task_ids=["a", "c"])
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), {k: v.detach() for k, v in model.aux_losses.items()}, grads
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_gradient_checkpointing_matches_plain_run_for_every_method(family, reentrant):
+    make = {"llama": tiny_llama, "bert": tiny_bert}[family]
+    x = ids(2, 6)
+    labels = x if family == "llama" else torch.tensor([0, 2])
+    for name in [*morelora.METHODS, "more (per-layer routing)"]:
+        ref = morelora.build_method(name.split()[0], make(), TASKS, **_nontrivial(name)).train()
+        if name != "more":
+            ref._grouped_routing = False   # MoRE's reference path (no effect on other methods)
+        gc = copy.deepcopy(ref)
+        gc.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        calls = []
+        next(gc.adapter_layers())[1].register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        for seed in (0, 1):   # a second step: nothing the first one's recomputation left behind may change it
+            want, got = _step(ref, x, labels, seed), _step(gc, x, labels, seed)
+            assert len(calls) == 2 * (seed + 1), f"{name}: the layer was not recomputed in backward"
+            torch.testing.assert_close(got[0], want[0], msg=f"{name}: loss")
+            assert got[1].keys() == want[1].keys(), name
+            for k in want[1]:
+                torch.testing.assert_close(got[1][k], want[1][k], msg=f"{name}: aux loss {k}")
+            assert got[2].keys() == want[2].keys() and want[2], name
+            for k in want[2]:
+                torch.testing.assert_close(got[2][k], want[2][k], msg=f"{name}: gradient of {k}")
+            for (k, b), (_, b_ref) in zip(gc.named_buffers(), ref.named_buffers()):   # e.g. ALoRA's importance
+                torch.testing.assert_close(b, b_ref, msg=f"{name}: buffer {k}")
+            for _, layer in gc.adapter_layers():   # nothing kept after the step (no second copy of any input)
+                left = [n for n in (*getattr(layer, "call_state_names", ()), *getattr(layer, "call_output_names", ()))
+                        if getattr(layer, n, None) not in (None, False)]
+                assert not left, f"{name}: {left} still set on a layer after backward"
+
+
+def test_run_config_gradient_checkpointing_trains_the_same(tmp_path, request, run_config):
+    from morelora.config import ConfigError, RunConfig
+    from morelora.training import load_run, train
+    from morelora.training.trainer import enable_gradient_checkpointing
+
+    path = request.getfixturevalue("tiny_llama")
+    rows = {}
+    for on in (False, True):
+        cfg = run_config(path, tmp_path / f"gc_{on}", max_steps=3, save_steps=0, logging_steps=1)
+        cfg["tasks"] = ["sst2", "arc_easy"]
+        cfg["data"]["max_eval_per_task"] = 2
+        cfg["method"].update(target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1)
+        cfg["model"]["gradient_checkpointing"] = on
+        run_dir = train(RunConfig.from_dict(cfg))
+        rows[on] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert load_run(run_dir).model.base_model.is_gradient_checkpointing == on
+    losses = [{k: v for k, v in r.items() if "loss" in k or k == "contrastive"} for r in rows[False]]
+    assert len(losses) >= 3 and all(losses)
+    assert [{k: r[k] for k in want} for r, want in zip(rows[True], losses)] == \
+        [pytest.approx(want, rel=1e-5) for want in losses]
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing: Linear does not support gradient "
+                                          "checkpointing in transformers; set model.gradient_checkpointing to false"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))

@@ -16,11 +16,13 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +32,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,6 +68,11 @@ class TaskAdapterLayer(nn.Module):
     """
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
+    #: attributes the model sets on the layer for one call (task ids, routing): gradient checkpointing reinstates
+    #: them when it recomputes the layer in backward, after the call has cleared them
+    call_state_names: ClassVar[tuple[str, ...]] = ("_task_ids",)
+    #: what a call leaves on the layer for the model to collect; what a recomputation writes there is discarded
+    call_output_names: ClassVar[tuple[str, ...]] = ("aux_loss",)
     #: inference (autograd off) adds `low_rank_parts` into the base output in place; False: `result + adapter_forward`
     #: (set it False when a forward hook on `base_layer` keeps that output: in place, it would see the sum)
     inplace_inference_add: ClassVar[bool] = True
@@ -288,6 +297,9 @@ class TaskAdapterModel(nn.Module):
         self.saved_module_names = self._mark_modules_to_save()
         self._base_takes_task_ids = "task_ids" in inspect.signature(model.forward).parameters
         self.aux_losses: dict[str, torch.Tensor] = {}
+        # the modules transformers' gradient checkpointing gives a `_gradient_checkpointing_func` (a plain list:
+        # not registered as submodules a second time)
+        self.__dict__["_checkpointing_modules"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     # -- construction
     def make_layer(self, name: str, base: nn.Linear) -> TaskAdapterLayer:
@@ -413,8 +425,13 @@ class TaskAdapterModel(nn.Module):
         ids = self._prepare(task_ids)
         if self._base_takes_task_ids:
             kwargs["task_ids"] = ids
-        with self._task_ids_handed_to_layers(ids):
-            out = self.base_model(*args, **kwargs)
+        self._keep_call_state_for_checkpointing()
+        self.__dict__["_call_snapshot"] = None
+        try:
+            with self._task_ids_handed_to_layers(ids):
+                out = self.base_model(*args, **kwargs)
+        finally:
+            self.__dict__["_call_snapshot"] = None
         self.aux_losses = self._collect_aux_losses()
         loss = getattr(out, "loss", None)
         if loss is not None and kwargs.get("labels") is not None:
@@ -424,6 +441,42 @@ class TaskAdapterModel(nn.Module):
                     loss = loss + weight * value.to(loss.dtype)
             out.loss = loss
         return out
+
+    # -- gradient checkpointing
+    def _keep_call_state_for_checkpointing(self) -> None:
+        """Wrap the checkpoint function transformers gave its layers (`gradient_checkpointing_enable()`, before or
+        after this model was built) so that recomputation in backward sees this call's task ids and routing."""
+        for module in self.__dict__["_checkpointing_modules"]:
+            fn = module.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and not (isinstance(fn, _CallStateCheckpoint) and fn.model() is self):
+                module._gradient_checkpointing_func = _CallStateCheckpoint(self, fn)
+
+    def _call_state(self) -> list[tuple[nn.Module, dict[str, Any]]]:
+        """(layer, {name: value}) of every layer's `call_state_names` in this call (read once per call)."""
+        state = self.__dict__.get("_call_snapshot")
+        if state is None:
+            state = [(layer, {n: getattr(layer, n, None) for n in layer.call_state_names})
+                     for _, layer in self.adapter_layers() if getattr(layer, "call_state_names", None)]
+            self.__dict__["_call_snapshot"] = state
+        return state
+
+    @contextlib.contextmanager
+    def _reinstated(self, state: list[tuple[nn.Module, dict[str, Any]]]):
+        """The layers hold `state` inside; afterwards every call attribute is as before (what the recomputation
+        stored, e.g. a second copy of an aux loss input, is dropped)."""
+        saved = [(layer, {n: layer.__dict__.get(n, _UNSET) for n in (*values, *layer.call_output_names)})
+                 for layer, values in state]
+        for layer, values in state:
+            layer.__dict__.update(values)
+        try:
+            yield
+        finally:
+            for layer, old in saved:
+                for n, v in old.items():
+                    if v is _UNSET:
+                        layer.__dict__.pop(n, None)
+                    else:
+                        layer.__dict__[n] = v
 
     def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
         """Average of the layers' auxiliary losses (cleared after reading)."""
@@ -640,6 +693,47 @@ class TaskAdapterModel(nn.Module):
                     "config_updates": spec.get("config_updates", {})}
             (out / "morelora_task.json").write_text(json.dumps(meta, indent=2) + "\n")
         return out
+
+
+# --------------------------------------------------------------------------------------------- checkpointing
+_UNSET = object()
+
+
+class _CallStateCheckpoint:
+    """transformers' checkpoint function for a model with adapter layers.
+
+    The model hands task ids (and MoRE its routing, DyLoRA its rank) to the layers for one call and clears them
+    after it; checkpointing recomputes a block during backward, after that. This wrapper reads the layers' call
+    state when a block runs and reinstates it while the block is recomputed, so the layers compute exactly what
+    they computed in the forward (PEFT's Poly has the same problem with its per-call hooks). It always checkpoints
+    non-reentrantly: the reentrant variant runs the block's forward without autograd, so the layers' auxiliary
+    losses (side outputs, computed only with autograd on) would be lost, and routing tensors built outside the
+    block could not be back-propagated into twice.
+    """
+
+    def __init__(self, model: TaskAdapterModel, fn: Any) -> None:
+        self.model = weakref.ref(model)   # the base model holds this wrapper: no reference cycle
+        self.inner = fn.inner if isinstance(fn, _CallStateCheckpoint) else fn
+        self.reentrant_asked = bool((getattr(self.inner, "keywords", None) or {}).get("use_reentrant"))
+        self.warned = False
+
+    def __call__(self, function: Any, *args: Any, **kwargs: Any):
+        model = self.model()
+        if model is None:
+            return self.inner(function, *args, **kwargs)
+        if not self.warned and (self.reentrant_asked or kwargs.get("use_reentrant")):
+            logger.warning("morelora: gradient checkpointing runs non-reentrantly (use_reentrant=False): the "
+                           "reentrant variant loses the adapters' auxiliary-loss gradients")
+            self.warned = True
+        state = model._call_state()
+
+        def run(*a: Any, **k: Any):
+            if model.__dict__.get("_call_snapshot") is state:   # the forward itself: the state is in place
+                return function(*a, **k)
+            with model._reinstated(state):                       # recomputation during backward
+                return function(*a, **k)
+
+        return self.inner(run, *args, **{**kwargs, "use_reentrant": False})
 
 
 # --------------------------------------------------------------------------------------------- helpers
