@@ -156,3 +156,77 @@ def test_run_config_gradient_checkpointing_trains_the_same(tmp_path, request, ru
     with pytest.raises(ConfigError, match="model.gradient_checkpointing: Linear does not support gradient "
                                           "checkpointing in transformers; set model.gradient_checkpointing to false"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------ adapter config checked on load
+_LOW = {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0}
+LOAD_OPTIONS = {"more": _LOW, "multilora": _LOW, "moelora": {**_LOW, "num_experts": 2}, "lora": _LOW}
+
+
+def _trained_like(name: str, tasks: list[str], **kw):
+    """`name` on the same tiny BERT, with random adapter weights (so tasks differ) drawn from a fixed seed."""
+    m = morelora.build_method(name, tiny_bert(), tasks, **{**LOAD_OPTIONS[name], **kw}).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in m.adapter_state_dict():
+            t = m.base_model.get_parameter(p)
+            t.copy_(torch.randn(t.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("name", ["more", "multilora", "moelora", "lora"])
+def test_checkpoint_with_tasks_in_another_order_is_remapped_by_name(tmp_path, name):
+    m = _trained_like(name, TASKS)
+    m.save_pretrained(tmp_path / "ad")
+    x = ids(1, 5)
+    want = {t: m(input_ids=x, task_ids=[t]).logits for t in TASKS}
+    assert name == "lora" or not torch.allclose(want["a"], want["b"])
+    other = morelora.build_method(name, tiny_bert(), ["c", "a", "b"], **LOAD_OPTIONS[name]).eval()
+    other.load_adapter(tmp_path / "ad")
+    for t in TASKS:
+        torch.testing.assert_close(other(input_ids=x, task_ids=[t]).logits, want[t], msg=t)
+    loaded = morelora.load_adapter_model(tiny_bert(), tmp_path / "ad").eval()   # from_pretrained still works
+    torch.testing.assert_close(loaded(input_ids=x, task_ids=["b"]).logits, want["b"])
+
+
+@pytest.mark.parametrize("name,changes,message", [
+    ("more", {"lora_alpha": 16.0}, "lora_alpha: checkpoint 8.0, this model 16.0"),
+    ("more", {"rank_scaling": "none"}, "rank_scaling: checkpoint 'linear', this model 'none'"),
+    ("multilora", {"lora_alpha": 4.0, "r": 4}, "lora_alpha: checkpoint 8.0, this model 4.0"),
+    ("moelora", {"num_experts": 4}, "num_experts: checkpoint 2, this model 4"),
+])
+def test_checkpoint_with_another_config_is_refused(tmp_path, name, changes, message):
+    _trained_like(name, TASKS).save_pretrained(tmp_path / "ad")
+    opts = {**LOAD_OPTIONS[name], **changes}
+    other = morelora.build_method(name, tiny_bert(), TASKS, **opts)
+    with pytest.raises(morelora.CheckpointError, match=rf"saved with another adapter config: .*{message}"):
+        other.load_adapter(tmp_path / "ad")
+    other = morelora.build_method(name, tiny_bert(), ["a", "b", "d"], **LOAD_OPTIONS[name])
+    with pytest.raises(morelora.CheckpointError, match=r"tasks: checkpoint \['a', 'b', 'c'\], this model \['a', 'b', "
+                                                       r"'d'\]"):
+        other.load_adapter(tmp_path / "ad")
+    other = morelora.build_method(name, tiny_bert(), TASKS, **LOAD_OPTIONS[name], init_lora_weights=False)
+    other.load_adapter(tmp_path / "ad")   # an init-only field may differ: the checkpoint replaces those weights
+
+
+def test_per_task_heads_follow_the_task_names(tmp_path):
+    from morelora.data import get_task
+    from morelora.heads import MultiTaskHeadModel
+
+    def build(names):
+        torch.manual_seed(0)
+        backbone = tiny_bert().bert
+        heads = MultiTaskHeadModel(backbone, [get_task(n) for n in names])
+        return morelora.build_method("more", heads, names, **_LOW)
+
+    names = ["sst2", "rte", "arc_easy"]
+    m = build(names)
+    with torch.no_grad():
+        for head in m.base_model.heads:
+            head.weight.normal_()
+    m.save_pretrained(tmp_path / "ad")
+    other = build(["rte", "arc_easy", "sst2"])
+    other.load_adapter(tmp_path / "ad")
+    for t in names:
+        got, want = other.base_model.heads[other.tasks.index(t)], m.base_model.heads[names.index(t)]
+        assert torch.equal(got.weight, want.weight), t

@@ -73,6 +73,9 @@ class TaskAdapterLayer(nn.Module):
     call_state_names: ClassVar[tuple[str, ...]] = ("_task_ids",)
     #: what a call leaves on the layer for the model to collect; what a recomputation writes there is discarded
     call_output_names: ClassVar[tuple[str, ...]] = ("aux_loss",)
+    #: saved tensors with one row per task (axis 0, in task order): permuted when a checkpoint's tasks come in
+    #: another order
+    per_task_param_names: ClassVar[tuple[str, ...]] = ()
     #: inference (autograd off) adds `low_rank_parts` into the base output in place; False: `result + adapter_forward`
     #: (set it False when a forward hook on `base_layer` keeps that output: in place, it would see the sum)
     inplace_inference_add: ClassVar[bool] = True
@@ -238,6 +241,11 @@ def grow_rows(param: nn.Parameter, init_from: int | None, std: float = 0.0) -> n
 @dataclasses.dataclass
 class TaskAdapterConfig:
     """Fields shared by every method's config."""
+
+    #: fields a checkpoint may be loaded with a different value of: they only shape the initial weights, which the
+    #: checkpoint replaces (every other field changes what the loaded adapter computes)
+    load_may_differ: ClassVar[frozenset[str]] = frozenset(
+        {"init_lora_weights", "init_ia3_weights", "task_embedding_std", "router_init_std"})
 
     tasks: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "Task names; their order defines the integer task ids."}
@@ -626,6 +634,7 @@ class TaskAdapterModel(nn.Module):
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e}); "
                                   "re-save the adapter or pick another checkpoint") from e
+        state = self._state_in_own_task_order(state, self._check_saved_config(directory))
         own = self.adapter_state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
@@ -642,6 +651,46 @@ class TaskAdapterModel(nn.Module):
                 target = params.get(k, buffers.get(k))
                 target.copy_(v.to(target.dtype))
         self.after_weights_changed()
+
+    def _check_saved_config(self, directory: str | os.PathLike) -> list[str]:
+        """The checkpoint's task order, after checking that its method and config are this model's: a field
+        that differs (other than `load_may_differ`) would make the loaded weights compute something else."""
+        meta = read_adapter_config(directory)
+        method = meta.get("morelora_method")
+        if self.method_name and method != self.method_name:
+            raise CheckpointError(f"{directory} holds a {method!r} adapter, this model is {self.method_name!r}; "
+                                  "load it with morelora.load_adapter_model")
+        saved, own = meta["config"], json.loads(json.dumps(self.config.to_dict()))
+        tasks = list(saved.get("tasks", self.tasks))
+        diffs = [f"{k}: checkpoint {saved[k]!r}, this model {own[k]!r}" for k in own
+                 if k in saved and k != "tasks" and k not in self.config.load_may_differ and saved[k] != own[k]]
+        if sorted(tasks) != sorted(self.tasks):
+            diffs.insert(0, f"tasks: checkpoint {tasks!r}, this model {self.tasks!r}")
+        if diffs:
+            raise CheckpointError(f"{directory} was saved with another adapter config: {'; '.join(diffs)}; build "
+                                  "the model with the checkpoint's settings (Cls.from_pretrained does)")
+        return tasks
+
+    def _state_in_own_task_order(self, state: dict[str, torch.Tensor], saved_tasks: list[str]
+                                 ) -> dict[str, torch.Tensor]:
+        """`state` with its per-task rows (layers' `per_task_param_names`) and per-task modules (the base model's
+        `per_task_modules`, e.g. one head per task) moved from the checkpoint's task order to this model's."""
+        if saved_tasks == self.tasks:
+            return state
+        order = [saved_tasks.index(t) for t in self.tasks]   # row i here = row order[i] in the checkpoint
+        state = dict(state)
+        for name, layer in self.adapter_layers():
+            for pname in getattr(layer, "per_task_param_names", ()):
+                key = f"{name}.{pname}"
+                if key in state:
+                    state[key] = state[key][order]
+        for module in getattr(self.base_model, "per_task_modules", ()):
+            moved = {}
+            for i, j in enumerate(order):
+                old = f"{module}.{j}."
+                moved.update({f"{module}.{i}.{k[len(old):]}": state.pop(k) for k in list(state) if k.startswith(old)})
+            state.update(moved)
+        return state
 
     def after_weights_changed(self) -> None:
         """Hook for caches derived from weights (MoRE's cached ranks)."""
