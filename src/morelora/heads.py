@@ -46,6 +46,9 @@ class MultiTaskHeadModel(nn.Module):
     #: Cosine weight a siamese multiple-choice head starts with (sentence-transformers' similarity scale).
     SIAMESE_COS_SCALE = 20.0
 
+    #: module lists with one entry per task (loading a checkpoint with the tasks in another order moves them)
+    per_task_modules = ("heads",)
+
     def __init__(self, backbone: nn.Module, specs: Sequence[TaskSpec], pooling: str = "cls",
                  encoding: str = "cross") -> None:
         super().__init__()

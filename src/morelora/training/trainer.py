@@ -135,7 +135,23 @@ def build_base_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[
         base = load(AutoModelForCausalLM)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     return tokenizer, base
+
+
+def enable_gradient_checkpointing(base: Any) -> None:
+    """transformers' gradient checkpointing (non-reentrant) on `base` or, for the encoder heads, its backbone;
+    the adapter model keeps its layers' task ids alive for the recomputation (tuners/base.py)."""
+    hf = base if hasattr(base, "supports_gradient_checkpointing") else getattr(base, "backbone", None)
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"model.gradient_checkpointing: {type(hf or base).__name__} does not support gradient "
+                          "checkpointing in transformers; set model.gradient_checkpointing to false")
+    enable = getattr(hf, "activation_checkpointing_enable", None)   # transformers >= 5 (the old name warns)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def method_options(cfg: RunConfig) -> dict[str, Any]:

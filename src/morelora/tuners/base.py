@@ -16,11 +16,13 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +32,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -83,6 +87,14 @@ class TaskAdapterLayer(nn.Module):
     """
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
+    #: attributes the model sets on the layer for one call (task ids, routing): gradient checkpointing reinstates
+    #: them when it recomputes the layer in backward, after the call has cleared them
+    call_state_names: ClassVar[tuple[str, ...]] = ("_task_ids",)
+    #: what a call leaves on the layer for the model to collect; what a recomputation writes there is discarded
+    call_output_names: ClassVar[tuple[str, ...]] = ("aux_loss",)
+    #: saved tensors with one row per task (axis 0, in task order): permuted when a checkpoint's tasks come in
+    #: another order
+    per_task_param_names: ClassVar[tuple[str, ...]] = ()
     #: inference (autograd off) adds `low_rank_parts` into the base output in place; False: `result + adapter_forward`
     #: (set it False when a forward hook on `base_layer` keeps that output: in place, it would see the sum)
     inplace_inference_add: ClassVar[bool] = True
@@ -101,6 +113,8 @@ class TaskAdapterLayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self._expanded: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._task_ids: torch.Tensor | None = None   # set by the model for the duration of one call
+        #: W0 while a task is merged (a buffer, so it follows device and dtype moves; not saved)
+        self.register_buffer("unmerged_weight", None, persistent=False)
 
     # -- subclasses
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -157,12 +171,18 @@ class TaskAdapterLayer(nn.Module):
         return (b.float() @ a.float()) * scale
 
     @torch.no_grad()
-    def merge(self, task: int) -> None:
+    def merge(self, task: int, restorable: bool = True) -> None:
+        """Put W0 + dW_t into the base weight. `restorable`: keep W0 itself (the tensor, not a copy) until `unmerge`
+        puts it back bit for bit: subtracting dW_t again would not undo the rounding of W0 + dW_t to the weight's
+        dtype, and repeated merge/unmerge cycles would drift. While merged this holds one more weight per layer."""
         refuse_quantized_merge([(type(self).__name__, self)])
         if self.merged_task is not None:
             raise MoreLoraError(f"layer already has task {self.merged_task} merged; unmerge first")
         w = self.base_layer.weight
-        w.data = (w.data.float() + self.delta_weight(task).to(w.device)).to(w.dtype)
+        merged = (w.data.float() + self.delta_weight(task).to(w.device)).to(w.dtype)   # a new tensor
+        if restorable:
+            self.unmerged_weight = w.data
+        w.data = merged
         self.merged_task = task
 
     @torch.no_grad()
@@ -170,7 +190,11 @@ class TaskAdapterLayer(nn.Module):
         if self.merged_task is None:
             return
         w = self.base_layer.weight
-        w.data = (w.data.float() - self.delta_weight(self.merged_task).to(w.device)).to(w.dtype)
+        if self.unmerged_weight is not None:
+            w.data = self.unmerged_weight.to(w.device)
+            self.unmerged_weight = None
+        else:   # merged without keeping W0: undo up to rounding
+            w.data = (w.data.float() - self.delta_weight(self.merged_task).to(w.device)).to(w.dtype)
         self.merged_task = None
 
     @property
@@ -238,6 +262,11 @@ def grow_rows(param: nn.Parameter, init_from: int | None, std: float = 0.0) -> n
 class TaskAdapterConfig:
     """Fields shared by every method's config."""
 
+    #: fields a checkpoint may be loaded with a different value of: they only shape the initial weights, which the
+    #: checkpoint replaces (every other field changes what the loaded adapter computes)
+    load_may_differ: ClassVar[frozenset[str]] = frozenset(
+        {"init_lora_weights", "init_ia3_weights", "task_embedding_std", "router_init_std"})
+
     tasks: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "Task names; their order defines the integer task ids."}
     )
@@ -296,6 +325,9 @@ class TaskAdapterModel(nn.Module):
         self.saved_module_names = self._mark_modules_to_save()
         self._base_takes_task_ids = "task_ids" in inspect.signature(model.forward).parameters
         self.aux_losses: dict[str, torch.Tensor] = {}
+        # the modules transformers' gradient checkpointing gives a `_gradient_checkpointing_func` (a plain list:
+        # not registered as submodules a second time)
+        self.__dict__["_checkpointing_modules"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     # -- construction
     def make_layer(self, name: str, base: nn.Linear) -> TaskAdapterLayer:
@@ -358,20 +390,28 @@ class TaskAdapterModel(nn.Module):
 
     def resolve_task_ids(self, task_ids: Any, device: torch.device | None = None) -> torch.Tensor:
         """Task ids as a LongTensor: accepts a tensor, ints, names, or one name/int for all."""
+        return self._resolve_task_ids(task_ids, device)[0]
+
+    def _resolve_task_ids(self, task_ids: Any, device: torch.device | None) -> tuple[torch.Tensor, list[int]]:
+        """(ids, [lowest id, highest id]) with every id checked to be in range, on any device.
+
+        The range is one `aminmax` reduction read back with one sync (`tolist`), on every device: an id out of
+        range, or another task's id reaching a merged model, would otherwise index other rows silently or fail
+        later in a device-side assert that leaves a CUDA context unusable; the sync buys a clear
+        `MoreLoraError` instead, at one small device-to-host copy per call.
+        """
         if isinstance(task_ids, (str, int)):
             task_ids = [task_ids]
         if isinstance(task_ids, torch.Tensor):
             ids = task_ids.long().reshape(-1)
-            if ids.device.type == "cpu":
-                if ids.numel():
-                    lo, hi = torch.aminmax(ids)
-                    if lo < 0 or hi >= self.num_tasks:
-                        self.task_index(int(lo if lo < 0 else hi))  # raises with the message
-            elif ids.numel():
-                torch._assert_async(((ids >= 0) & (ids < self.num_tasks)).all(), "task id out of range")
+            span = torch.stack(torch.aminmax(ids)).tolist() if ids.numel() else []
         else:
-            ids = torch.tensor([self.task_index(t) for t in task_ids], dtype=torch.long)
-        return ids.to(device) if device is not None else ids
+            values = [self.task_index(t) for t in task_ids]
+            ids = torch.tensor(values, dtype=torch.long)
+            span = [min(values), max(values)] if values else []
+        for t in span:
+            self.task_index(t)   # raises with the message when out of range
+        return (ids.to(device) if device is not None else ids), span
 
     def _device(self) -> torch.device:
         return next(self.base_model.parameters()).device
@@ -403,18 +443,23 @@ class TaskAdapterModel(nn.Module):
                     "merge a task first with model.merge_task(name)"
                 )
             return None
-        ids = self.resolve_task_ids(task_ids, self._device())
-        if self.merged_task is not None and ids.device.type == "cpu" and bool((ids != self.merged_task).any()):
-            raise MoreLoraError(f"task {self.tasks[self.merged_task]!r} is merged; unmerge() before running "
-                                "other tasks")
+        ids, span = self._resolve_task_ids(task_ids, self._device())
+        merged = self.merged_task
+        if merged is not None and any(t != merged for t in span):
+            raise MoreLoraError(f"task {self.tasks[merged]!r} is merged; unmerge() before running other tasks")
         return ids
 
     def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any):
         ids = self._prepare(task_ids)
         if self._base_takes_task_ids:
             kwargs["task_ids"] = ids
-        with self._task_ids_handed_to_layers(ids):
-            out = self.base_model(*args, **kwargs)
+        self._keep_call_state_for_checkpointing()
+        self.__dict__["_call_snapshot"] = None
+        try:
+            with self._task_ids_handed_to_layers(ids):
+                out = self.base_model(*args, **kwargs)
+        finally:
+            self.__dict__["_call_snapshot"] = None
         self.aux_losses = self._collect_aux_losses()
         loss = getattr(out, "loss", None)
         if loss is not None and kwargs.get("labels") is not None:
@@ -424,6 +469,42 @@ class TaskAdapterModel(nn.Module):
                     loss = loss + weight * value.to(loss.dtype)
             out.loss = loss
         return out
+
+    # -- gradient checkpointing
+    def _keep_call_state_for_checkpointing(self) -> None:
+        """Wrap the checkpoint function transformers gave its layers (`gradient_checkpointing_enable()`, before or
+        after this model was built) so that recomputation in backward sees this call's task ids and routing."""
+        for module in self.__dict__["_checkpointing_modules"]:
+            fn = module.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and not (isinstance(fn, _CallStateCheckpoint) and fn.model() is self):
+                module._gradient_checkpointing_func = _CallStateCheckpoint(self, fn)
+
+    def _call_state(self) -> list[tuple[nn.Module, dict[str, Any]]]:
+        """(layer, {name: value}) of every layer's `call_state_names` in this call (read once per call)."""
+        state = self.__dict__.get("_call_snapshot")
+        if state is None:
+            state = [(layer, {n: getattr(layer, n, None) for n in layer.call_state_names})
+                     for _, layer in self.adapter_layers() if getattr(layer, "call_state_names", None)]
+            self.__dict__["_call_snapshot"] = state
+        return state
+
+    @contextlib.contextmanager
+    def _reinstated(self, state: list[tuple[nn.Module, dict[str, Any]]]):
+        """The layers hold `state` inside; afterwards every call attribute is as before (what the recomputation
+        stored, e.g. a second copy of an aux loss input, is dropped)."""
+        saved = [(layer, {n: layer.__dict__.get(n, _UNSET) for n in (*values, *layer.call_output_names)})
+                 for layer, values in state]
+        for layer, values in state:
+            layer.__dict__.update(values)
+        try:
+            yield
+        finally:
+            for layer, old in saved:
+                for n, v in old.items():
+                    if v is _UNSET:
+                        layer.__dict__.pop(n, None)
+                    else:
+                        layer.__dict__[n] = v
 
     def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
         """Average of the layers' auxiliary losses (cleared after reading)."""
@@ -495,7 +576,7 @@ class TaskAdapterModel(nn.Module):
         refuse_quantized_merge(self.adapter_layers())
         self.unmerge()
         for name, layer in list(self.adapter_layers()):
-            layer.merge(t)
+            layer.merge(t, restorable=False)
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
             setattr(parent, child, layer.base_layer)
@@ -575,6 +656,7 @@ class TaskAdapterModel(nn.Module):
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e}); "
                                   "re-save the adapter or pick another checkpoint") from e
+        state = self._state_in_own_task_order(state, self._check_saved_config(directory))
         own = self.adapter_state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
@@ -591,6 +673,46 @@ class TaskAdapterModel(nn.Module):
                 target = params.get(k, buffers.get(k))
                 target.copy_(v.to(target.dtype))
         self.after_weights_changed()
+
+    def _check_saved_config(self, directory: str | os.PathLike) -> list[str]:
+        """The checkpoint's task order, after checking that its method and config are this model's: a field
+        that differs (other than `load_may_differ`) would make the loaded weights compute something else."""
+        meta = read_adapter_config(directory)
+        method = meta.get("morelora_method")
+        if self.method_name and method != self.method_name:
+            raise CheckpointError(f"{directory} holds a {method!r} adapter, this model is {self.method_name!r}; "
+                                  "load it with morelora.load_adapter_model")
+        saved, own = meta["config"], json.loads(json.dumps(self.config.to_dict()))
+        tasks = list(saved.get("tasks", self.tasks))
+        diffs = [f"{k}: checkpoint {saved[k]!r}, this model {own[k]!r}" for k in own
+                 if k in saved and k != "tasks" and k not in self.config.load_may_differ and saved[k] != own[k]]
+        if sorted(tasks) != sorted(self.tasks):
+            diffs.insert(0, f"tasks: checkpoint {tasks!r}, this model {self.tasks!r}")
+        if diffs:
+            raise CheckpointError(f"{directory} was saved with another adapter config: {'; '.join(diffs)}; build "
+                                  "the model with the checkpoint's settings (Cls.from_pretrained does)")
+        return tasks
+
+    def _state_in_own_task_order(self, state: dict[str, torch.Tensor], saved_tasks: list[str]
+                                 ) -> dict[str, torch.Tensor]:
+        """`state` with its per-task rows (layers' `per_task_param_names`) and per-task modules (the base model's
+        `per_task_modules`, e.g. one head per task) moved from the checkpoint's task order to this model's."""
+        if saved_tasks == self.tasks:
+            return state
+        order = [saved_tasks.index(t) for t in self.tasks]   # row i here = row order[i] in the checkpoint
+        state = dict(state)
+        for name, layer in self.adapter_layers():
+            for pname in getattr(layer, "per_task_param_names", ()):
+                key = f"{name}.{pname}"
+                if key in state:
+                    state[key] = state[key][order]
+        for module in getattr(self.base_model, "per_task_modules", ()):
+            moved = {}
+            for i, j in enumerate(order):
+                old = f"{module}.{j}."
+                moved.update({f"{module}.{i}.{k[len(old):]}": state.pop(k) for k in list(state) if k.startswith(old)})
+            state.update(moved)
+        return state
 
     def after_weights_changed(self) -> None:
         """Hook for caches derived from weights (MoRE's cached ranks)."""
@@ -650,6 +772,47 @@ class TaskAdapterModel(nn.Module):
                     "config_updates": spec.get("config_updates", {})}
             (out / "morelora_task.json").write_text(json.dumps(meta, indent=2) + "\n")
         return out
+
+
+# --------------------------------------------------------------------------------------------- checkpointing
+_UNSET = object()
+
+
+class _CallStateCheckpoint:
+    """transformers' checkpoint function for a model with adapter layers.
+
+    The model hands task ids (and MoRE its routing, DyLoRA its rank) to the layers for one call and clears them
+    after it; checkpointing recomputes a block during backward, after that. This wrapper reads the layers' call
+    state when a block runs and reinstates it while the block is recomputed, so the layers compute exactly what
+    they computed in the forward (PEFT's Poly has the same problem with its per-call hooks). It always checkpoints
+    non-reentrantly: the reentrant variant runs the block's forward without autograd, so the layers' auxiliary
+    losses (side outputs, computed only with autograd on) would be lost, and routing tensors built outside the
+    block could not be back-propagated into twice.
+    """
+
+    def __init__(self, model: TaskAdapterModel, fn: Any) -> None:
+        self.model = weakref.ref(model)   # the base model holds this wrapper: no reference cycle
+        self.inner = fn.inner if isinstance(fn, _CallStateCheckpoint) else fn
+        self.reentrant_asked = bool((getattr(self.inner, "keywords", None) or {}).get("use_reentrant"))
+        self.warned = False
+
+    def __call__(self, function: Any, *args: Any, **kwargs: Any):
+        model = self.model()
+        if model is None:
+            return self.inner(function, *args, **kwargs)
+        if not self.warned and (self.reentrant_asked or kwargs.get("use_reentrant")):
+            logger.warning("morelora: gradient checkpointing runs non-reentrantly (use_reentrant=False): the "
+                           "reentrant variant loses the adapters' auxiliary-loss gradients")
+            self.warned = True
+        state = model._call_state()
+
+        def run(*a: Any, **k: Any):
+            if model.__dict__.get("_call_snapshot") is state:   # the forward itself: the state is in place
+                return function(*a, **k)
+            with model._reinstated(state):                       # recomputation during backward
+                return function(*a, **k)
+
+        return self.inner(run, *args, **{**kwargs, "use_reentrant": False})
 
 
 # --------------------------------------------------------------------------------------------- helpers

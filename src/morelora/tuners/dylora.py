@@ -43,6 +43,7 @@ class DyLoRALinear(TaskAdapterLayer):
     """A frozen `nn.Linear` plus one LoRA whose prefix rank varies during training."""
 
     adapter_param_names = ("lora_A", "lora_B")
+    call_state_names = ("_task_ids", "train_rank")
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: DyLoRAConfig) -> None:
         super().__init__(base_layer, num_tasks)

@@ -131,14 +131,21 @@ class SingleLoRAModel(TaskAdapterModel):
         if self._merged is not None:
             raise MoreLoraError(f"task {self.tasks[self._merged]!r} is already merged; call model.unmerge() "
                                 f"before merging {self.tasks[t]!r}")
-        for _, layer in self.adapter_layers():
-            layer.merge(adapter_names=[ADAPTER])
+        # PEFT's safe merge writes W0 + dW into a new tensor: W0 is kept (one more weight per layer while merged)
+        # and put back by `unmerge` bit for bit, where PEFT's subtraction would drift by a rounding step a cycle
+        originals = self.__dict__.setdefault("_unmerged_weights", {})
+        for name, layer in self.adapter_layers():
+            originals[name] = layer.get_base_layer().weight.data
+            layer.merge(safe_merge=True, adapter_names=[ADAPTER])
         self._merged = t
 
     def unmerge(self) -> None:
-        for _, layer in self.adapter_layers():
+        originals = self.__dict__.pop("_unmerged_weights", {})
+        for name, layer in self.adapter_layers():
             if layer.merged:
-                layer.unmerge()
+                layer.unmerge()   # PEFT's bookkeeping; the weight itself comes back from the kept W0
+                if name in originals:
+                    layer.get_base_layer().weight.data = originals[name]
         self._merged = None
 
     def merge_and_unload(self, task: str | int) -> nn.Module:

@@ -44,6 +44,7 @@ class MoELoRALinear(TaskAdapterLayer):
     """A frozen `nn.Linear` plus N LoRA experts weighted per task."""
 
     adapter_param_names = ("lora_A", "lora_B", "task_embedding", "gate")
+    per_task_param_names = ("task_embedding",)
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: MoELoRAConfig) -> None:
         super().__init__(base_layer, num_tasks)

@@ -29,6 +29,7 @@ class MultiLoRALinear(TaskAdapterLayer):
     """A frozen `nn.Linear` plus one LoRA per task."""
 
     adapter_param_names = ("lora_A", "lora_B")
+    per_task_param_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: MultiLoRAConfig) -> None:
         super().__init__(base_layer, num_tasks)

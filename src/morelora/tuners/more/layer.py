@@ -69,6 +69,9 @@ class MoRELinear(TaskAdapterLayer):
     _routed: tuple[torch.Tensor, torch.Tensor] | None = None   # (the model's task ids (B,), coefficients (B, r))
     _cl_deferred: bool = False                                 # store the contrastive input for the model
     _cl_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (float copy of first_token(x), its task ids)
+    call_state_names = ("_task_ids", "_routed", "_cl_deferred")   # reinstated when checkpointing recomputes
+    call_output_names = ("aux_loss", "_cl_input")
+    per_task_param_names = ("task_embedding", "router_logits", "frozen_expert")   # one row per task
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: MoREConfig) -> None:
         super().__init__(base_layer, num_tasks)
