@@ -13,7 +13,9 @@ Values and gradients are those of the per-layer path (up to float rounding). Rou
 exactly as before, at inference (eval mode or no grad: the layers' cached tables), for `routing`
 "hard"/"frozen", `ste_estimator="prefix_mask"`, `expert_structure="subset"`, `use_task_embeddings=False`,
 and in a layer called with task ids other than the model's (that layer also computes its own contrastive
-loss); the contrastive loss of the other layers is batched whatever the routing. One difference: an adapted
+loss), and while any router parameter is sharded (FSDP: outside its unit's forward it is a DTensor / flat shard,
+so routing and the contrastive loss happen inside each layer's forward, where FSDP has gathered it); the
+contrastive loss of the other layers is batched whatever the routing. One difference: an adapted
 layer that does not run in a training forward gets zero (not None) gradients for its router, since its
 group's table was built. `_grouped_routing = False` turns all of this off (the reference path of the tests).
 """
@@ -30,6 +32,11 @@ from torch import nn
 from ..base import TaskAdapterModel
 from .config import MoREConfig
 from .layer import MoRELinear
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+else:  # a build without torch.distributed: nothing can be sharded
+    DTensor = None
 
 
 class MoREModel(TaskAdapterModel):
@@ -74,6 +81,21 @@ class MoREModel(TaskAdapterModel):
             self.__dict__["_group_cache"] = cache
         return cache[1]
 
+    def _routers_whole(self) -> bool:
+        """False while some layer's router parameters are sharded: under FSDP2 (`fully_shard`) they are DTensors
+        outside their unit's forward, under FSDP1 (`use_orig_params=True`) flat 1-D shards; only the layer
+        itself, inside that forward, sees them whole."""
+        if not self.config.use_task_embeddings:
+            return True
+        for _, layer in self.adapter_layers():
+            e = layer._parameters["task_embedding"]
+            gate = layer._modules["gate"]._parameters
+            w, b = gate["weight"], gate["bias"]
+            if e.dim() != 2 or e.shape[0] != layer.num_tasks or w.shape != (layer.r, layer.in_features) \
+                    or b is None or b.shape != (layer.r,) or (DTensor is not None and isinstance(e, DTensor)):
+                return False
+        return True
+
     def _batched_routing_applies(self) -> bool:
         cfg = self.config
         return (self.training and cfg.use_task_embeddings and cfg.routing == "ste"
@@ -109,7 +131,9 @@ class MoREModel(TaskAdapterModel):
         """The base hand-off, plus (while training) routing per group and deferring the contrastive loss."""
         routing = defer = False
         try:
-            if task_ids is not None and self._grouped_routing and self.training:
+            # sharded routers (FSDP2): the per-layer path, which routes and computes the contrastive loss inside
+            # each layer's forward, where FSDP has gathered its parameters
+            if task_ids is not None and self._grouped_routing and self.training and self._routers_whole():
                 cfg = self.config
                 if self._batched_routing_applies():
                     routing = True
