@@ -62,7 +62,7 @@ def main() -> None:
             ids, mask, tasks = make_batch(template, gen)
             inputs: dict[int, torch.Tensor] = {}
             for i, layer in enumerate(model.model.layers):
-                layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
+                layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a, i=i, d=inputs: d.__setitem__(i, a[0]))
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask)
             for i, x in inputs.items():

@@ -101,8 +101,8 @@ def _fsdp_run(model: nn.Module, inner: MoREModel, x: torch.Tensor, t: torch.Tens
 
 
 def _fsdp_rank(rank: int, port: int, out: str) -> None:
-    """One of two processes: its half of the batch under FSDP2 (`fully_shard`), then FSDP1 (`use_orig_params`,
-    as accelerate wraps), each decoder layer its own unit; rank 0 saves the means over the processes."""
+    """One of two processes: its half of the batch under FSDP2 (`fully_shard`), then FSDP1 (`use_orig_params`),
+    each decoder layer its own unit; rank 0 saves the means over the processes."""
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
