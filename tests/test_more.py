@@ -462,3 +462,185 @@ def test_routing_cache_refreshes_after_data_writes_and_mode_change():
     cached, fresh = _fresh_vs_cached(m, x, t)
     assert torch.equal(cached, fresh)
     assert all(k == 4 for ranks in m.task_ranks().values() for k in ranks.values())
+
+
+# ------------------------------------------------------------------------------------- contrastive pooling
+BOS = 1
+
+
+def hand_pool(x, mask, pooling):
+    """One row per example, by loops: x[i, 0], the mean of the real tokens, or the last real token."""
+    rows = []
+    for i in range(x.shape[0]):
+        real = [j for j in range(x.shape[1]) if mask is None or mask[i, j]]
+        if pooling == "first":
+            rows.append(x[i, 0])
+        elif pooling == "mean":
+            rows.append(sum(x[i, j] for j in real) / len(real))
+        else:
+            rows.append(x[i, real[-1]])
+    return torch.stack(rows)
+
+
+def hand_contrastive(model, captured, mask, task_ids, pooling):
+    """Mean over layers of cross_entropy(cos(pooled h, E_t) / tau, task id), cosines by dot products."""
+    losses = []
+    for name, layer in model.adapter_layers():
+        h = hand_pool(captured[name], mask, pooling)
+        sims = torch.stack([torch.stack([torch.dot(hi, e) / (hi.norm() * e.norm()) for e in layer.task_embedding])
+                            for hi in h])
+        losses.append(F.cross_entropy(sims / 0.05, task_ids))
+    return torch.stack(losses).mean()
+
+
+def capture_inputs(model):
+    captured = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, a, n=name: captured.__setitem__(n, a[0].detach()))
+             for name, layer in model.adapter_layers()]
+    return captured, hooks
+
+
+def padded_batch(lengths, side="right", seed=1):
+    """BOS + random tokens of the given lengths, padded with 0 on `side`: (ids, mask)."""
+    rows = [[BOS, *ids(1, n - 1, seed=seed + i)[0].tolist()] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    pad = [[0] * (width - len(r)) for r in rows]
+    x = torch.tensor([r + p if side == "right" else p + r for r, p in zip(rows, pad)])
+    return x, (x != 0).long()
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("pooling", ["first", "mean", "last"])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_contrastive_pooling_hand_computed(family, pooling, grouped):
+    base = tiny_llama() if family == "llama" else tiny_bert()
+    m = more(base, contrastive_pooling=pooling, target_modules=["q_proj", "v_proj", "down_proj"]
+             if family == "llama" else ["query", "value", "output.dense"]).train()
+    shuffle_router(m)
+    m._grouped_routing = grouped
+    x, mask = padded_batch([7, 4, 6, 2])
+    task_ids = torch.tensor([0, 2, 1, 1])
+    labels = x.masked_fill(mask == 0, -100) if family == "llama" else torch.tensor([0, 1, 2, 0])
+    captured, hooks = capture_inputs(m)
+    m(input_ids=x, attention_mask=mask, labels=labels, task_ids=task_ids)
+    for h in hooks:
+        h.remove()
+    want = hand_contrastive(m, captured, mask, task_ids, pooling)
+    torch.testing.assert_close(m.aux_losses["contrastive"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_pooling_multiple_choice_mask_is_flattened():
+    """(B, C, L) inputs run as (B * C, L) rows: the mask is flattened alike and the ids repeat per choice."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64)
+    x, mask = padded_batch([5, 3, 6, 2, 4, 6])
+    for grouped in (True, False):
+        m = more(BertForMultipleChoice(cfg), contrastive_pooling="mean").train()
+        shuffle_router(m)
+        m._grouped_routing = grouped
+        captured, hooks = capture_inputs(m)
+        task_ids = torch.tensor([2, 0, 1])
+        m(input_ids=x.view(3, 2, -1), attention_mask=mask.view(3, 2, -1), labels=torch.tensor([0, 1, 1]),
+          task_ids=task_ids)
+        for h in hooks:
+            h.remove()
+        want = hand_contrastive(m, captured, mask, task_ids.repeat_interleave(2), "mean")
+        torch.testing.assert_close(m.aux_losses["contrastive"], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_contrastive_pooling_ignores_padding(family, pooling):
+    """Right- and left-padded batches give the loss of the examples run one by one without padding."""
+    m = more(tiny_llama() if family == "llama" else tiny_bert(), contrastive_pooling=pooling).train()
+    shuffle_router(m)
+    for mod in m.modules():   # BERT's own dropout would differ between the runs
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    lengths, task_ids = [6, 3, 5, 2], torch.tensor([0, 2, 1, 1])
+    alone = []
+    for i, n in enumerate(lengths):
+        xi, _ = padded_batch([n], seed=1 + i)
+        m(input_ids=xi, task_ids=task_ids[i:i + 1])
+        alone.append(m.aux_losses["contrastive"])
+    want = torch.stack(alone).mean()
+    for side in ("right", "left"):
+        x, mask = padded_batch(lengths, side)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)   # positions of the real tokens as in the unpadded runs
+        m(input_ids=x, attention_mask=mask, position_ids=pos, task_ids=task_ids)
+        torch.testing.assert_close(m.aux_losses["contrastive"], want, atol=1e-5, rtol=1e-5, msg=side)
+
+
+def test_default_contrastive_input_of_a_decoder_sees_the_text():
+    """Decoder-only: texts that start with BOS give position 0 the same state in every example, so the paper's
+    first-token loss cannot tell them apart; the default ("auto" -> "mean") reads the text."""
+    m = more(tiny_llama()).train()
+    shuffle_router(m)
+    task_ids = torch.tensor([0, 1, 2, 0])
+    losses = []
+    for seed in (1, 50):
+        x, _ = padded_batch([6, 6, 6, 6], seed=seed)
+        m(input_ids=x, task_ids=task_ids)
+        losses.append(m.aux_losses["contrastive"])
+    assert (losses[0] - losses[1]).abs() > 1e-3, "the contrastive loss does not depend on the text"
+    assert m.contrastive_pooling == "mean" and more(tiny_bert()).contrastive_pooling == "first"
+    assert more(tiny_t5()).contrastive_pooling == "first"
+    first = more(tiny_llama(), contrastive_pooling="first").train()   # the degeneracy itself
+    captured, hooks = capture_inputs(first)
+    first(input_ids=padded_batch([6, 4, 5], seed=3)[0], task_ids=[0, 1, 2])
+    for name, x in captured.items():
+        assert torch.allclose(x[:, 0], x[:1, 0].expand_as(x[:, 0]), atol=1e-6), name
+
+
+def test_contrastive_pooling_masks_of_encoder_decoder_sides():
+    """T5: decoder self-attention, cross-attention queries and decoder FFN read the decoder mask; the encoder and
+    the cross-attention keys / values read the encoder's."""
+    m = more(tiny_t5(), contrastive_pooling="last", target_modules=["q", "k", "v", "wo"]).train()
+    enc_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    dec_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, a, n=name: seen.__setitem__(n, mod._cl_mask))
+             for name, layer in m.adapter_layers()]
+    m(input_ids=ids(2, 7), attention_mask=enc_mask, decoder_input_ids=ids(2, 4, seed=2),
+      decoder_attention_mask=dec_mask, labels=ids(2, 4, seed=2), task_ids=[0, 1])
+    for h in hooks:
+        h.remove()
+    for name, mask in seen.items():
+        decoder_side = name.startswith("decoder.") and not name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
+        assert torch.equal(mask, dec_mask if decoder_side else enc_mask), name
+    assert "decoder.block.0.layer.1.EncDecAttention.q" in seen and "decoder.block.0.layer.1.EncDecAttention.k" in seen
+    assert all(layer._cl_mask is None for _, layer in m.adapter_layers())   # per call only
+
+
+def test_contrastive_pooling_load_compatibility(tmp_path):
+    """A checkpoint saved before the option has no contrastive_pooling: it loads, and "auto" keeps the first-token
+    loss it was trained with (a resumed decoder run keeps its objective); new checkpoints record the pooling."""
+    m = more(tiny_llama()).train()
+    m.save_pretrained(tmp_path / "new")
+    meta = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert meta["config"]["contrastive_pooling"] == "auto" and meta["contrastive_pooling"] == "mean"
+    assert morelora.MoREModel.from_pretrained(tiny_llama(), tmp_path / "new").contrastive_pooling == "mean"
+
+    m.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "adapter_config.json"
+    old = json.loads(path.read_text())
+    del old["config"]["contrastive_pooling"], old["contrastive_pooling"]
+    path.write_text(json.dumps(old))
+    loaded = morelora.MoREModel.from_pretrained(tiny_llama(), tmp_path / "old").train()
+    assert loaded.config.contrastive_pooling == "auto" and loaded.contrastive_pooling == "first"
+    assert {layer.contrastive_pooling for _, layer in loaded.adapter_layers()} == {"first"}
+    resumed = more(tiny_llama()).train()            # the trainer's resume: build from the run config, then load
+    resumed.load_adapter(tmp_path / "old")
+    assert resumed.contrastive_pooling == "first"
+    explicit = more(tiny_llama(), contrastive_pooling="last")
+    explicit.load_adapter(tmp_path / "old")         # a pooling the user chose is kept
+    assert explicit.contrastive_pooling == "last"
+    old["contrastive_pooling"] = "cls"
+    path.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="unknown contrastive_pooling 'cls'"):
+        morelora.MoREModel.from_pretrained(tiny_llama(), tmp_path / "old")
+    with pytest.raises(MoreLoraError, match="contrastive_pooling must be one of"):
+        MoREConfig(tasks=TASKS, contrastive_pooling="max")

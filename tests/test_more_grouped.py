@@ -80,7 +80,7 @@ def _assert_same_step(m: MoREModel, ref: MoREModel, **inputs) -> None:
             torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
     for _, layer in m.adapter_layers():   # per-call state is gone
         assert layer._routed is None and layer._cl_input is None and not layer._cl_deferred
-        assert layer.aux_loss is None and layer._task_ids is None
+        assert layer.aux_loss is None and layer._task_ids is None and layer._cl_mask is None
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
@@ -223,3 +223,36 @@ def test_no_grad_training_mode_and_frozen_router():
         for p in (layer.task_embedding, layer.gate.weight, layer.gate.bias):
             p.requires_grad_(False)
     _assert_same_step(m, ref, **_inputs("bert"), task_ids=MIXED)
+
+
+def _padded(batch: int, length: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids with example i padded (0) to `length` from `length - i` real tokens, on `side`; and the mask."""
+    x = ids(batch, length)
+    real = torch.arange(length)[None, :] < (length - torch.arange(batch) % length)[:, None]
+    mask = (real if side == "right" else real.flip(-1)).long()
+    return x * mask, mask
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean", "last"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_grouped_matches_per_layer_for_every_pooling(family, pooling):
+    """The contrastive loss of the stored pooled inputs (grouped) = each layer's own (per layer), padded batches."""
+    m, ref = _pair(_base(family), target_modules=TARGETS[family], contrastive_pooling=pooling)
+    assert m.contrastive_pooling == ref.contrastive_pooling == pooling
+    for side in ("right", "left"):
+        x, mask = _padded(6, 7, side)
+        labels = x.masked_fill(mask == 0, -100) if family == "llama" else torch.arange(6) % 3
+        _assert_same_step(m, ref, input_ids=x, attention_mask=mask, labels=labels, task_ids=MIXED)
+
+
+def test_grouped_pooling_with_multiple_choice_rows():
+    """(B, C, L) choices: the model flattens the mask like the inputs; grouped = per layer for mean and last."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64)
+    x, mask = _padded(12, 7, "right")
+    for pooling in ("mean", "last"):
+        m, ref = _pair(BertForMultipleChoice(copy.deepcopy(cfg)), target_modules=TARGETS["bert"],
+                       contrastive_pooling=pooling)
+        _assert_same_step(m, ref, input_ids=x.view(3, 4, 7), attention_mask=mask.view(3, 4, 7),
+                          labels=torch.tensor([0, 3, 1]), task_ids=torch.tensor([2, 0, 1]))

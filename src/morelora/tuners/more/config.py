@@ -39,6 +39,12 @@ class MoREConfig(TaskAdapterConfig):
                   "logit table (the 'without task embeddings' ablation; no contrastive loss)."})
     contrastive_weight: float = field(default=0.1, metadata={"help": "lambda for the contrastive loss."})
     contrastive_temperature: float = field(default=0.05, metadata={"help": "tau of the contrastive loss."})
+    contrastive_pooling: Literal["auto", "first", "mean", "last"] = field(
+        default="auto",
+        metadata={"help": "Which reading of the layer input h the contrastive loss compares with E: 'first': x[:, 0] "
+                  "(the paper); 'mean': mean over the attention mask's real tokens; 'last': the last real token; "
+                  "'auto': 'first' for encoders and encoder-decoders, 'mean' for decoder-only models (whose first "
+                  "position, BOS, sees no text). docs/METHOD.md, 'Contrastive task loss'."})
     task_embedding_std: float = field(default=0.01, metadata={"help": "Init std of task embeddings."})
     init_lora_weights: bool = field(
         default=True, metadata={"help": "B = 0 at init (identity change); False: random B (for tests)."})
@@ -56,6 +62,7 @@ class MoREConfig(TaskAdapterConfig):
             raise MoreLoraError(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
         for name, allowed in [("rank_scaling", ("linear", "none")), ("routing", ("ste", "hard", "frozen")),
                               ("ste_estimator", ("onehot", "prefix_mask")),
-                              ("expert_structure", ("prefix", "subset"))]:
+                              ("expert_structure", ("prefix", "subset")),
+                              ("contrastive_pooling", ("auto", "first", "mean", "last"))]:
             if getattr(self, name) not in allowed:
                 raise MoreLoraError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -15,8 +15,12 @@ coefficients are computed once from the gate and cached until the router's weigh
 
 While training, `MoREModel` routes all layers of the same shape in one batched op and hands each layer
 its (batch, r) coefficients for the call (`_routed`); it also collects the contrastive loss of all layers
-at once from their stored first-token inputs (`_cl_input`). A layer called on its own (or a
+at once from their stored pooled inputs (`_cl_input`). A layer called on its own (or a
 configuration the batched path does not cover) computes both itself, as below.
+
+The contrastive loss reads one vector per example from the layer input (`pool_tokens`): the first position
+(the paper), or the mean / last of the real tokens of the attention mask that `MoREModel` hands the layer for
+the call (`_cl_mask`).
 """
 
 from __future__ import annotations
@@ -57,9 +61,25 @@ def expert_masks(r: int, structure: str, seed: int = 0) -> torch.Tensor:
     return masks
 
 
-def first_token(x: torch.Tensor) -> torch.Tensor:
-    """The input the contrastive loss reads: x[:, 0, :] for (batch, tokens, d), else x itself."""
-    return x[:, 0, :] if x.dim() == 3 else x
+def pool_tokens(x: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The input the contrastive loss reads, (batch, d), from `x` (batch, tokens, d) (other shapes: x itself).
+
+    "first": x[:, 0]; "mean": the mean over the tokens where `mask` (batch, tokens) is nonzero; "last": the last
+    such token (right or left padding alike). Without a mask (or one whose shape does not fit `x`: its rows may
+    be a divisor of x's, as for beams) "mean" and "last" use every position.
+    """
+    if x.dim() != 3 or pooling == "first":
+        return x[:, 0, :] if x.dim() == 3 else x
+    rows, tokens = x.shape[:2]
+    if mask is not None and mask.shape[-1] == tokens and mask.shape[0] != rows and rows % mask.shape[0] == 0:
+        mask = mask.repeat_interleave(rows // mask.shape[0], 0)
+    if mask is None or mask.shape != (rows, tokens):
+        return x.mean(1) if pooling == "mean" else x[:, -1, :]
+    if pooling == "mean":   # bmm: keeps only the mask for backward, not the layer input
+        m = mask.to(x.dtype).unsqueeze(1)                                                    # (B, 1, L)
+        return torch.bmm(m, x).squeeze(1) / m.sum(-1).clamp_min(1)
+    last = (mask.ne(0).long() * torch.arange(1, tokens + 1, device=mask.device)).argmax(-1)   # last real token
+    return x[torch.arange(rows, device=x.device), last]
 
 
 class MoRELinear(TaskAdapterLayer):
@@ -68,8 +88,9 @@ class MoRELinear(TaskAdapterLayer):
     # Per-call state set by MoREModel (batched routing, see model.py); None / False outside its calls.
     _routed: tuple[torch.Tensor, torch.Tensor] | None = None   # (the model's task ids (B,), coefficients (B, r))
     _cl_deferred: bool = False                                 # store the contrastive input for the model
-    _cl_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (float copy of first_token(x), its task ids)
-    call_state_names = ("_task_ids", "_routed", "_cl_deferred")   # reinstated when checkpointing recomputes
+    _cl_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (float copy of the pooled x, its task ids)
+    _cl_mask: torch.Tensor | None = None                       # (rows, tokens) attention mask of this layer's input
+    call_state_names = ("_task_ids", "_routed", "_cl_deferred", "_cl_mask")   # reinstated when checkpointing recomputes
     call_output_names = ("aux_loss", "_cl_input")
     per_task_param_names = ("task_embedding", "router_logits", "frozen_expert")   # one row per task
 
@@ -78,6 +99,9 @@ class MoRELinear(TaskAdapterLayer):
         r, d_in = config.r, self.in_features
         self.r = r
         self.cfg = config
+        #: how the contrastive loss reads the input: "first" | "mean" | "last" (MoREModel resolves "auto" per model;
+        #: a layer built on its own takes "first", the paper's)
+        self.contrastive_pooling = "first" if config.contrastive_pooling == "auto" else config.contrastive_pooling
         self.scaling = config.lora_alpha / r
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A, self.lora_B = lora_pair(d_in, self.out_features, r, config.init_lora_weights)
@@ -224,15 +248,19 @@ class MoRELinear(TaskAdapterLayer):
         if self.training and self.cfg.use_task_embeddings and self.cfg.contrastive_weight > 0:
             if self._cl_deferred and self._handed_over(task_ids) is not None:
                 # a copy: a view of x would keep the whole layer input alive until backward
-                self._cl_input = (first_token(x).to(torch.float32, copy=True), task_ids)
+                self._cl_input = (self.pooled_input(x).to(torch.float32, copy=True), task_ids)
             else:
                 self.aux_loss = self.contrastive_loss(x, task_ids)
         return z, self.lora_B, 1.0
 
+    def pooled_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, d): the layer input as the contrastive loss reads it (`contrastive_pooling`, `pool_tokens`)."""
+        return pool_tokens(x, self.contrastive_pooling, self._cl_mask)
+
     def contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of normalize(x[:, 0]) . normalize(E)^T / tau against the task id."""
+        """Cross-entropy of normalize(pooled x) . normalize(E)^T / tau against the task id."""
         # a copy: a view of x would keep the whole layer input alive until backward
-        h = F.normalize(first_token(x).float().clone(), dim=-1)
+        h = F.normalize(self.pooled_input(x).float().clone(), dim=-1)
         e = F.normalize(self.task_embedding.float(), dim=-1)
         return F.cross_entropy(h @ e.T / self.cfg.contrastive_temperature, task_ids)
 
@@ -255,4 +283,4 @@ class MoRELinear(TaskAdapterLayer):
         self.clear_cache()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, routing={self.cfg.routing}"
+        return f"{super().extra_repr()}, r={self.r}, routing={self.cfg.routing}, pooling={self.contrastive_pooling}"

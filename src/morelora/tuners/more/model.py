@@ -6,14 +6,16 @@ matmuls on small models (docs/BENCHMARKS.md, "Proposed fixes", fix 5). So before
 model groups its layers by `(in_features, r)` and computes every group's coefficients in one `baddbmm` +
 softmax + argmax + STE — for the batch's B task rows when B < T (so the cost follows the batch, not the
 number of tasks), else as an `(L, T, r)` table indexed once with the task ids — and hands each layer its
-`(B, r)` rows (`MoRELinear._routed`). Layers store their first-token input instead of computing the
+`(B, r)` rows (`MoRELinear._routed`). Layers store their pooled input instead of computing the
 contrastive loss, and the model computes it per group after the forward with one `bmm` (dividing the
 `(L, B, T)` logits by the embeddings' norms rather than normalizing all `(L, T, d_in)` embeddings).
 Values and gradients are those of the per-layer path (up to float rounding). Routing stays per layer,
 exactly as before, at inference (eval mode or no grad: the layers' cached tables), for `routing`
 "hard"/"frozen", `ste_estimator="prefix_mask"`, `expert_structure="subset"`, `use_task_embeddings=False`,
 and in a layer called with task ids other than the model's (that layer also computes its own contrastive
-loss); the contrastive loss of the other layers is batched whatever the routing. One difference: an adapted
+loss), and while any router parameter is sharded (FSDP: outside its unit's forward it is a DTensor / flat shard,
+so routing and the contrastive loss happen inside each layer's forward, where FSDP has gathered it); the
+contrastive loss of the other layers is batched whatever the routing. One difference: an adapted
 layer that does not run in a training forward gets zero (not None) gradients for its router, since its
 group's table was built. `_grouped_routing = False` turns all of this off (the reference path of the tests).
 """
@@ -21,15 +23,50 @@ group's table was built. `_grouped_routing = False` turns all of this off (the r
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import TaskAdapterModel
+from ..base import CheckpointError, TaskAdapterModel, read_adapter_config
 from .config import MoREConfig
 from .layer import MoRELinear
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+else:  # a build without torch.distributed: nothing can be sharded
+    DTensor = None
+
+#: attention modules of encoder-decoder models whose key / value projections read the encoder's states
+_CROSS_ATTENTION = ("EncDecAttention", "encoder_attn", "crossattention")
+
+
+def is_decoder_only(model: nn.Module) -> bool:
+    """A decoder-only transformers model (causal attention everywhere: position 0 sees only itself)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    mtype = getattr(cfg, "model_type", None)
+    # BERT-like types also have a causal-LM class (as decoders); they count as encoders unless configured as one
+    return bool(getattr(cfg, "is_decoder", False)) or (
+        mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def reads_decoder_states(name: str) -> bool:
+    """In an encoder-decoder model: does the adapted linear `name` read the decoder's token positions (its
+    self-attention, the queries of its cross-attention, its FFN) rather than the encoder's?"""
+    parts = name.split(".")
+    if "decoder" not in parts:
+        return False
+    cross_kv = any(p in _CROSS_ATTENTION for p in parts) and parts[-1] in ("k", "v", "k_proj", "v_proj", "key", "value")
+    return not cross_kv
 
 
 class MoREModel(TaskAdapterModel):
@@ -48,7 +85,23 @@ class MoREModel(TaskAdapterModel):
     _grouped_routing = True
 
     def make_layer(self, name: str, base: nn.Linear) -> MoRELinear:
-        return MoRELinear(base, len(self.config.tasks), self.config)
+        layer = MoRELinear(base, len(self.config.tasks), self.config)
+        layer.contrastive_pooling = self.contrastive_pooling
+        return layer
+
+    @property
+    def contrastive_pooling(self) -> str:
+        """The contrastive loss's reading of the layer inputs: the config's, or for "auto" the model kind's
+        ("mean" for decoder-only models, "first" otherwise); a loaded checkpoint may pin it (`load_adapter`)."""
+        if "_pooling" not in self.__dict__:
+            p = self.config.contrastive_pooling
+            self.__dict__["_pooling"] = p if p != "auto" else ("mean" if is_decoder_only(self.base_model) else "first")
+        return self.__dict__["_pooling"]
+
+    def _set_contrastive_pooling(self, pooling: str) -> None:
+        self.__dict__["_pooling"] = pooling
+        for _, layer in self.adapter_layers():
+            layer.contrastive_pooling = pooling
 
     def task_ranks(self) -> dict[str, dict[str, int]]:
         """{task: {module name: rank k_t}}: the prefix rank each task uses in each layer."""
@@ -60,7 +113,29 @@ class MoREModel(TaskAdapterModel):
             layer.clear_cache()
 
     def _extra_metadata(self) -> dict[str, Any]:
-        return {"task_ranks": self.task_ranks()}
+        return {"task_ranks": self.task_ranks(), "contrastive_pooling": self.contrastive_pooling}
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Load adapter weights; with `contrastive_pooling: auto`, also the pooling the checkpoint was trained with
+        (a checkpoint from before the option: "first"), so that a resumed run keeps its training objective."""
+        super().load_adapter(directory)
+        if self.config.contrastive_pooling != "auto":
+            return
+        saved = read_adapter_config(directory).get("contrastive_pooling", "first")
+        if saved not in ("first", "mean", "last"):
+            raise CheckpointError(f"{directory}: unknown contrastive_pooling {saved!r} in its adapter config "
+                                  "(expected first, mean or last); re-save the adapter")
+        self._set_contrastive_pooling(saved)
+
+    def _layer_masks(self, kwargs: dict[str, Any]) -> list[tuple[MoRELinear, torch.Tensor | None]]:
+        """Each layer with the attention mask of its input positions, flattened to (rows, tokens): the decoder's
+        (`decoder_attention_mask`) for the decoder side of an encoder-decoder model, else `attention_mask`."""
+        enc, dec = kwargs.get("attention_mask"), kwargs.get("decoder_attention_mask")
+        enc = enc.reshape(-1, enc.shape[-1]) if enc is not None else None   # (B, C, L) choices -> (B * C, L)
+        dec = dec.reshape(-1, dec.shape[-1]) if dec is not None else None
+        if not getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False):
+            return [(layer, enc) for _, layer in self.adapter_layers()]
+        return [(layer, dec if reads_decoder_states(name) else enc) for name, layer in self.adapter_layers()]
 
     # ------------------------------------------------------------------ batched routing (training)
     def _layer_groups(self) -> list[list[MoRELinear]]:
@@ -73,6 +148,21 @@ class MoREModel(TaskAdapterModel):
             cache = (self.adapted_names, list(groups.values()))
             self.__dict__["_group_cache"] = cache
         return cache[1]
+
+    def _routers_whole(self) -> bool:
+        """False while some layer's router parameters are sharded: under FSDP2 (`fully_shard`) they are DTensors
+        outside their unit's forward, under FSDP1 (`use_orig_params=True`) flat 1-D shards; only the layer
+        itself, inside that forward, sees them whole."""
+        if not self.config.use_task_embeddings:
+            return True
+        for _, layer in self.adapter_layers():
+            e = layer._parameters["task_embedding"]
+            gate = layer._modules["gate"]._parameters
+            w, b = gate["weight"], gate["bias"]
+            if e.dim() != 2 or e.shape[0] != layer.num_tasks or w.shape != (layer.r, layer.in_features) \
+                    or b is None or b.shape != (layer.r,) or (DTensor is not None and isinstance(e, DTensor)):
+                return False
+        return True
 
     def _batched_routing_applies(self) -> bool:
         cfg = self.config
@@ -109,7 +199,9 @@ class MoREModel(TaskAdapterModel):
         """The base hand-off, plus (while training) routing per group and deferring the contrastive loss."""
         routing = defer = False
         try:
-            if task_ids is not None and self._grouped_routing and self.training:
+            # sharded routers (FSDP2): the per-layer path, which routes and computes the contrastive loss inside
+            # each layer's forward, where FSDP has gathered its parameters
+            if task_ids is not None and self._grouped_routing and self.training and self._routers_whole():
                 cfg = self.config
                 if self._batched_routing_applies():
                     routing = True
@@ -131,7 +223,15 @@ class MoREModel(TaskAdapterModel):
                     layer._cl_deferred = False
 
     def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any):
+        """The wrapped model's forward. The contrastive loss ("mean" / "last" pooling) reads the keyword arguments
+        `attention_mask` / `decoder_attention_mask`; without them it pools over every position."""
         self.__dict__["_in_forward"] = True
+        cfg = self.config
+        masked = (self.training and torch.is_grad_enabled() and cfg.use_task_embeddings and cfg.contrastive_weight > 0
+                  and self.contrastive_pooling != "first")
+        if masked:
+            for layer, mask in self._layer_masks(kwargs):
+                layer.__dict__["_cl_mask"] = mask
         try:
             return super().forward(*args, task_ids=task_ids, **kwargs)
         except BaseException:
@@ -141,6 +241,9 @@ class MoREModel(TaskAdapterModel):
         finally:
             self.__dict__["_in_forward"] = False
             self.__dict__.pop("_stacked_e", None)
+            if masked:
+                for _, layer in self.adapter_layers():
+                    layer.__dict__["_cl_mask"] = None
 
     def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
         """Mean over layers of the contrastive loss: deferred layers per group, the others' own `aux_loss`."""
