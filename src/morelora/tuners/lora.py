@@ -153,7 +153,7 @@ class SingleLoRAModel(TaskAdapterModel):
         refuse_quantized_merge(self.adapter_layers())
         self.unmerge()
         for name, layer in list(self.adapter_layers()):
-            layer.merge(adapter_names=[ADAPTER])
+            layer.merge(safe_merge=True, adapter_names=[ADAPTER])
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
             setattr(parent, child, layer.get_base_layer())
