@@ -83,6 +83,10 @@ def test_reference_scores_hand_values():
     mc_test = [{"query": "", "choices": list("ab"), "gold": 0},
                {"query": "", "choices": list("abcd"), "gold": 1}]
     assert reference_score(MC, [], mc_test) == pytest.approx(0.375)
+    # answers in a fixed order (yes / no): the train split's most frequent position is the majority class
+    yes_no = [{"query": "", "choices": ["yes", "no"], "gold": g} for g in [0, 0, 0, 1, 0, 1, 0, 0]]
+    assert reference_score(MC, yes_no[:3], yes_no) == pytest.approx(6 / 8)
+    assert reference_score(MC, [{"gold": 1}], yes_no) == pytest.approx(0.5)   # position 1 scores 2/8: chance
     reg = [{"text": "", "label": v} for v in [0.0, 1.0, 5.0]]
     assert reference_score(STSB, reg, reg) == 0.0
 
@@ -130,3 +134,6 @@ def test_reference_gap_against_a_hand_bootstrap():
     assert gap["diff"] == pytest.approx(0.5 - chance.mean())
     assert gap["low"] == pytest.approx(np.quantile(diffs, 0.025))
     assert gap["p"] == pytest.approx((np.sum(diffs <= 0) + 1) / 201)
+    # the same against the position prior when it beats chance: train says position 0, right 100 % here
+    gap = reference_gap(mc, preds, [{"gold": 0}], test, n_resamples=200, seed=3)
+    assert gap["diff"] == pytest.approx(0.5 - 1.0) and gap["p"] == 1.0

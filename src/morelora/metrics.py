@@ -112,13 +112,26 @@ def reference_score(spec: TaskSpec, train: Sequence[Example], test: Sequence[Exa
     """Main-metric score of a trivial predictor on ``test``.
 
     classification / text-to-text: always the most frequent train label / target (ties: the smallest);
-    regression: always the train mean (correlation undefined -> 0.0); multiple choice: chance, the mean of
-    ``1 / num_choices``.
+    regression: always the train mean (correlation undefined -> 0.0); multiple choice: the better of chance
+    (the mean of ``1 / num_choices``) and always the most frequent train answer position, which is the majority
+    class of a task whose choices come in a fixed order (BoolQ: "yes" / "no").
     """
     if spec.kind == "multiple_choice":
-        return float(np.mean([1.0 / len(ex["choices"]) for ex in test]))
+        return float(_mc_reference(train, test).mean())
     constant = _constant_prediction(spec, train)
     return compute_metrics(spec, [constant] * len(test), references(spec, test))[spec.main_metric]
+
+
+def _mc_reference(train: Sequence[Example], test: Sequence[Example]) -> np.ndarray:
+    """Per test example, the multiple-choice reference's score: 1 / num_choices (chance) or, when it scores
+    higher on ``test``, whether the gold is the train split's most frequent answer position (ties: the first)."""
+    chance = np.array([1.0 / len(ex["choices"]) for ex in test])
+    if not train:
+        return chance
+    counts = Counter(int(ex["gold"]) for ex in train)
+    position = min(counts, key=lambda j: (-counts[j], j))
+    prior = np.array([float(int(ex["gold"]) == position) for ex in test])
+    return prior if prior.mean() > chance.mean() else chance
 
 
 def _constant_prediction(spec: TaskSpec, train: Sequence[Example]) -> Any:
@@ -142,7 +155,7 @@ def reference_gap(spec: TaskSpec, predictions: Sequence, train: Sequence[Example
     n, main = len(refs), spec.main_metric
     idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
     if spec.kind == "multiple_choice":
-        reference = np.array([1.0 / len(ex["choices"]) for ex in test])[idx].mean(1)
+        reference = _mc_reference(train, test)[idx].mean(1)
     else:
         constant = _constant_prediction(spec, train)
     if main in ("accuracy", "exact_match"):
