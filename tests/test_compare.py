@@ -401,3 +401,68 @@ def test_compare_config_rows_end_to_end_and_moved_folder(tmp_path, tiny_config, 
     assert main([*argv, "--output-dir", str(moved)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done, reusing") == 2 and "training" not in printed.replace("train_time", "")
+
+
+# ------------------------------------------------------------------------------------------------ --plan
+
+
+def test_plan_status_and_hours_table(tmp_path, tiny_config, monkeypatch, capsys):
+    from morelora.compare import PREDICTIONS_NAME
+    from morelora.training import trainer
+    from morelora.training.checkpoint import ADAPTER_DIR, STATE_NAME
+
+    out = tmp_path / "cmp"
+    runs = {(r.label, r.seed): r for r in plan_runs(tiny_config, "more,lora", 2, out, verbose=False)}
+    for key in [("more", 0), ("lora", 0), ("more", 1)]:  # two finished (one without predictions), one partial
+        runs[key].run_dir.mkdir(parents=True)
+        runs[key].cfg.dump(runs[key].run_dir / "config.yaml")
+    for key in [("more", 0), ("lora", 0)]:
+        (runs[key].run_dir / "eval.json").write_text("{}")
+    (runs["more", 0].run_dir / PREDICTIONS_NAME).write_text("{}")
+    ckpt = runs["more", 1].run_dir / "checkpoint-2"
+    (ckpt / ADAPTER_DIR).mkdir(parents=True)
+    (ckpt / STATE_NAME).write_text('{"step": 2}')
+    (runs["more", 1].run_dir / "checkpoint-3.tmp").mkdir()  # an incomplete checkpoint does not count
+    timed = []
+
+    def fake_time_steps(cfg, steps, warmup):
+        timed.append((cfg.train.output_dir, steps, warmup))
+        return {"step_s": 600.0, "test_s": 360.0, "validation_s": 0.0}
+
+    monkeypatch.setattr(trainer, "time_steps", fake_time_steps)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["compare", str(tiny_config), "--methods", "more,lora", "--seeds", "2", "--output-dir", str(out),
+                 "--plan"]) == 0
+    printed = capsys.readouterr().out
+    # one timing per method, of its first unfinished run; hours = steps left x 600 s + the 360 s test pass
+    assert timed == [(str(runs["more", 1].run_dir), 3, 1), (str(runs["lora", 0].run_dir), 3, 1)]
+    lines = printed.splitlines()
+    assert "| method | s / step | test pass (s) | seed 0 | seed 1 | hours left |" in lines
+    assert "| more | 600.00 | 360.0 | done | partial 2/3, 0.27 h | 0.27 |" in lines  # (600 + 360) / 3600
+    assert "| lora | 600.00 | 360.0 | done (predictions left), 0.10 h | not started 0/3, 0.60 h | 0.70 |" in lines
+    assert "| total | | | | | 0.97 |" in lines
+    assert "finished: 2 of 4 runs (more seed 0, lora seed 0); partial: 1; not started: 1." in lines
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing trained or written
+
+
+def test_plan_times_real_steps(tmp_path, tiny_config, capsys):
+    import re
+
+    from morelora.config import load_config
+    from morelora.training.trainer import time_steps
+
+    out = tmp_path / "cmp"
+    timing = time_steps(load_config(tiny_config, [f"train.output_dir={out}"]), steps=1, warmup=1)
+    assert timing["step_s"] > 0 and timing["test_s"] > 0 and timing["validation_s"] > 0
+    assert main(["compare", str(tiny_config), "--methods", "lora", "--output-dir", str(out), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^\| lora \| \d+\.\d\d \| \d+\.\d \| not started 0/3, \d+\.\d\d h \| \d+\.\d\d \|$", printed,
+                     re.M), printed
+    assert "finished: 0 of 1 runs; partial: 0; not started: 1." in printed
+    assert not out.exists()
+
+
+def test_plan_in_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--plan" in capsys.readouterr().out

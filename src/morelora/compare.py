@@ -3,12 +3,16 @@
 Usage::
 
     morelora compare CONFIG.yaml --methods more,lora,moelora --seeds 3 [--output-dir DIR]
-        [--method-config METHODS.yaml] [--baseline lora] [--bootstrap 1000] [key=value ...]
+        [--method-config METHODS.yaml] [--baseline lora] [--bootstrap 1000] [--plan] [key=value ...]
 
 Every (method, seed) pair is an ordinary run (``morelora train``) of CONFIG with ``method.name=<method>``,
 ``train.seed=<base + i>`` (``base`` = the config's ``train.seed``) and ``train.output_dir=DIR/<label>/seed<s>``,
 trained one after another. Re-running the same command is cheap: a run with ``eval.json`` is not redone
 (its config must match), an unfinished one resumes from its newest checkpoint.
+
+``--plan`` trains nothing: it times a few training steps of each method with its real config on this
+machine and prints the grid of runs with their status (done / partial at checkpoint step k / not started)
+and the hours each still needs, and the total (see :func:`plan`).
 
 Method options
     The config's ``method:`` block is shared: each method keeps the options its config class accepts
@@ -92,9 +96,11 @@ __all__ = [
     "configure_parser",
     "paired_bootstrap",
     "paired_ttest",
+    "plan",
     "plan_config_runs",
     "plan_runs",
     "run_command",
+    "run_status",
     "summarize",
     "t_interval",
 ]
@@ -325,6 +331,96 @@ def write_predictions(run_dir: str | Path, batch_size: int | None = None) -> Pat
 
 def _plain(values: Sequence[Any]) -> list[Any]:
     return [v.item() if hasattr(v, "item") else v for v in values]
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+#: ``--plan`` times this many training steps of each method after the warm-up ones.
+PLAN_STEPS, PLAN_WARMUP = 3, 1
+
+
+def run_status(run: CompareRun) -> dict[str, Any]:
+    """Where a run stands: ``{"status": "done" | "partial" | "not started", "step", "max_steps",
+    "predictions"}`` (``step``: the newest complete checkpoint's; ``predictions``: test predictions written)."""
+    from morelora.training.checkpoint import list_checkpoints
+
+    max_steps = run.cfg.train.max_steps
+    predictions = (run.run_dir / PREDICTIONS_NAME).is_file()
+    if (run.run_dir / "eval.json").is_file():
+        check_finished_run(run.run_dir, run.cfg)
+        return {"status": "done", "step": max_steps, "max_steps": max_steps, "predictions": predictions}
+    ckpts = list_checkpoints(run.run_dir)
+    step = min(ckpts[-1][0], max_steps) if ckpts else 0
+    return {"status": "partial" if step else "not started", "step": step, "max_steps": max_steps,
+            "predictions": predictions}
+
+
+def _complete(status: dict[str, Any]) -> bool:
+    return status["status"] == "done" and status["predictions"]
+
+
+def _remaining_s(run: CompareRun, status: dict[str, Any], timing: dict[str, float]) -> float:
+    """Seconds the run still needs: remaining steps, validation passes during training, the final test pass."""
+    tc = run.cfg.train
+    if status["status"] == "done":
+        return 0.0 if _complete(status) else timing["test_s"]
+    steps = range(status["step"] + 1, tc.max_steps)
+    evals = sum(1 for k in steps if k % tc.eval_steps == 0) if tc.eval_steps else 0
+    return (tc.max_steps - status["step"]) * timing["step_s"] + evals * timing["validation_s"] + timing["test_s"]
+
+
+def plan(runs: Sequence[CompareRun], timer: Any = None) -> str:
+    """The ``--plan`` report: per method the measured seconds per step and per test pass, per run its status
+    and the hours it still needs on this machine (runs one after another), and the total. Trains nothing.
+
+    ``timer(cfg) -> {"step_s", "test_s", "validation_s"}`` (default: :func:`morelora.training.trainer.time_steps`
+    with ``PLAN_STEPS`` steps after ``PLAN_WARMUP``) runs once per method that has unfinished runs.
+    """
+    if timer is None:
+        from morelora.training.trainer import time_steps
+
+        def timer(cfg: RunConfig) -> dict[str, float]:
+            return time_steps(cfg, steps=PLAN_STEPS, warmup=PLAN_WARMUP)
+
+    labels = list(dict.fromkeys(r.label for r in runs))
+    by_label = {lab: [r for r in runs if r.label == lab] for lab in labels}
+    status = {(r.label, r.seed): run_status(r) for r in runs}
+    seed_lists = {tuple(r.seed for r in rs) for rs in by_label.values()}
+    width = max(len(rs) for rs in by_label.values())
+    heads = ([f"seed {s}" for s in next(iter(seed_lists))] if len(seed_lists) == 1
+             else [f"run {i + 1}" for i in range(width)])
+    lines = ["| method | s / step | test pass (s) | " + " | ".join(heads) + " | hours left |",
+             "|---" * (width + 4) + "|"]
+    total, counts = 0.0, {"done": 0, "partial": 0, "not started": 0}
+    for lab, rs in by_label.items():
+        todo = [r for r in rs if not _complete(status[r.label, r.seed])]
+        timing = None
+        if todo:
+            print(f"compare --plan: timing {lab} ({PLAN_STEPS} steps after {PLAN_WARMUP} warm-up) ...", flush=True)
+            timing = timer(todo[0].cfg)
+        cells, hours = [], 0.0
+        for r in rs:
+            st = status[r.label, r.seed]
+            counts[st["status"]] += 1
+            h = _remaining_s(r, st, timing) / 3600 if timing else 0.0
+            hours += h
+            text = {"done": "done" if st["predictions"] else "done (predictions left)",
+                    "partial": f"partial {st['step']}/{st['max_steps']}",
+                    "not started": f"not started 0/{st['max_steps']}"}[st["status"]]
+            cells.append(text if st["status"] == "done" and h == 0 else f"{text}, {h:.2f} h")
+        cells += [""] * (width - len(rs))
+        total += hours
+        step_s, test_s = ("-", "-") if timing is None else (f"{timing['step_s']:.2f}", f"{timing['test_s']:.1f}")
+        lines.append(f"| {lab} | {step_s} | {test_s} | " + " | ".join(cells) + f" | {hours:.2f} |")
+    lines.append("| total |" + " |" * (width + 2) + f" {total:.2f} |")
+    done = [f"{r.label} seed {r.seed}" for r in runs if status[r.label, r.seed]["status"] == "done"]
+    lines += ["", f"finished: {counts['done']} of {len(runs)} runs" + (f" ({', '.join(done)})" if done else "")
+              + f"; partial: {counts['partial']}; not started: {counts['not started']}.",
+              f"Expected: {total:.2f} hours on this machine, one run after another. Hours: remaining steps x "
+              f"the time per step ({PLAN_STEPS} steps after {PLAN_WARMUP} warm-up) + validation passes during "
+              "training + the final test pass (one timed batch of eval_batch_size test examples per task, "
+              "scaled to the task's test / validation set size)."]
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -720,11 +816,12 @@ def plot(summary: dict[str, Any], path: str | Path, title: str = "Comparison") -
 
 def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Sequence[str] | None, seeds: int,
             output_dir: str | Path, overrides: Sequence[str] = (), method_config: str | Path | None = None,
-            baseline: str | None = None, n_resamples: int = 1000) -> Path:
+            baseline: str | None = None, n_resamples: int = 1000, plan_only: bool = False) -> Path:
     """Plan, train (resumably) and summarise a comparison; returns ``output_dir`` (with results.*).
 
     ``config``: one config (rows = ``methods``) or a list of configs (rows = the configs, ``methods`` None).
     ``baseline``: the label the paired tests compare against; None: ``lora`` when it is compared.
+    ``plan_only``: print :func:`plan` (status and expected hours of every run) instead of training.
     """
     from accelerate import PartialState
 
@@ -754,6 +851,11 @@ def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Seq
     if baseline is not None and baseline not in labels:
         raise CompareError(f"--baseline {baseline} is not among the compared methods ({', '.join(labels)})")
     baseline = baseline or ("lora" if "lora" in labels else None)
+    if plan_only:
+        if main:
+            print(f"compare --plan: {len(labels)} row(s) x {seeds} seed(s) in {output_dir}", flush=True)
+            print(plan(runs), end="")
+        return Path(output_dir)
     execute(runs)
     out = Path(output_dir)
     if main:
@@ -791,6 +893,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                                       "is compared; no tests otherwise)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
                    help="paired bootstrap resamples (default: 1000)")
+    p.add_argument("--plan", action="store_true",
+                   help=f"train nothing: time {PLAN_STEPS} training steps of each method on this machine and "
+                        "print every run's status (done / partial / not started) and the hours left")
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -802,4 +907,5 @@ def run_command(args: argparse.Namespace) -> None:
     stem = Path(configs[0]).stem if len(configs) == 1 else Path(configs[0]).parent.name or "configs"
     out = args.output_dir or f"runs/compare-{stem}"
     compare(configs, args.methods, args.seeds, out, overrides=overrides,
-            method_config=args.method_config, baseline=args.baseline, n_resamples=args.bootstrap)
+            method_config=args.method_config, baseline=args.baseline, n_resamples=args.bootstrap,
+            plan_only=args.plan)
