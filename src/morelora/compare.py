@@ -527,7 +527,7 @@ def combined_test(seed_diffs: Sequence[float], bootstrap_var: float, alpha: floa
     d = np.asarray(seed_diffs, dtype=float)
     s, diff = len(d), float(d.mean())
     seed_var = float(d.var(ddof=1)) / s if s > 1 else 0.0
-    var = seed_var + bootstrap_var
+    var = seed_var + float(bootstrap_var)
     se = math.sqrt(var)
     df = var ** 2 / (seed_var ** 2 / (s - 1)) if seed_var > 0 else math.inf  # Welch-Satterthwaite
     q = float(stats.t.ppf(1 - alpha / 2, df))

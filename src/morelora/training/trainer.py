@@ -240,7 +240,8 @@ def time_steps(cfg: RunConfig, steps: int = 3, warmup: int = 1) -> dict[str, flo
     Runs ``warmup`` + ``steps`` real optimizer steps (the run's model, method, batch size and data order) and
     returns ``{"step_s": seconds per step, "test_s": one pass over the test sets, "validation_s": one pass
     over the validation sets}``. An evaluation pass is estimated from one timed batch of ``eval_batch_size``
-    test examples per task: seconds per example of that batch x the task's number of examples.
+    test examples per task (after an untimed one when ``warmup``): seconds per example of that batch x the
+    task's number of examples.
     """
     tc = cfg.train
     accelerator = _make_accelerator(cfg)
@@ -266,6 +267,8 @@ def time_steps(cfg: RunConfig, steps: int = 3, warmup: int = 1) -> dict[str, flo
             batch = run.data[t]["test"][:tc.eval_batch_size] or run.data[t]["validation"][:tc.eval_batch_size]
             if not batch:
                 continue
+            if warmup:  # the first inference batch after training pays one-off costs (e.g. routing caches)
+                _predict(run, run.model, collator, t, batch, tc.eval_batch_size, accelerator)
             t0 = time.perf_counter()
             _predict(run, run.model, collator, t, batch, tc.eval_batch_size, accelerator)
             per_example = (time.perf_counter() - t0) / len(batch)
