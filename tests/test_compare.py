@@ -15,6 +15,7 @@ from morelora.compare import (
     CompareError,
     TaskPredictions,
     bootstrap_p_value,
+    combined_test,
     paired_bootstrap,
     paired_ttest,
     plan_runs,
@@ -95,6 +96,90 @@ def test_paired_ttest_matches_hand_computation():
     assert paired_ttest([0.5, 0.6], [0.5, 0.6])["p"] == 1.0
 
 
+def test_bootstrap_variance_matches_the_exact_bootstrap_variance():
+    # seed-pooled per-example differences d_i; the bootstrap variance of their mean is var0(d) / n (ddof 0)
+    refs = [0, 1, 1, 0, 1, 0]
+    a = TaskPredictions([[0, 1, 1, 0, 0, 0], [0, 1, 0, 0, 1, 1]], refs)
+    b = TaskPredictions([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 1, 0]], refs)
+    d = (np.array([[1, 1, 1, 1, 0, 1], [1, 1, 0, 1, 1, 0]]).mean(0)
+         - np.array([[0, 1, 0, 1, 0, 1], [0, 0, 0, 1, 1, 1]]).mean(0))
+    res = paired_bootstrap({"t": a}, {"t": b}, n_resamples=20_000)
+    assert res["diff"] == pytest.approx(d.mean())
+    assert res["tasks"]["t"]["var"] == pytest.approx(np.var(d) / 6, rel=0.05)
+    two = paired_bootstrap({"t": a, "u": b}, {"t": b, "u": b}, n_resamples=20_000)  # average of two tasks
+    assert two["var"] == pytest.approx(np.var(d) / 6 / 4, rel=0.05)
+
+
+def test_combined_test_matches_hand_computation():
+    from scipy import stats
+
+    # D_s = 2, 5, -1 points: sample variance 9e-4, / 3 seeds = 3e-4; + bootstrap 1e-4 -> SE = 0.02, z = 1
+    # Welch-Satterthwaite: df = (4e-4)^2 / ((3e-4)^2 / 2) = 32/9
+    res = combined_test([0.02, 0.05, -0.01], 1e-4)
+    df = 32 / 9
+    assert res["diff"] == pytest.approx(0.02) and res["se"] == pytest.approx(0.02) and res["df"] == pytest.approx(df)
+    assert res["p"] == pytest.approx(2 * stats.t.sf(1.0, df))
+    half = stats.t.ppf(0.975, df) * 0.02
+    assert (res["ci_low"], res["ci_high"]) == pytest.approx((0.02 - half, 0.02 + half))
+    assert res["mde"] == pytest.approx((stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * 0.02)
+    assert not res["examples_only"]
+    # one seed: the examples' noise only, normal quantiles: MDE = (1.960 + 0.842) SE
+    one = combined_test([0.03], 4e-4)
+    assert one["examples_only"] and one["df"] is None and one["se"] == pytest.approx(0.02)
+    assert one["p"] == pytest.approx(2 * stats.norm.sf(1.5))
+    assert one["mde"] == pytest.approx((1.959964 + 0.841621) * 0.02)
+    assert combined_test([0.0, 0.0], 0.0)["p"] == 1.0
+
+
+def _simulated_comparison(rng, effect, seeds, n, tasks, seed_sd, example_sd, low, high):
+    """Binary predictions of methods a and b: example i of a task is right with probability
+    pi_i (+ g_i + effect for a) + a seed shift per method, seed and task; pi ~ U(low, high),
+    g ~ U(-w, w) with w = sqrt(3) example_sd (a's own easy / hard examples, the same for every seed)."""
+    a, b, seed_diffs = {}, {}, np.zeros(seeds)
+    w = math.sqrt(3) * example_sd
+    for t in range(tasks):
+        pi, g, refs = rng.uniform(low, high, n), rng.uniform(-w, w, n), rng.integers(0, 2, n)
+        rows = {}
+        for m, shift in (("a", g + effect), ("b", 0.0)):
+            p = np.clip(pi + shift + rng.normal(0, seed_sd, (seeds, 1)), 0, 1)
+            rows[m] = np.where(rng.random((seeds, n)) < p, refs, 1 - refs)
+        seed_diffs += (np.mean(rows["a"] == refs, 1) - np.mean(rows["b"] == refs, 1)) / tasks
+        a[str(t)], b[str(t)] = (TaskPredictions(list(rows[m]), refs.tolist()) for m in ("a", "b"))
+    return a, b, seed_diffs
+
+
+@pytest.mark.parametrize("seed_sd", [0.06, 0.02])  # per-task seed noise like the offline suite's / 3x smaller
+def test_mde_has_80_percent_power_in_simulation(seed_sd):
+    from scipy import stats
+
+    s, n, k, example_sd, low, high = 3, 100, 4, 0.06, 0.3, 0.6
+    # expected variance components of the generating model (no clipping: |shifts| stay inside [0, 1])
+    m, var_pi, var_g, var_h = (low + high) / 2, (high - low) ** 2 / 12, example_sd ** 2, seed_sd ** 2
+    bernoulli = 2 * (m - m * m - var_pi - var_h) - var_g  # E[p_a(1 - p_a) + p_b(1 - p_b)] at no effect
+    seed_term = (2 * var_h + bernoulli / n) / (k * s)  # E[Var_seeds(D_s)] / S
+    boot_term = (n - 1) / n ** 2 * (var_g + bernoulli / s) / k  # E[bootstrap variance], infinitely many resamples
+    true_var = (2 * var_h / s + var_g / n + bernoulli / (n * s)) / k  # Var(Δ) over test sets and seeds
+    se = math.sqrt(seed_term + boot_term)
+    df = se ** 4 / (seed_term ** 2 / (s - 1))
+    mde = (stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * se
+
+    rng, sims = np.random.default_rng(0), 400
+    rates, se2 = {}, []
+    for effect in (mde, 0.0):
+        significant = 0
+        for i in range(sims):
+            a, b, seed_diffs = _simulated_comparison(rng, effect, s, n, k, seed_sd, example_sd, low, high)
+            res = combined_test(seed_diffs, paired_bootstrap(a, b, n_resamples=300, seed=i)["var"])
+            significant += res["p"] < 0.05
+            se2.append(res["se"] ** 2)
+        rates[effect] = significant / sims
+    print(f"seed sd {seed_sd}: MDE {100 * mde:.2f} points (df {df:.1f}); SE / true sd = "
+          f"{se / math.sqrt(true_var):.2f}; significant at the MDE {rates[mde]:.3f}, with no effect {rates[0.0]:.3f}")
+    assert np.mean(se2) == pytest.approx(se ** 2, rel=0.1)  # the estimator is unbiased for the model's SE²
+    assert 0.72 <= rates[mde] <= 0.88
+    assert rates[0.0] <= 0.09
+
+
 # --------------------------------------------------------------------------------------------- planning
 
 
@@ -163,9 +248,25 @@ def test_summary_with_one_seed_reports_na(tmp_path):
     assert summary["tests"]["more"]["diff_average"] == pytest.approx(0.25)
     assert summary["tests"]["more"]["bootstrap_diff"] == pytest.approx(0.25)
     assert summary["tests"]["more"]["ttest_p"] is None
+    # one seed: the combined test has the examples' noise only; per example d = (0, 1, 1, -1) in both tasks,
+    # exact bootstrap variance var0(d) / 4 per task, / 2 for the average of two (independently resampled) tasks
+    test = summary["tests"]["more"]
+    c = test["combined"]
+    assert c["examples_only"] and c["df"] is None and c["diff"] == pytest.approx(0.25)
+    assert c["se"] ** 2 == pytest.approx(test["bootstrap_var"])
+    assert test["bootstrap_var"] == pytest.approx(np.var([0, 1, 1, -1]) / 4 / 2, rel=0.3)
+    assert c["mde"] == pytest.approx(2.8016 * c["se"], rel=1e-4)
+    assert test["combined_tasks"]["a"]["se"] ** 2 == pytest.approx(test["bootstrap_tasks"]["a"]["var"])
     md = markdown(summary)
     assert "| more | 75.00 ± n/a | 75.00 ± n/a | **75.00 ± n/a** | 10 | 5 | 1.5 |" in md
     assert "| *reference* | 50.00 | 50.00 | 50.00 |" in md and "| more | +25.00 |" in md
+    assert "| method | a (accuracy, n=4) | b (accuracy, n=4) | average |" in md
+    lo, hi = (f"{100 * c[k]:+.2f}" for k in ("ci_low", "ci_high"))
+    assert f"| more | +25.00 | [{lo}, {hi}] | {c['p']:.3f} | {100 * c['mde']:.2f}* |" in md
+    assert "MDE vs lora" in md and "*: one seed: examples' noise only" in md
+    a = test["combined_tasks"]["a"]
+    assert (f"| more | +25.00 ({a['p']:.3f}, {test['bootstrap_tasks']['a']['p']:.3f}, {100 * a['mde']:.2f}*) |"
+            in md)
     assert plot(summary, tmp_path / "r.png").stat().st_size > 10_000
 
 
@@ -199,8 +300,15 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_config, monkeypatch, capsy
     assert 0 < test["bootstrap_p"] <= 1 and test["ttest_n"] == 2
     # the bootstrap's observed difference is recomputed from the per-example predictions: it matches eval.json
     assert test["bootstrap_diff"] == pytest.approx(test["diff_average"], abs=1e-9)
+    # the combined test: per-seed differences of eval.json's averages + the bootstrap variance
+    seed_diffs = np.subtract(*(results["methods"][lab]["average"]["scores"] for lab in labels))
+    c = test["combined"]
+    assert c["diff"] == pytest.approx(test["diff_average"]) and not c["examples_only"]
+    assert c["se"] ** 2 == pytest.approx(np.var(seed_diffs, ddof=1) / 2 + test["bootstrap_var"])
+    assert set(test["combined_tasks"]) == {"sst2", "rte"}
     md = (out / "results.md").read_text()
-    for name in [*labels, "sst2", "rte", "average", "paired bootstrap p", "paired t-test p"]:
+    for name in [*labels, "sst2 (accuracy, n=24)", "rte", "average", "paired bootstrap p", "paired t-test p",
+                 f"MDE vs {labels[1]}", "p (seeds + examples)"]:
         assert name in md
     assert (out / "results.png").stat().st_size > 10_000
 
@@ -315,3 +423,68 @@ def test_method_config_run_keys_per_label(tmp_path, tiny_config):
     methods.write_text("more_fast: {name: more, train.no_such_key: 2}\n")
     with pytest.raises(ConfigError, match="no_such_key"):
         plan_runs(tiny_config, "more_fast", 1, tmp_path / "c", [], load_method_config(methods), verbose=False)
+
+
+# ------------------------------------------------------------------------------------------------ --plan
+
+
+def test_plan_status_and_hours_table(tmp_path, tiny_config, monkeypatch, capsys):
+    from morelora.compare import PREDICTIONS_NAME
+    from morelora.training import trainer
+    from morelora.training.checkpoint import ADAPTER_DIR, STATE_NAME
+
+    out = tmp_path / "cmp"
+    runs = {(r.label, r.seed): r for r in plan_runs(tiny_config, "more,lora", 2, out, verbose=False)}
+    for key in [("more", 0), ("lora", 0), ("more", 1)]:  # two finished (one without predictions), one partial
+        runs[key].run_dir.mkdir(parents=True)
+        runs[key].cfg.dump(runs[key].run_dir / "config.yaml")
+    for key in [("more", 0), ("lora", 0)]:
+        (runs[key].run_dir / "eval.json").write_text("{}")
+    (runs["more", 0].run_dir / PREDICTIONS_NAME).write_text("{}")
+    ckpt = runs["more", 1].run_dir / "checkpoint-2"
+    (ckpt / ADAPTER_DIR).mkdir(parents=True)
+    (ckpt / STATE_NAME).write_text('{"step": 2}')
+    (runs["more", 1].run_dir / "checkpoint-3.tmp").mkdir()  # an incomplete checkpoint does not count
+    timed = []
+
+    def fake_time_steps(cfg, steps, warmup):
+        timed.append((cfg.train.output_dir, steps, warmup))
+        return {"step_s": 600.0, "test_s": 360.0, "validation_s": 0.0}
+
+    monkeypatch.setattr(trainer, "time_steps", fake_time_steps)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["compare", str(tiny_config), "--methods", "more,lora", "--seeds", "2", "--output-dir", str(out),
+                 "--plan"]) == 0
+    printed = capsys.readouterr().out
+    # one timing per method, of its first unfinished run; hours = steps left x 600 s + the 360 s test pass
+    assert timed == [(str(runs["more", 1].run_dir), 3, 1), (str(runs["lora", 0].run_dir), 3, 1)]
+    lines = printed.splitlines()
+    assert "| method | s / step | test pass (s) | seed 0 | seed 1 | hours left |" in lines
+    assert "| more | 600.00 | 360.0 | done | partial 2/3, 0.27 h | 0.27 |" in lines  # (600 + 360) / 3600
+    assert "| lora | 600.00 | 360.0 | done (predictions left), 0.10 h | not started 0/3, 0.60 h | 0.70 |" in lines
+    assert "| total | | | | | 0.97 |" in lines
+    assert "finished: 2 of 4 runs (more seed 0, lora seed 0); partial: 1; not started: 1." in lines
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing trained or written
+
+
+def test_plan_times_real_steps(tmp_path, tiny_config, capsys):
+    import re
+
+    from morelora.config import load_config
+    from morelora.training.trainer import time_steps
+
+    out = tmp_path / "cmp"
+    timing = time_steps(load_config(tiny_config, [f"train.output_dir={out}"]), steps=1, warmup=1)
+    assert timing["step_s"] > 0 and timing["test_s"] > 0 and timing["validation_s"] > 0
+    assert main(["compare", str(tiny_config), "--methods", "lora", "--output-dir", str(out), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^\| lora \| \d+\.\d\d \| \d+\.\d \| not started 0/3, \d+\.\d\d h \| \d+\.\d\d \|$", printed,
+                     re.M), printed
+    assert "finished: 0 of 1 runs; partial: 0; not started: 1." in printed
+    assert not out.exists()
+
+
+def test_plan_in_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--plan" in capsys.readouterr().out

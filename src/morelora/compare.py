@@ -3,12 +3,16 @@
 Usage::
 
     morelora compare CONFIG.yaml --methods more,lora,moelora --seeds 3 [--output-dir DIR]
-        [--method-config METHODS.yaml] [--baseline lora] [--bootstrap 1000] [key=value ...]
+        [--method-config METHODS.yaml] [--baseline lora] [--bootstrap 1000] [--plan] [key=value ...]
 
 Every (method, seed) pair is an ordinary run (``morelora train``) of CONFIG with ``method.name=<method>``,
 ``train.seed=<base + i>`` (``base`` = the config's ``train.seed``) and ``train.output_dir=DIR/<label>/seed<s>``,
 trained one after another. Re-running the same command is cheap: a run with ``eval.json`` is not redone
 (its config must match), an unfinished one resumes from its newest checkpoint.
+
+``--plan`` trains nothing: it times a few training steps of each method with its real config on this
+machine and prints the grid of runs with their status (done / partial at checkpoint step k / not started)
+and the hours each still needs, and the total (see :func:`plan`).
 
 Method options
     The config's ``method:`` block is shared: each method keeps the options its config class accepts
@@ -21,8 +25,10 @@ Method options
 
 Outputs in DIR
     ``results.json``   per method: per-task and average scores (mean, 95% t-interval over seeds, per seed),
-                       parameters (from ``eval.json``), train time; per method against the baseline: the
-                       paired bootstrap p-value (average and per task) and the paired t-test over seeds.
+                       parameters (from ``eval.json``), train time, test-set sizes; per method against the
+                       baseline (average and per task): Δ with its 95% CI, the p-value and the minimum
+                       detectable effect (MDE) of the test over seeds and examples together (below), the paired
+                       bootstrap p-value and the paired t-test over seeds (average only).
     ``results.md``     the same as tables.      ``results.png``   average and per-task bar charts.
     ``<label>/seed<s>/test_predictions.json``   per-example test predictions of each run (computed from the
                        final checkpoint when the trainer did not write them): the bootstrap's input.
@@ -37,6 +43,25 @@ Paired bootstrap: per task, test examples are resampled with replacement (the sa
 methods); each method's task score is its main metric on the resample averaged over seeds (for accuracy /
 exact match: the mean per-example correctness pooled over seeds); the statistic is the difference of the
 task-average scores. Two-sided p = 2 * min(P*(diff <= 0), P*(diff >= 0)), with P* = (count + 1) / (B + 1).
+
+Seeds and examples together (the Δ, CI, p and MDE columns)
+    The bootstrap sees only the test examples' noise, the t-test over seeds only the training noise. The
+    combined test uses both. Per seed s, D_s is the paired difference of the task-average scores on the
+    fixed test set (per task: D_s,t); Δ = mean_s D_s. Its variance is estimated as
+
+        SE² = Var_seeds(D_s) / S  +  Var_boot(Δ)
+
+    the between-seed sample variance (ddof=1) of the per-seed differences over S, plus the paired bootstrap
+    variance over test examples of the seed-pooled difference (the variance of the bootstrap's resampled
+    differences). When predictions differ between seeds, each seed's finite test set already puts the
+    examples' noise into the first term, so the seed-by-example part is counted twice: SE is slightly too
+    large (the test is conservative). With one seed the first term is unknown: SE, p and MDE use the
+    examples only and are marked so.
+    The test of Δ against 0 uses t = Δ / SE with Welch-Satterthwaite degrees of freedom
+    df = SE⁴ / ((Var_seeds(D_s) / S)² / (S - 1)) (the bootstrap term counts as known: infinitely many
+    degrees of freedom; df = ∞, the normal, with one seed): two-sided p, 95% CI Δ ± t_{0.975,df} SE, and the
+    minimum detectable effect MDE = (t_{1-α/2,df} + t_{power,df}) SE, the smallest true difference the
+    comparison detects with 80% power at two-sided α = 0.05 (2.80 SE for df = ∞; 5.36 SE for df = 2).
 """
 
 from __future__ import annotations
@@ -68,18 +93,23 @@ __all__ = [
     "CompareError",
     "CompareRun",
     "TaskPredictions",
+    "combined_test",
     "compare",
     "configure_parser",
     "paired_bootstrap",
     "paired_ttest",
+    "plan",
     "plan_config_runs",
     "plan_runs",
     "run_command",
+    "run_status",
     "summarize",
     "t_interval",
 ]
 
 CONFIDENCE = 0.95
+#: Significance level and power of the minimum detectable effect (MDE).
+ALPHA, POWER = 0.05, 0.80
 PREDICTIONS_NAME = "test_predictions.json"
 #: Metrics that are means of per-example scores (fast vectorised bootstrap).
 DECOMPOSABLE = ("accuracy", "exact_match")
@@ -317,6 +347,96 @@ def _plain(values: Sequence[Any]) -> list[Any]:
     return [v.item() if hasattr(v, "item") else v for v in values]
 
 
+# ------------------------------------------------------------------------------------------------ plan
+
+#: ``--plan`` times this many training steps of each method after the warm-up ones.
+PLAN_STEPS, PLAN_WARMUP = 3, 1
+
+
+def run_status(run: CompareRun) -> dict[str, Any]:
+    """Where a run stands: ``{"status": "done" | "partial" | "not started", "step", "max_steps",
+    "predictions"}`` (``step``: the newest complete checkpoint's; ``predictions``: test predictions written)."""
+    from morelora.training.checkpoint import list_checkpoints
+
+    max_steps = run.cfg.train.max_steps
+    predictions = (run.run_dir / PREDICTIONS_NAME).is_file()
+    if (run.run_dir / "eval.json").is_file():
+        check_finished_run(run.run_dir, run.cfg)
+        return {"status": "done", "step": max_steps, "max_steps": max_steps, "predictions": predictions}
+    ckpts = list_checkpoints(run.run_dir)
+    step = min(ckpts[-1][0], max_steps) if ckpts else 0
+    return {"status": "partial" if step else "not started", "step": step, "max_steps": max_steps,
+            "predictions": predictions}
+
+
+def _complete(status: dict[str, Any]) -> bool:
+    return status["status"] == "done" and status["predictions"]
+
+
+def _remaining_s(run: CompareRun, status: dict[str, Any], timing: dict[str, float]) -> float:
+    """Seconds the run still needs: remaining steps, validation passes during training, the final test pass."""
+    tc = run.cfg.train
+    if status["status"] == "done":
+        return 0.0 if _complete(status) else timing["test_s"]
+    steps = range(status["step"] + 1, tc.max_steps)
+    evals = sum(1 for k in steps if k % tc.eval_steps == 0) if tc.eval_steps else 0
+    return (tc.max_steps - status["step"]) * timing["step_s"] + evals * timing["validation_s"] + timing["test_s"]
+
+
+def plan(runs: Sequence[CompareRun], timer: Any = None) -> str:
+    """The ``--plan`` report: per method the measured seconds per step and per test pass, per run its status
+    and the hours it still needs on this machine (runs one after another), and the total. Trains nothing.
+
+    ``timer(cfg) -> {"step_s", "test_s", "validation_s"}`` (default: :func:`morelora.training.trainer.time_steps`
+    with ``PLAN_STEPS`` steps after ``PLAN_WARMUP``) runs once per method that has unfinished runs.
+    """
+    if timer is None:
+        from morelora.training.trainer import time_steps
+
+        def timer(cfg: RunConfig) -> dict[str, float]:
+            return time_steps(cfg, steps=PLAN_STEPS, warmup=PLAN_WARMUP)
+
+    labels = list(dict.fromkeys(r.label for r in runs))
+    by_label = {lab: [r for r in runs if r.label == lab] for lab in labels}
+    status = {(r.label, r.seed): run_status(r) for r in runs}
+    seed_lists = {tuple(r.seed for r in rs) for rs in by_label.values()}
+    width = max(len(rs) for rs in by_label.values())
+    heads = ([f"seed {s}" for s in next(iter(seed_lists))] if len(seed_lists) == 1
+             else [f"run {i + 1}" for i in range(width)])
+    lines = ["| method | s / step | test pass (s) | " + " | ".join(heads) + " | hours left |",
+             "|---" * (width + 4) + "|"]
+    total, counts = 0.0, {"done": 0, "partial": 0, "not started": 0}
+    for lab, rs in by_label.items():
+        todo = [r for r in rs if not _complete(status[r.label, r.seed])]
+        timing = None
+        if todo:
+            print(f"compare --plan: timing {lab} ({PLAN_STEPS} steps after {PLAN_WARMUP} warm-up) ...", flush=True)
+            timing = timer(todo[0].cfg)
+        cells, hours = [], 0.0
+        for r in rs:
+            st = status[r.label, r.seed]
+            counts[st["status"]] += 1
+            h = _remaining_s(r, st, timing) / 3600 if timing else 0.0
+            hours += h
+            text = {"done": "done" if st["predictions"] else "done (predictions left)",
+                    "partial": f"partial {st['step']}/{st['max_steps']}",
+                    "not started": f"not started 0/{st['max_steps']}"}[st["status"]]
+            cells.append(text if st["status"] == "done" and h == 0 else f"{text}, {h:.2f} h")
+        cells += [""] * (width - len(rs))
+        total += hours
+        step_s, test_s = ("-", "-") if timing is None else (f"{timing['step_s']:.2f}", f"{timing['test_s']:.1f}")
+        lines.append(f"| {lab} | {step_s} | {test_s} | " + " | ".join(cells) + f" | {hours:.2f} |")
+    lines.append("| total |" + " |" * (width + 2) + f" {total:.2f} |")
+    done = [f"{r.label} seed {r.seed}" for r in runs if status[r.label, r.seed]["status"] == "done"]
+    lines += ["", f"finished: {counts['done']} of {len(runs)} runs" + (f" ({', '.join(done)})" if done else "")
+              + f"; partial: {counts['partial']}; not started: {counts['not started']}.",
+              f"Expected: {total:.2f} hours on this machine, one run after another. Hours: remaining steps x "
+              f"the time per step ({PLAN_STEPS} steps after {PLAN_WARMUP} warm-up) + validation passes during "
+              "training + the final test pass (one timed batch of eval_batch_size test examples per task, "
+              "scaled to the task's test / validation set size)."]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 
 
@@ -374,8 +494,9 @@ def paired_bootstrap(a: dict[str, TaskPredictions], b: dict[str, TaskPredictions
                      seed: int = 0) -> dict[str, Any]:
     """Paired bootstrap over test examples of ``a`` vs ``b`` (same tasks, same examples).
 
-    Returns ``{"diff", "p", "tasks": {task: {"diff", "p"}}}``: observed differences of the (task-average)
-    scores and two-sided p-values (see the module docstring).
+    Returns ``{"diff", "p", "var", "tasks": {task: {"diff", "p", "var"}}}``: observed differences of the
+    (task-average) scores, two-sided p-values and the variance of the resampled differences (see the module
+    docstring).
     """
     rng = np.random.default_rng(seed)
     tasks = list(a)
@@ -394,11 +515,43 @@ def paired_bootstrap(a: dict[str, TaskPredictions], b: dict[str, TaskPredictions
         for start in range(0, n_resamples, chunk):
             idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
             diffs[start:start + len(idx)] = ta.score(idx) - tb.score(idx)
-        per_task[task] = {"diff": observed, "p": bootstrap_p_value(diffs)}
+        per_task[task] = {"diff": observed, "p": bootstrap_p_value(diffs), "var": _var(diffs)}
         diffs_sum += diffs
         observed_sum += observed
     k = max(len(tasks), 1)
-    return {"diff": observed_sum / k, "p": bootstrap_p_value(diffs_sum / k), "tasks": per_task}
+    return {"diff": observed_sum / k, "p": bootstrap_p_value(diffs_sum / k), "var": _var(diffs_sum / k),
+            "tasks": per_task}
+
+
+def _var(x: np.ndarray) -> float:
+    return float(np.var(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+def combined_test(seed_diffs: Sequence[float], bootstrap_var: float, alpha: float = ALPHA,
+                  power: float = POWER) -> dict[str, Any]:
+    """Test of the mean paired difference against 0 with the seeds' and the test examples' noise.
+
+    ``seed_diffs``: D_s, the paired difference of one seed's scores, per seed; ``bootstrap_var``: the paired
+    bootstrap variance of the seed-pooled difference. Returns ``{"diff", "se", "df", "ci_low", "ci_high",
+    "p", "mde", "examples_only"}`` (the model is in the module docstring; ``df`` None stands for ∞; ``p``
+    None when SE = 0 but the difference is not 0).
+    """
+    from scipy import stats
+
+    d = np.asarray(seed_diffs, dtype=float)
+    s, diff = len(d), float(d.mean())
+    seed_var = float(d.var(ddof=1)) / s if s > 1 else 0.0
+    var = seed_var + float(bootstrap_var)
+    se = math.sqrt(var)
+    df = var ** 2 / (seed_var ** 2 / (s - 1)) if seed_var > 0 else math.inf  # Welch-Satterthwaite
+    q = float(stats.t.ppf(1 - alpha / 2, df))
+    if se > 0:
+        p = float(2 * stats.t.sf(abs(diff) / se, df))
+    else:
+        p = 1.0 if diff == 0 else None
+    return {"diff": diff, "se": se, "df": None if math.isinf(df) else df, "ci_low": diff - q * se,
+            "ci_high": diff + q * se, "p": p, "mde": (q + float(stats.t.ppf(power, df))) * se,
+            "examples_only": s < 2}
 
 
 def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -480,6 +633,11 @@ def summarize(runs: Sequence[CompareRun], baseline: str | None = "lora", n_resam
                                          rows[0].get("num_labels"))
             return out
 
+        def seed_diffs(lab: str, task: str | None = None) -> list[float]:
+            """Per seed: ``lab``'s score minus the baseline's (task average, or one task)."""
+            a, b = (results[x]["average"] if task is None else results[x]["tasks"][task] for x in (lab, base))
+            return [float(x - y) for x, y in zip(a["scores"], b["scores"])]
+
         base_preds = task_preds(base)
         for lab in labels:
             if lab == base:
@@ -488,9 +646,12 @@ def summarize(runs: Sequence[CompareRun], baseline: str | None = "lora", n_resam
             tt = paired_ttest(results[lab]["average"]["scores"], results[base]["average"]["scores"])
             tests[lab] = {"baseline": base, "diff_average": results[lab]["average"]["mean"]
                           - results[base]["average"]["mean"], "bootstrap_p": boot["p"],
-                          "bootstrap_diff": boot["diff"], "bootstrap_resamples": n_resamples,
-                          "bootstrap_tasks": boot["tasks"], "ttest_t": tt["t"], "ttest_p": tt["p"],
-                          "ttest_n": tt["n"]}
+                          "bootstrap_diff": boot["diff"], "bootstrap_var": boot["var"],
+                          "bootstrap_resamples": n_resamples, "bootstrap_tasks": boot["tasks"],
+                          "ttest_t": tt["t"], "ttest_p": tt["p"], "ttest_n": tt["n"],
+                          "combined": combined_test(seed_diffs(lab), boot["var"]),
+                          "combined_tasks": {t: combined_test(seed_diffs(lab, t), boot["tasks"][t]["var"])
+                                             for t in tasks}}
     return {
         "seeds": seeds,
         "tasks": tasks,
@@ -535,7 +696,8 @@ def markdown(summary: dict[str, Any], title: str = "Comparison") -> str:
              f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}). Test scores: main metric x 100, mean over "
              f"seeds ± half-width of the {conf}% t-interval" + (" (n/a: one seed)." if len(seeds) < 2 else "."),
              ""]
-    head = [f"{t} ({summary['main_metrics'][t]})" for t in tasks]
+    sizes = summary.get("num_examples", {})
+    head = [f"{t} ({summary['main_metrics'][t]}" + (f", n={sizes[t]})" if sizes.get(t) else ")") for t in tasks]
     lines.append("| method | " + " | ".join(head) + " | average | params / task | trainable | train time (s) |")
     lines.append("|---" * (len(tasks) + 5) + "|")
     for lab, r in res.items():
@@ -546,25 +708,53 @@ def markdown(summary: dict[str, Any], title: str = "Comparison") -> str:
     ref_scores = [summary["reference_scores"][t] for t in tasks]
     ref_avg = None if None in ref_scores else sum(ref_scores) / len(ref_scores)
     lines.append("| *reference* | " + " | ".join(map(_pct, [*ref_scores, ref_avg])) + " |" + " |" * 3)
-    lines += ["", "*reference*: majority class / chance. Params / task: adapter parameters / number of tasks."]
+    lines += ["", "*reference*: majority class / chance. Params / task: adapter parameters / number of tasks. "
+              "n: test examples per task (the same for every seed)."]
     if summary["tests"]:
-        base = summary["baseline"]
-        b = next(iter(summary["tests"].values()))["bootstrap_resamples"]
-        lines += ["", f"## Against {base}", "",
-                  "| method | Δ average | paired bootstrap p | paired t-test p (seeds) | "
-                  + " | ".join(f"Δ {t} (p)" for t in tasks) + " |",
-                  "|---" * (len(tasks) + 4) + "|"]
-        for lab, t in summary["tests"].items():
-            per = [f"{100 * t['bootstrap_tasks'][k]['diff']:+.2f} ({_p(t['bootstrap_tasks'][k]['p'])})" for k in tasks]
-            lines.append(f"| {lab} | {100 * t['diff_average']:+.2f} | {_p(t['bootstrap_p'])} | {_p(t['ttest_p'])} | "
-                         + " | ".join(per) + " |")
-        lines += ["", f"Paired bootstrap: {b} resamples of the test examples of each task (the same for both "
-                  "methods), predictions pooled over seeds, statistic = difference of the task-average score; "
-                  "two-sided p. Paired t-test: `scipy.stats.ttest_rel` of the per-seed average scores "
-                  "(n/a with one seed)."]
+        lines += _markdown_tests(summary)
     elif summary["baseline"] is None:
         lines += ["", "No paired tests: lora is not part of this comparison (choose a baseline with --baseline)."]
     return "\n".join(lines) + "\n"
+
+
+def _mde(c: dict[str, Any] | None) -> str:
+    return "n/a" if c is None else f"{100 * c['mde']:.2f}" + ("*" if c["examples_only"] else "")
+
+
+def _markdown_tests(summary: dict[str, Any]) -> list[str]:
+    """The "Against <baseline>" section: Δ, 95% CI, combined p, MDE and the bootstrap / t-test p-values."""
+    tasks, base, tests = summary["tasks"], summary["baseline"], summary["tests"]
+    b = next(iter(tests.values()))["bootstrap_resamples"]
+    lines = ["", f"## Against {base}", "",
+             f"| method | Δ average | 95% CI | p (seeds + examples) | MDE vs {base} | paired bootstrap p | "
+             "paired t-test p (seeds) |", "|---" * 7 + "|"]
+    for lab, t in tests.items():
+        c = t.get("combined")  # absent in summaries written before the combined test existed
+        ci = "n/a" if c is None else f"[{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]"
+        lines.append(f"| {lab} | {100 * t['diff_average']:+.2f} | {ci} | {_p(c and c['p'])} | {_mde(c)} | "
+                     f"{_p(t['bootstrap_p'])} | {_p(t['ttest_p'])} |")
+    sizes = summary.get("num_examples", {})
+    lines += ["", f"Per task: Δ (p of the combined test, paired bootstrap p, MDE vs {base}).", "",
+              "| method | " + " | ".join(f"Δ {k}" + (f" (n={sizes[k]})" if sizes.get(k) else "") for k in tasks)
+              + " |", "|---" * (len(tasks) + 1) + "|"]
+    for lab, t in tests.items():
+        cells = []
+        for k in tasks:
+            c, bt = t.get("combined_tasks", {}).get(k), t["bootstrap_tasks"][k]
+            cells.append(f"{100 * bt['diff']:+.2f} ({_p(c and c['p'])}, {_p(bt['p'])}, {_mde(c)})")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    one_seed = any(c["examples_only"] for t in tests.values() for c in [t.get("combined")] if c)
+    lines += ["", "Scores and differences x 100. 95% CI, p (seeds + examples) and MDE: the difference tested "
+              "against 0 with SE² = Var_seeds(per-seed differences) / seeds + the paired bootstrap variance, "
+              "t with Welch-Satterthwaite degrees of freedom; MDE = the smallest true difference detected with "
+              "80% power at two-sided α = 0.05 (see docs/RESULTS.md, method notes)."
+              + (" *: one seed: examples' noise only (no seed variance): the CI is too narrow, p and MDE too "
+                 "small." if one_seed else ""),
+              f"Paired bootstrap: {b} resamples of the test examples of each task (the same for both "
+              "methods), predictions pooled over seeds, statistic = difference of the task-average score; "
+              "two-sided p. Paired t-test: `scipy.stats.ttest_rel` of the per-seed average scores "
+              "(n/a with one seed)."]
+    return lines
 
 
 def plot(summary: dict[str, Any], path: str | Path, title: str = "Comparison") -> Path:
@@ -640,11 +830,12 @@ def plot(summary: dict[str, Any], path: str | Path, title: str = "Comparison") -
 
 def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Sequence[str] | None, seeds: int,
             output_dir: str | Path, overrides: Sequence[str] = (), method_config: str | Path | None = None,
-            baseline: str | None = None, n_resamples: int = 1000) -> Path:
+            baseline: str | None = None, n_resamples: int = 1000, plan_only: bool = False) -> Path:
     """Plan, train (resumably) and summarise a comparison; returns ``output_dir`` (with results.*).
 
     ``config``: one config (rows = ``methods``) or a list of configs (rows = the configs, ``methods`` None).
     ``baseline``: the label the paired tests compare against; None: ``lora`` when it is compared.
+    ``plan_only``: print :func:`plan` (status and expected hours of every run) instead of training.
     """
     from accelerate import PartialState
 
@@ -674,6 +865,11 @@ def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Seq
     if baseline is not None and baseline not in labels:
         raise CompareError(f"--baseline {baseline} is not among the compared methods ({', '.join(labels)})")
     baseline = baseline or ("lora" if "lora" in labels else None)
+    if plan_only:
+        if main:
+            print(f"compare --plan: {len(labels)} row(s) x {seeds} seed(s) in {output_dir}", flush=True)
+            print(plan(runs), end="")
+        return Path(output_dir)
     execute(runs)
     out = Path(output_dir)
     if main:
@@ -711,6 +907,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                                       "is compared; no tests otherwise)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
                    help="paired bootstrap resamples (default: 1000)")
+    p.add_argument("--plan", action="store_true",
+                   help=f"train nothing: time {PLAN_STEPS} training steps of each method on this machine and "
+                        "print every run's status (done / partial / not started) and the hours left")
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -722,4 +921,5 @@ def run_command(args: argparse.Namespace) -> None:
     stem = Path(configs[0]).stem if len(configs) == 1 else Path(configs[0]).parent.name or "configs"
     out = args.output_dir or f"runs/compare-{stem}"
     compare(configs, args.methods, args.seeds, out, overrides=overrides,
-            method_config=args.method_config, baseline=args.baseline, n_resamples=args.bootstrap)
+            method_config=args.method_config, baseline=args.baseline, n_resamples=args.bootstrap,
+            plan_only=args.plan)

@@ -41,7 +41,7 @@ from morelora.data.sampling import MultiTaskSampler
 from morelora.training import checkpoint as ckpt
 from morelora.training.evaluate import evaluate, make_collator, model_kind
 
-__all__ = ["Run", "build_run", "evaluate_run", "load_run", "train"]
+__all__ = ["Run", "build_run", "evaluate_run", "load_run", "time_steps", "train"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
@@ -235,19 +235,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     model.train()
     while state.step < tc.max_steps:
         t0 = time.perf_counter()
-        for _ in range(tc.grad_accum):
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                out = model(**batch)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and tc.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:  # the method's per-step hook sees this step's gradients
-                    run.model.on_step_end(state.step)
-                scheduler.step()
-                optimizer.zero_grad()
-            tracker.add(out.loss, run.model, batch)
+        _train_step(run, model, batches, optimizer, scheduler, accelerator, state.step, tracker)
         state.step += 1
         state.train_time += time.perf_counter() - t0
         bar.update(1)
@@ -273,7 +261,71 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     return run_dir
 
 
+def time_steps(cfg: RunConfig, steps: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Measure ``cfg``'s training step and evaluation on this machine, writing nothing.
+
+    Runs ``warmup`` + ``steps`` real optimizer steps (the run's model, method, batch size and data order) and
+    returns ``{"step_s": seconds per step, "test_s": one pass over the test sets, "validation_s": one pass
+    over the validation sets}``. An evaluation pass is estimated from one timed batch of ``eval_batch_size``
+    test examples per task (after an untimed one when ``warmup``): seconds per example of that batch x the
+    task's number of examples.
+    """
+    tc = cfg.train
+    accelerator = _make_accelerator(cfg)
+    set_seed(tc.seed)
+    run = build_run(cfg)
+    sampler = _make_sampler(cfg, run, accelerator.num_processes)
+    optimizer, scheduler = _make_optimizer(cfg, run.model, accelerator.device)
+    model, optimizer, scheduler = accelerator.prepare(run.model, optimizer, scheduler)
+    batches = _batches(sampler, make_collator(run, train=True), run, accelerator)
+    model.train()
+    for step in range(warmup + steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        _train_step(run, model, batches, optimizer, scheduler, accelerator, step)
+    step_s = (time.perf_counter() - t0) / max(steps, 1)
+
+    from morelora.training.evaluate import _predict
+
+    model.eval()
+    collator, passes = make_collator(run, train=False), {"test": 0.0, "validation": 0.0}
+    with torch.no_grad():
+        for t in range(len(run.specs)):
+            batch = run.data[t]["test"][:tc.eval_batch_size] or run.data[t]["validation"][:tc.eval_batch_size]
+            if not batch:
+                continue
+            if warmup:  # the first inference batch after training pays one-off costs (e.g. routing caches)
+                _predict(run, run.model, collator, t, batch, tc.eval_batch_size, accelerator)
+            t0 = time.perf_counter()
+            _predict(run, run.model, collator, t, batch, tc.eval_batch_size, accelerator)
+            per_example = (time.perf_counter() - t0) / len(batch)
+            for split in passes:
+                passes[split] += per_example * len(run.data[t][split])
+    return {"step_s": step_s, "test_s": passes["test"], "validation_s": passes["validation"]}
+
+
 # ------------------------------------------------------------------------------------- loop helpers
+
+
+def _train_step(run: Run, model: Any, batches: Any, optimizer: Any, scheduler: Any, accelerator: Accelerator,
+                step: int, tracker: _LossTracker | None = None) -> None:
+    """One optimizer step: ``train.grad_accum`` micro-batches, clipping, the method's per-step hook."""
+    tc = run.cfg.train
+    for _ in range(tc.grad_accum):
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            out = model(**batch)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and tc.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:  # the method's per-step hook sees this step's gradients
+                run.model.on_step_end(step)
+            scheduler.step()
+            optimizer.zero_grad()
+        if tracker is not None:
+            tracker.add(out.loss, run.model, batch)
+
 
 
 def _make_accelerator(cfg: RunConfig) -> Accelerator:
