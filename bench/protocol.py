@@ -1,0 +1,231 @@
+"""The comparison protocol's long runs (docs/RESULTS.md, "The protocol"): learning-rate sweep, then seeds.
+
+    python bench/protocol.py run      # one worker; start two (OMP_NUM_THREADS=1 each) to use two cores
+    python bench/protocol.py status   # what is done, running and left; each method's sweep and its winner
+    python bench/protocol.py report   # the table: `morelora compare` over every finished winner's seeds
+
+Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shared by every run) and the
+``PROTOCOL`` block below (methods, learning rates, seeds, order). For every method:
+
+1. sweep: one run (seed ``first``) per learning rate in ``lrs``, label ``<method>_lr<lr>``; each run logs its
+   validation curve (``train.eval_steps``), ending with an evaluation at the last step;
+2. winner: the learning rate with the best final *validation* average (test is never read for a choice);
+3. seeds: the winner's label trained with the other seeds, so that the winner's sweep run is its first seed
+   (without the validation curve: ``train.eval_steps`` is bookkeeping, so the runs still form one comparison).
+
+Runs are ordinary ``morelora compare`` runs in ``runs/protocol/<label>/seed<s>`` (resumable: an unfinished run
+continues from its newest checkpoint; a finished one is reused). Workers take runs in the protocol's order
+and claim each one with a lock file holding their pid and the machine's boot id, so two workers never train
+the same run and a claim left by a killed worker (dead pid, or another boot) is taken over. Every run folder
+records the commit it trained with (``provenance.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "protocol" / "protocol.yaml"
+OUT = Path(os.environ.get("MORELORA_PROTOCOL_DIR", ROOT / "runs" / "protocol"))
+
+PROTOCOL: dict[str, Any] = {
+    # method label -> method options (the shared ``method:`` block of protocol.yaml fills in the rest)
+    "methods": {
+        "more": {"name": "more"},
+        "lora": {"name": "lora"},
+        "lora_r16": {"name": "lora", "r": 16, "lora_alpha": 32},   # LoRA at MoRE's adapter parameters (1.10x)
+        "multilora": {"name": "multilora"},
+        "moelora": {"name": "moelora"},
+        "hydralora": {"name": "hydralora"},
+    },
+    # the order runs are taken in: MoRE against LoRA first (the verdict), then the other rows
+    "groups": [["more", "lora"], ["lora_r16", "multilora", "moelora", "hydralora"]],
+    "lrs": ["3e-4", "1e-3", "3e-3"],
+    "seeds": 5,
+}
+
+
+def _label(method: str, lr: str) -> str:
+    return f"{method}_lr{lr}"
+
+
+def method_config() -> dict[str, dict[str, Any]]:
+    """``{label: options}`` for ``morelora compare --method-config``: every (method, learning rate) pair."""
+    return {_label(m, lr): {**opts, "train.lr": float(lr)}
+            for m, opts in PROTOCOL["methods"].items() for lr in PROTOCOL["lrs"]}
+
+
+def _runs(labels: list[str], seeds: int) -> list[Any]:
+    from morelora.compare import plan_runs
+
+    return plan_runs(CONFIG, labels, seeds, OUT, method_config=method_config(), verbose=False)
+
+
+def final_validation(run_dir: Path) -> float | None:
+    """The validation average at the run's last step (None until the run has finished)."""
+    if not (run_dir / "eval.json").is_file():
+        return None
+    steps = json.loads((run_dir / "eval.json").read_text())["train"]["steps"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r.get("split") == "validation" and r["step"] == steps]
+    return last[-1]["eval_average"] if last else None
+
+
+def sweep(method: str) -> dict[str, Any]:
+    """``{"runs": {lr: final validation average or None}, "winner": lr or None}`` (winner once all are done)."""
+    first = _runs([_label(method, PROTOCOL["lrs"][0])], 1)[0].seed
+    scores = {lr: final_validation(OUT / _label(method, lr) / f"seed{first}") for lr in PROTOCOL["lrs"]}
+    done = all(v is not None for v in scores.values())
+    return {"runs": scores, "winner": max(scores, key=lambda lr: scores[lr]) if done else None}
+
+
+def ordered_runs() -> list[tuple[Any, str | None]]:
+    """Every run of the protocol in order, with the method whose sweep must finish first (None: no wait)."""
+    out: list[tuple[Any, str | None]] = []
+    for group in PROTOCOL["groups"]:
+        for m in group:
+            out += [(r, None) for r in _runs([_label(m, lr) for lr in PROTOCOL["lrs"]], 1)]
+        for m in group:
+            winner = sweep(m)["winner"]
+            if winner is None:
+                out.append((None, m))   # its seeds: known once the sweep has a winner
+            else:
+                for r in _runs([_label(m, winner)], PROTOCOL["seeds"])[1:]:
+                    r.cfg.train.eval_steps = 0   # the curve was for the choice: the other seeds skip it
+                    out.append((r, None))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock(run: Any) -> Path:
+    return OUT / ".claims" / f"{run.label}-seed{run.seed}.lock"
+
+
+def claim(run: Any) -> bool:
+    """Take ``run`` for this process (False: another live worker has it)."""
+    path = _lock(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                other = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                other = {}
+            if other.get("boot") == me["boot"] and other.get("host") == me["host"] and _alive(int(other.get("pid", 0))):
+                return False
+            path.unlink(missing_ok=True)   # a claim left by a killed worker
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def release(run: Any) -> None:
+    _lock(run).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _finished(run: Any) -> bool:
+    return (run.run_dir / "eval.json").is_file() and (run.run_dir / "test_predictions.json").is_file()
+
+
+def run_worker(poll_s: float = 60.0) -> None:
+    """Train the protocol's runs in order until none is left; wait while the next ones are claimed elsewhere."""
+    from morelora.compare import execute
+
+    while True:
+        todo = [(r, wait) for r, wait in ordered_runs() if wait is not None or not _finished(r)]
+        if not todo:
+            print("protocol: every run is finished", flush=True)
+            return
+        started = False
+        for run, _ in ((r, w) for r, w in todo if w is None):
+            if claim(run):
+                try:
+                    execute([run])
+                finally:
+                    release(run)
+                started = True
+                break
+        if not started:
+            waiting = sorted({w for _, w in todo if w is not None})
+            print(f"protocol: nothing to take now (claimed elsewhere, or waiting for the sweeps of "
+                  f"{', '.join(waiting) or '-'}); checking again in {poll_s:.0f} s", flush=True)
+            time.sleep(poll_s)
+
+
+def status() -> None:
+    rows = ordered_runs()
+    done = sum(1 for r, w in rows if w is None and (r.run_dir / "eval.json").is_file())
+    total_known = sum(1 for _, w in rows if w is None)
+    print(f"protocol in {OUT}: {done} of {total_known} planned runs finished "
+          f"(+{PROTOCOL['seeds'] - 1} seed runs per method whose sweep is not finished)")
+    for r, w in rows:
+        if w is not None:
+            print(f"  {w}: seeds wait for its learning-rate sweep")
+            continue
+        claimed = _lock(r).exists()
+        state = "done" if (r.run_dir / "eval.json").is_file() else ("claimed" if claimed else (
+            "partial" if (r.run_dir / "config.yaml").is_file() else "not started"))
+        print(f"  {r.label:<22} seed {r.seed}: {state}")
+    for m in PROTOCOL["methods"]:
+        s = sweep(m)
+        cells = ", ".join(f"lr {lr}: {'-' if v is None else f'{100 * v:.2f}'}" for lr, v in s["runs"].items())
+        print(f"sweep {m:<10} {cells}  -> winner {s['winner'] or '(not yet)'}")
+
+
+def report(baseline: str = "lora") -> None:
+    """`morelora compare` over the winners whose seeds have all finished (the baseline's row first)."""
+    from morelora.compare import compare
+
+    winners = {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
+    labels = [_label(m, w) for m, w in winners.items() if w is not None
+              and all((r.run_dir / "eval.json").is_file() for r in _runs([_label(m, w)], PROTOCOL["seeds"]))]
+    base = _label(baseline, winners[baseline]) if winners.get(baseline) else None
+    if base not in labels:
+        raise SystemExit(f"protocol: {baseline}'s seeds are not all finished yet; see `bench/protocol.py status`")
+    labels = [base] + [lab for lab in labels if lab != base]
+    mc = OUT / "methods.yaml"
+    import yaml
+
+    mc.write_text(yaml.safe_dump({lab: method_config()[lab] for lab in labels}, sort_keys=False))
+    compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, method_config=str(mc), baseline=base)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["run", "status", "report"])
+    p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
+    args = p.parse_args()
+    {"run": lambda: run_worker(args.poll), "status": status, "report": report}[args.command]()
+
+
+if __name__ == "__main__":
+    main()
