@@ -109,6 +109,23 @@ def test_train_bad_input(cli_run, tmp_path: Path, capsys, override: str, message
     assert not out.exists()
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_bad_task_file_is_one_line_exit_2(tmp_path: Path, capsys, suffix: str) -> None:
+    from test_data import _WHERE, _write_rows
+
+    rows = [{"query": f"q{i}", "choices": ["a", "b"], "gold": i % 2} for i in range(8)]
+    rows[5]["gold"] = 2
+    data = _write_rows(tmp_path / f"mine{suffix}", rows)
+    config = _write(tmp_path / "c.yaml", {"task_files": {"mine": {"path": str(data), "kind": "multiple_choice"}}})
+    line = _error(capsys, ["train", str(config), "--output-dir", str(tmp_path / "run")])
+    assert line == (f"morelora: error: {data}, {_WHERE[suffix](5)}: field 'gold' is 2, out of range for 2 choices "
+                    "(0 to 1)")
+    data.write_bytes(b"")
+    assert _error(capsys, ["train", str(config), "--output-dir", str(tmp_path / "run")]).startswith(
+        f"morelora: error: {data}: ")
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_run_folder_is_not_overwritten(cli_run, capsys) -> None:
     config, run_dir = cli_run
     before = _snapshot(run_dir)
