@@ -185,3 +185,33 @@ def test_siamese_encoding_trains_evaluates_and_reloads(tmp_path: Path, tiny_bert
     # the trained heads moved away from their initialisation (the cosine start of the choice head included)
     arc = heads[run.specs.index(next(s for s in run.specs if s.name == "arc_easy"))]
     assert arc.weight[0, :-1].abs().sum() > 0
+
+
+def _separable_sentiment(path: Path) -> Path:
+    """240 train / 80 test one-sentence reviews whose label is given by one word (terrible / wonderful)."""
+    import random
+
+    rng = random.Random(0)
+    filler = "the a film story plot actor scene music ending dialogue pace cast camera light".split()
+    rows = []
+    for i in range(320):
+        words = rng.sample(filler, 5)
+        words.insert(rng.randrange(6), ("terrible", "wonderful")[i % 2])
+        rows.append({"text": " ".join(words), "label": i % 2, "split": "train" if i < 240 else "test"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(("encoding", "pooling"), [("cross", "cls"), ("cross", "mean"), ("siamese", "cls"),
+                                                   ("siamese", "mean")])
+def test_defaults_learn_a_separable_task_in_every_setup(tmp_path: Path, encoding: str, pooling: str) -> None:
+    """The default optimiser settings (only steps and batch size set) fit a trivially separable task on MiniLM.
+
+    With the task heads at the adapter's rate (the old default) cls pooling stays at the majority class."""
+    cfg = {"model": {"name_or_path": "minilm", "max_length": 12, "pooling": pooling, "encoding": encoding},
+           "task_files": {"toy": {"path": str(_separable_sentiment(tmp_path / "toy.jsonl")),
+                                  "kind": "classification"}},
+           "train": {"output_dir": str(tmp_path / "run"), "batch_size": 16, "max_steps": 40, "logging_steps": 40}}
+    result = json.loads((train(RunConfig.from_dict(cfg)) / "eval.json").read_text())["tasks"]["toy"]
+    assert result["num_examples"] == 80 and result["reference_score"] == 0.5
+    assert result["score"] >= 0.95, result["score"]

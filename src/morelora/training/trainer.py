@@ -35,7 +35,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from morelora.config import BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
+from morelora.config import AUTO_HEAD_LR, BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
 from morelora.data import TaskSpec, get_task
 from morelora.data.sampling import MultiTaskSampler
 from morelora.training import checkpoint as ckpt
@@ -293,8 +293,8 @@ def _batches(sampler: MultiTaskSampler, collator: Any, run: Run, accelerator: Ac
 
 
 def _make_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device | None = None):
-    """AdamW over the trainable parameters (no weight decay on biases / norms; task heads at ``train.head_lr``
-    when set) + linear warm-up/decay."""
+    """AdamW over the trainable parameters (no weight decay on biases / norms; task heads at ``train.head_lr``:
+    ``auto`` = :data:`~morelora.config.AUTO_HEAD_LR`, ``None`` = ``train.lr``) + linear warm-up/decay."""
     from transformers import get_linear_schedule_with_warmup
 
     tc = cfg.train
@@ -303,10 +303,11 @@ def _make_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device
     if tc.head_lr is not None:
         for name in getattr(model, "saved_module_names", []):
             heads |= {id(p) for p in model.base_model.get_submodule(name).parameters()}
-        if not heads:
+        if not heads and tc.head_lr != "auto":
             raise ConfigError("train.head_lr is set but the model has no task heads (modules_to_save)")
+    head_lr = AUTO_HEAD_LR if tc.head_lr == "auto" else tc.head_lr
     groups = []
-    for lr, in_group in ((tc.lr, lambda p: id(p) not in heads), (tc.head_lr, lambda p: id(p) in heads)):
+    for lr, in_group in ((tc.lr, lambda p: id(p) not in heads), (head_lr, lambda p: id(p) in heads)):
         chosen = [p for _, p in params if in_group(p)]
         groups += [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": tc.weight_decay, "lr": lr},
                    {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
