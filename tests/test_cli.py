@@ -202,3 +202,123 @@ def test_console_error_has_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"morelora: error: config file not found: {tmp_path}/missing.yaml"]
+
+
+# ------------------------------------------------------------------------- exports of non-BertFor* heads
+
+
+def _readme_head_recipe() -> dict:
+    """The README's 'Exported heads' code (its first Python block), executed: the functions a user copies."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Exported heads", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code, namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def siamese_run(tmp_path_factory, tiny_bert) -> Path:
+    from conftest import tiny_run_config
+
+    tmp = tmp_path_factory.mktemp("siamese")
+    cfg = tiny_run_config(tiny_bert, tmp / "run", max_steps=3, save_steps=3)
+    cfg["model"].update(pooling="mean", encoding="siamese", max_length=128)
+    assert main(["train", str(_write(tmp / "c.yaml", cfg))]) == 0
+    return tmp / "run"
+
+
+def _short(examples: list[dict], tokenizer, n: int = 4) -> list[dict]:
+    """``n`` examples whose texts all fit well below the run's max_length (so no truncation differs)."""
+    def fits(ex):
+        texts = [ex.get("text"), ex.get("text_pair"), ex.get("query"), *ex.get("choices", [])]
+        return all(len(tokenizer(t)["input_ids"]) < 100 for t in texts if t)
+    return [ex for ex in examples if fits(ex)][:n]
+
+
+@pytest.mark.parametrize("task", ["sst2", "rte", "arc_easy"])
+def test_export_of_siamese_mean_run_loads_in_plain_peft(siamese_run, tmp_path: Path, capsys, task: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from morelora.training import load_run
+    from morelora.training.evaluate import make_collator
+
+    out = tmp_path / "export"
+    assert main(["export", str(siamese_run), "--task", task, "--out", str(out)]) == 0
+    tiny = yaml.safe_load((siamese_run / "config.yaml").read_text())["model"]["name_or_path"]
+    assert capsys.readouterr().out.strip() == (
+        f"exported task {task!r} as a PEFT LoRA adapter for {tiny} ({tiny} is a plain AutoModel), plus its "
+        f"mean-pooling siamese head in task_head.safetensors (README, 'Exported heads': model outputs -> logits) "
+        f"-> {out}")
+    meta = json.loads((out / "morelora_task.json").read_text())
+    assert (meta["auto_class"], meta["pooling"], meta["encoding"]) == ("AutoModel", "mean", "siamese")
+
+    run = load_run(siamese_run)
+    run.model.eval()
+    t = run.task_names.index(task)
+    # short examples; multiple choice: four choices each (the recipe takes one number of choices per call)
+    examples = [ex for ex in _short(run.data[t]["test"], run.tokenizer, n=50) if len(ex.get("choices", "abcd")) == 4]
+    examples = examples[:4]
+    assert len(examples) == 4
+    batch = make_collator(run)([(t, ex) for ex in examples])
+    batch.pop("labels")
+    seen = []
+    hook = run.model.base_model.backbone.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state))
+    with torch.no_grad():
+        ours = run.model(**batch).logits
+    hook.remove()
+
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny), out).eval()
+    rows = batch["input_ids"].flatten(0, 1)
+    with torch.no_grad():  # the adapter's backbone outputs equal the MoRE model's for this task
+        theirs = peft_model(input_ids=rows, attention_mask=batch["attention_mask"].flatten(0, 1)).last_hidden_state
+    keep = batch["attention_mask"].flatten(0, 1).bool()
+    torch.testing.assert_close(theirs[keep], seen[0][keep], rtol=1e-4, atol=1e-5)
+
+    recipe = _readme_head_recipe()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = [ex.get("text", ex.get("query")) for ex in examples]
+    seconds = ([ex["choices"] for ex in examples] if "choices" in examples[0]
+               else [ex["text_pair"] for ex in examples] if "text_pair" in examples[0] else None)
+    with torch.no_grad():
+        logits = recipe["task_logits"](peft_model, tokenizer, str(out), texts, seconds)
+    torch.testing.assert_close(logits, ours[:, : logits.shape[1]], rtol=1e-4, atol=1e-5)
+    assert ours[:, logits.shape[1]:].isinf().all()
+
+
+def test_merge_of_siamese_run_and_export_base_model(siamese_run, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from morelora.training import load_run
+    from morelora.training.evaluate import make_collator
+
+    assert main(["merge", str(siamese_run), "--task", "rte", "--out", str(tmp_path / "m")]) == 0
+    assert "merged task 'rte' into the base model (the merged model is a plain AutoModel), plus its mean-pooling " \
+           "siamese head in task_head.safetensors" in capsys.readouterr().out
+    run = load_run(siamese_run)
+    run.model.eval()
+    examples = _short(run.data[0]["test"], run.tokenizer)
+    batch = make_collator(run)([(0, ex) for ex in examples])
+    batch.pop("labels")
+    with torch.no_grad():
+        ours = run.model(**batch).logits
+        merged = AutoModel.from_pretrained(tmp_path / "m").eval()
+        logits = _readme_head_recipe()["task_logits"](merged, AutoTokenizer.from_pretrained(tmp_path / "m"),
+                                                      str(tmp_path / "m"), [ex["text"] for ex in examples],
+                                                      [ex["text_pair"] for ex in examples])
+    torch.testing.assert_close(logits, ours, rtol=1e-4, atol=1e-5)
+
+    out = tmp_path / "named"
+    assert main(["export", str(siamese_run), "--task", "rte", "--out", str(out), "--base-model", "me/my-bert"]) == 0
+    assert "as a PEFT LoRA adapter for me/my-bert (" in capsys.readouterr().out
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/my-bert"
+
+
+def test_export_names_the_bundled_model_by_its_hub_id() -> None:
+    from morelora.config import bundled_minilm_path
+    from morelora.tuners.base import hub_id
+
+    assert hub_id(bundled_minilm_path()) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_id("/data/models/my-bert") == "/data/models/my-bert"
+    assert hub_id("bert-base-uncased") == "bert-base-uncased"

@@ -101,11 +101,22 @@ def _print_summary(path: Path) -> None:
 # -------------------------------------------------------------------------------------- export / merge
 
 
-def _task_out_args(p: argparse.ArgumentParser) -> None:
+def _task_out_args(p: argparse.ArgumentParser, action: str) -> None:
     p.add_argument("run_dir", help="run folder written by `morelora train`")
-    p.add_argument("--task", required=True, help="task to export")
+    p.add_argument("--task", required=True, help=f"the run's task to {action}")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _task_out_args(p, "export")
+    p.add_argument("--base-model", metavar="ID_OR_PATH",
+                   help="base_model_name_or_path written into adapter_config.json (default: the base model's hub "
+                        "id, e.g. sentence-transformers/all-MiniLM-L6-v2 for the bundled MiniLM)")
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    _task_out_args(p, "merge into the base model")
 
 
 def _fresh_out_dir(path: str) -> Path:
@@ -115,15 +126,27 @@ def _fresh_out_dir(path: str) -> Path:
     return out
 
 
+def _head_note(model: object, base: str) -> str:
+    """What an encoder export / merge holds besides the weights of ``base`` ('' for models without task heads)."""
+    heads = getattr(model, "base_model", model)
+    if not hasattr(heads, "standard_heads"):
+        return ""
+    if heads.standard_heads:
+        return " with its classifier head"
+    return (f" ({base} is a plain AutoModel), plus its {heads.pooling}-pooling {heads.encoding} head in "
+            "task_head.safetensors (README, 'Exported heads': model outputs -> logits)")
+
+
 def _export(args: argparse.Namespace) -> None:
     from morelora.training import load_run
 
     out = _fresh_out_dir(args.out)
     _check_task(args.run_dir, args.task)
     run = load_run(args.run_dir, checkpoint=args.checkpoint)
-    run.model.export_lora(args.task, out)
+    run.model.export_lora(args.task, out, base_model_name_or_path=args.base_model)
     run.tokenizer.save_pretrained(out)
-    print(f"exported task {args.task!r} as a PEFT LoRA adapter -> {out}")
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    print(f"exported task {args.task!r} as a PEFT LoRA adapter for {base}{_head_note(run.model, base)} -> {out}")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -132,14 +155,19 @@ def _merge(args: argparse.Namespace) -> None:
     out = _fresh_out_dir(args.out)
     _check_task(args.run_dir, args.task)
     run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    note = _head_note(run.model, "the merged model")
     merged = run.model.merge_and_unload(task=args.task)
-    if hasattr(merged, "build_task_model"):  # encoder + task heads: a plain model for one task
-        merged = merged.build_task_model(args.task)
+    if hasattr(merged, "standard_heads"):  # encoder + task heads
+        if merged.standard_heads:  # a plain BertFor* model for one task
+            merged = merged.build_task_model(args.task)
+        else:  # the merged backbone (AutoModel) + the head file
+            merged.save_task_head(args.task, out)
+            merged = merged.backbone
     if not hasattr(merged, "save_pretrained"):
         raise UsageError(f"the merged {type(merged).__name__} cannot be saved as a transformers model")
     merged.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
-    print(f"merged task {args.task!r} into the base model -> {out}")
+    print(f"merged task {args.task!r} into the base model{note} -> {out}")
 
 
 def _check_task(run_dir: str, task: str) -> None:
@@ -201,8 +229,8 @@ def _methods(args: argparse.Namespace) -> None:
 COMMANDS: list[Command] = [
     Command("train", "train one multi-task adapter from a run config", _train_args, _train),
     Command("eval", "evaluate a run folder's newest checkpoint -> RUN_DIR/eval.json", _eval_args, _eval),
-    Command("export", "write one task of a run as a standard PEFT LoRA adapter", _task_out_args, _export),
-    Command("merge", "merge one task into the base model, save model + tokenizer", _task_out_args, _merge),
+    Command("export", "write one task of a run as a standard PEFT LoRA adapter", _export_args, _export),
+    Command("merge", "merge one task into the base model, save model + tokenizer", _merge_args, _merge),
     Command("compare", "train and evaluate methods x seeds, compare them with CIs and paired tests",
             _compare_args, _compare),
     Command("plot", "plot what the router learned (embeddings, ranks, training curves) -> RUN_DIR/plots/",

