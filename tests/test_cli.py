@@ -148,9 +148,26 @@ def test_resume_with_another_config_is_refused(cli_run, capsys) -> None:
     config, run_dir = cli_run
     before = _snapshot(run_dir)
     line = _error(capsys, ["train", str(config), "--output-dir", str(run_dir), "--resume", "train.seed=1",
-                           "train.lr=0.5"])
-    assert line.endswith("differs from " + str(run_dir / "config.yaml") + " in: train.lr")
+                           "train.lr=0.5", "train.max_steps=9"])
+    assert line == (f"morelora: error: --resume with a config that differs from {run_dir / 'config.yaml'} in: "
+                    "train.lr 0.001 -> 0.5; resume with the run's own values or train a new run into another "
+                    "--output-dir")
     assert _snapshot(run_dir) == before
+
+
+def test_resume_says_which_keys_it_applies(cli_run, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    config, run_dir = cli_run
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    assert main(["train", str(config), "--output-dir", str(run), "--resume", "train.seed=1", "train.max_steps=6",
+                 "train.logging_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: applying the changed train.logging_steps: 2 -> 3\n" in out
+    assert ("resume: applying the changed train.max_steps: 4 -> 6 (the learning-rate schedule follows the new "
+            "length)\n") in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 6
+    assert json.loads((run / "eval.json").read_text())["train"]["steps"] == 6
 
 
 def test_finished_run_resumes_to_nothing(cli_run, capsys) -> None:

@@ -51,7 +51,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. train.lr=1e-3 tasks=[sst2,rte] method.r=16")
     p.add_argument("--output-dir", help="run folder (default: train.output_dir of the config)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in the run folder")
+                   help="continue from the newest complete checkpoint in the run folder (an older one, with a "
+                        "warning, when the newest does not load); train.max_steps may change, other keys may not")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="continue from this checkpoint folder of the run (implies --resume)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -62,7 +65,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
-    run_dir = train(cfg, resume=args.resume)
+    run_dir = train(cfg, resume=args.resume, checkpoint=args.checkpoint)
     _print_summary(run_dir / "eval.json")
 
 
