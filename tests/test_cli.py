@@ -62,7 +62,11 @@ def test_eval_command(cli_run, capsys) -> None:
     _, run_dir = cli_run
     before = json.loads((run_dir / "eval.json").read_text())
     assert main(["eval", str(run_dir)]) == 0
-    assert "average" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "average" in out
+    progress = [line for line in out.splitlines() if line.startswith("eval test ")]  # one line per task
+    assert [line.split(" (")[0] for line in progress] == [
+        f"eval test {i}/3 {t}: accuracy {before['tasks'][t]['score']:.4f}" for i, t in enumerate(before["tasks"], 1)]
     after = json.loads((run_dir / "eval.json").read_text())
     assert after["tasks"] == before["tasks"]
     assert main(["eval", str(run_dir), "--split", "validation"]) == 0
@@ -339,3 +343,58 @@ def test_export_names_the_bundled_model_by_its_hub_id() -> None:
     assert hub_id(bundled_minilm_path()) == "sentence-transformers/all-MiniLM-L6-v2"
     assert hub_id("/data/models/my-bert") == "/data/models/my-bert"
     assert hub_id("bert-base-uncased") == "bert-base-uncased"
+
+
+def test_help_is_fast_and_subcommand_help_is_complete(capsys) -> None:
+    """`morelora --help` imports no torch / transformers / peft; each subcommand's -h lists its options."""
+    code = ("import sys\nfrom morelora.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "sweep" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            main([command, "-h"])
+        assert e.value.code == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "--suite {default,full,quick}" in help_of("bench") and "--threads THREADS" in help_of("bench")
+    assert "--task TASK the run's task to merge into the base model" in help_of("merge")
+    assert "--split {test,validation,train} split to score" in help_of("eval")
+    assert "--checkpoint DIR continue from this checkpoint folder of the run" in help_of("train")
+
+
+def test_busy_machine_gets_fewer_threads(monkeypatch, capsys) -> None:
+    from morelora import cli
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 2.0, 1.0))
+    cli._fit_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+    assert capsys.readouterr().out == ("morelora: the machine is busy (load average 2.6 on 4 CPUs): using 1 torch "
+                                       "thread(s); set OMP_NUM_THREADS to choose\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    cli._fit_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "3" and capsys.readouterr().out == ""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))  # idle: torch's default stays
+    cli._fit_threads()
+    assert "OMP_NUM_THREADS" not in os.environ and capsys.readouterr().out == ""
+
+
+def test_summary_says_which_tasks_are_below_their_reference(tmp_path: Path, capsys) -> None:
+    from morelora.cli import _print_summary
+
+    def task(score: float, ref: float) -> dict:
+        return {"main_metric": "accuracy", "score": score, "reference_score": ref, "vs_reference": None}
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"tasks": {"sst2": task(0.8, 0.5), "rte": task(0.47, 0.53)}, "average": 0.635,
+                                "train": {"steps": 300}}))
+    _print_summary(path)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("(reference 0.5000)") and out[1].endswith("(reference 0.5300)  below the reference")
+    assert out[-1].startswith("1 task(s) below their majority-class / chance reference (rte): expected of a short "
+                              "run (300 steps) such as the demo's")

@@ -12,6 +12,7 @@ Set ``MORELORA_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -19,11 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from morelora.analysis import fewshot as _fewshot
-from morelora.analysis import plots as _plots
-from morelora.analysis import sweep as _sweep
-from morelora.compare import configure_parser as _compare_args
-from morelora.compare import run_command as _compare
+# Nothing heavy at import: torch / transformers / peft load inside the subcommand that needs them, so that
+# `morelora --help` and argument errors answer at once.
 
 __all__ = ["COMMANDS", "Command", "UsageError", "main"]
 
@@ -34,12 +32,21 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` executes it."""
+    """One subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` executes it.
+
+    Either may be given as ``"module:function"``: imported only when that subcommand is used."""
 
     name: str
     help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
+    configure: Callable[[argparse.ArgumentParser], None] | str
+    run: Callable[[argparse.Namespace], int | None] | str
+
+    @staticmethod
+    def resolve(target: Callable | str) -> Callable:
+        if callable(target):
+            return target
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -74,7 +81,8 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder written by `morelora train`")
-    p.add_argument("--split", default="test", choices=("test", "validation", "train"))
+    p.add_argument("--split", default="test", choices=("test", "validation", "train"),
+                   help="split to score (default: test -> eval.json; others -> eval_<split>.json)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: train.eval_batch_size)")
 
@@ -93,12 +101,21 @@ def _print_summary(path: Path) -> None:
     if not PartialState().is_main_process or not path.exists():
         return
     result = json.loads(path.read_text())
+    below = []
     for task, r in result["tasks"].items():
         gap = r.get("vs_reference")
         above = (f"; {gap['diff']:+.4f}, 95% CI {gap['low']:+.4f} to {gap['high']:+.4f}, p {gap['p']:.3f}"
                  if gap else "")
-        print(f"{task:>16}  {r['main_metric']} {r['score']:.4f}   (reference {r['reference_score']:.4f}{above})")
+        if r["score"] < r["reference_score"]:
+            below.append(task)
+        print(f"{task:>16}  {r['main_metric']} {r['score']:.4f}   (reference {r['reference_score']:.4f}{above})"
+              + ("  below the reference" if task in below else ""))
     print(f"{'average':>16}  {result['average']:.4f}   -> {path}")
+    if below:
+        steps = result.get("train", {}).get("steps")
+        print(f"{len(below)} task(s) below their majority-class / chance reference ({', '.join(below)}): expected "
+              f"of a short run{f' ({steps} steps)' if steps else ''} such as the demo's, which leaves the harder "
+              "tasks near chance; longer training moves them above (docs/RESULTS.md)")
 
 
 # -------------------------------------------------------------------------------------- export / merge
@@ -188,16 +205,6 @@ def _check_task(run_dir: str, task: str) -> None:
 # ------------------------------------------------------------------------------------- bench / methods
 
 
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see morelora bench -h)")
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from morelora.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def _methods_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="run config: also count each method's parameters per task on its model")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method.r=16")
@@ -235,56 +242,73 @@ COMMANDS: list[Command] = [
     Command("export", "write one task of a run as a standard PEFT LoRA adapter", _export_args, _export),
     Command("merge", "merge one task into the base model, save model + tokenizer", _merge_args, _merge),
     Command("compare", "train and evaluate methods x seeds, compare them with CIs and paired tests",
-            _compare_args, _compare),
+            "morelora.compare:configure_parser", "morelora.compare:run_command"),
     Command("plot", "plot what the router learned (embeddings, ranks, training curves) -> RUN_DIR/plots/",
-            _plots.configure, _plots.main),
+            "morelora.analysis.plots:configure", "morelora.analysis.plots:main"),
     Command("fewshot", "add a new task to a trained MoRE run from K examples; compare with LoRA / fresh MoRE",
-            _fewshot.configure, _fewshot.main),
+            "morelora.analysis.fewshot:configure", "morelora.analysis.fewshot:main"),
     Command("bench", "benchmark MoRE against PEFT LoRA, the baselines and the base model (ratios from one run)",
-            _bench_args, _bench),
+            "morelora.bench:configure", "morelora.bench:run"),
     Command("methods", "list every method: routing, mergeable, parameters per task for a config's model",
             _methods_args, _methods),
     Command("sweep", "train a config over values of one parameter x seeds -> sweep.json / .md / .png",
-            _sweep.configure, _sweep.main),
+            "morelora.analysis.sweep:configure", "morelora.analysis.sweep:main"),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only subcommand ``command``'s arguments are added (all of them when ``command`` is None)."""
     parser = argparse.ArgumentParser(prog="morelora",
                                      description="MoRE multi-task parameter-efficient fine-tuning")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        cmd.configure(p)
+        if command is None or command == cmd.name:
+            Command.resolve(cmd.configure)(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input: shown as one line, not a traceback."""
+    """Exceptions that mean bad input: shown as one line, not a traceback (a module that was never imported
+    raised none of its own)."""
     from morelora.config import ConfigError
+    from morelora.errors import MoreLoraError
 
-    errors: list[type[BaseException]] = [UsageError, ConfigError, FileNotFoundError, FileExistsError]
-    try:
-        from morelora.tuners.base import MoreLoraError
-
-        errors.append(MoreLoraError)
-    except ImportError:  # pragma: no cover - partial installs
-        pass
-    try:
-        from morelora.data.tasks import UnknownTaskError
-
-        errors.append(UnknownTaskError)
-    except ImportError:  # pragma: no cover
-        pass
-    from morelora.training.checkpoint import RunError
-
-    errors.append(RunError)
+    errors: list[type[BaseException]] = [UsageError, ConfigError, MoreLoraError, FileNotFoundError, FileExistsError]
+    checkpoint = sys.modules.get("morelora.training.checkpoint")
+    if checkpoint is not None:
+        errors.append(checkpoint.RunError)
     return tuple(errors)
 
 
+#: Subcommands that run models: they get a thread count that fits a busy machine (see `_fit_threads`).
+_COMPUTE = ("train", "eval", "compare", "sweep", "fewshot", "export", "merge", "methods")
+
+
+def _fit_threads() -> None:
+    """Without OMP_NUM_THREADS, use only the CPUs that other processes leave free (1-minute load average).
+
+    Several multi-threaded torch processes on few cores run up to ten times slower than one thread each; on an
+    idle machine this changes nothing. Runs before torch is imported (which reads OMP_NUM_THREADS)."""
+    cpus = os.cpu_count() or 1
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return
+    free = max(1, cpus - round(os.getloadavg()[0]))
+    if free < cpus:
+        os.environ["OMP_NUM_THREADS"] = str(free)
+        if "torch" in sys.modules:  # imported already (main() called from Python)
+            sys.modules["torch"].set_num_threads(free)
+        print(f"morelora: the machine is busy (load average {os.getloadavg()[0]:.1f} on {cpus} CPUs): using {free} "
+              "torch thread(s); set OMP_NUM_THREADS to choose", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")  # the subcommand is the first word
+    if command in _COMPUTE and not {"-h", "--help"} & set(argv):
+        _fit_threads()
+    parser = build_parser(command if command in {c.name for c in COMMANDS} else "")
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (train CONFIG --resume lr=...): argparse leaves them over
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
@@ -292,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
-        return args._run(args) or 0
+        return Command.resolve(args._run)(args) or 0
     except _user_errors() as e:
         if os.environ.get("MORELORA_DEBUG"):
             raise

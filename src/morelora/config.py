@@ -203,7 +203,10 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise error(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{path}{where}: invalid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise error(f"{path}: expected {expected}")
     return raw

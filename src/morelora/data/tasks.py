@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from morelora.data import offline
-from morelora.tuners.base import MoreLoraError, UnknownTaskError
+from morelora.errors import MoreLoraError, UnknownTaskError
 
 Example = dict[str, Any]
 Splits = dict[str, list[Example]]

@@ -245,7 +245,7 @@ def train(cfg: RunConfig, resume: bool = False, checkpoint: str | Path | None = 
             model.train()
     bar.close()
 
-    result = evaluate(run, "test", tc.eval_batch_size, accelerator, keep_predictions=True)
+    result = evaluate(run, "test", tc.eval_batch_size, accelerator, keep_predictions=True, progress=True)
     if accelerator.is_main_process:
         predictions = {"split": "test", "checkpoint": f"checkpoint-{state.step}",
                        "tasks": result.pop("predictions")}
@@ -549,7 +549,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Pat
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     accelerator = Accelerator(mixed_precision=run.cfg.train.mixed_precision)
     run.model.to(accelerator.device)
-    result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator, keep_predictions=True)
+    result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator, keep_predictions=True,
+                      progress=True)
     predictions = {"split": split, "checkpoint": path.name, "tasks": result.pop("predictions")}
     out = run_dir / ("eval.json" if split == "test" else f"eval_{split}.json")
     if accelerator.is_main_process:

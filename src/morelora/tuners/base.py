@@ -31,25 +31,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from morelora.errors import CheckpointError, MoreLoraError, UnknownTaskError  # noqa: F401 (re-exported)
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Last name components treated as task heads: trainable and saved (PEFT's `modules_to_save`).
 DEFAULT_HEAD_NAMES = ("classifier", "score", "heads", "qa_outputs")
-
-
-class MoreLoraError(ValueError):
-    """Bad input to morelora: the message says what is wrong and what to do."""
-
-
-class UnknownTaskError(MoreLoraError, KeyError):
-    """A task name that the model does not know."""
-
-    def __str__(self) -> str:  # KeyError would add quotes
-        return str(self.args[0])
-
-
-class CheckpointError(MoreLoraError):
-    """A checkpoint that is missing, corrupt, or made for another base model or method."""
 
 
 # --------------------------------------------------------------------------------------------- layers
