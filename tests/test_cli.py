@@ -62,7 +62,11 @@ def test_eval_command(cli_run, capsys) -> None:
     _, run_dir = cli_run
     before = json.loads((run_dir / "eval.json").read_text())
     assert main(["eval", str(run_dir)]) == 0
-    assert "average" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "average" in out
+    progress = [line for line in out.splitlines() if line.startswith("eval test ")]  # one line per task
+    assert [line.split(" (")[0] for line in progress] == [
+        f"eval test {i}/3 {t}: accuracy {before['tasks'][t]['score']:.4f}" for i, t in enumerate(before["tasks"], 1)]
     after = json.loads((run_dir / "eval.json").read_text())
     assert after["tasks"] == before["tasks"]
     assert main(["eval", str(run_dir), "--split", "validation"]) == 0
@@ -109,6 +113,23 @@ def test_train_bad_input(cli_run, tmp_path: Path, capsys, override: str, message
     assert not out.exists()
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_bad_task_file_is_one_line_exit_2(tmp_path: Path, capsys, suffix: str) -> None:
+    from test_data import _WHERE, _write_rows
+
+    rows = [{"query": f"q{i}", "choices": ["a", "b"], "gold": i % 2} for i in range(8)]
+    rows[5]["gold"] = 2
+    data = _write_rows(tmp_path / f"mine{suffix}", rows)
+    config = _write(tmp_path / "c.yaml", {"task_files": {"mine": {"path": str(data), "kind": "multiple_choice"}}})
+    line = _error(capsys, ["train", str(config), "--output-dir", str(tmp_path / "run")])
+    assert line == (f"morelora: error: {data}, {_WHERE[suffix](5)}: field 'gold' is 2, out of range for 2 choices "
+                    "(0 to 1)")
+    data.write_bytes(b"")
+    assert _error(capsys, ["train", str(config), "--output-dir", str(tmp_path / "run")]).startswith(
+        f"morelora: error: {data}: ")
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_run_folder_is_not_overwritten(cli_run, capsys) -> None:
     config, run_dir = cli_run
     before = _snapshot(run_dir)
@@ -131,9 +152,26 @@ def test_resume_with_another_config_is_refused(cli_run, capsys) -> None:
     config, run_dir = cli_run
     before = _snapshot(run_dir)
     line = _error(capsys, ["train", str(config), "--output-dir", str(run_dir), "--resume", "train.seed=1",
-                           "train.lr=0.5"])
-    assert line.endswith("differs from " + str(run_dir / "config.yaml") + " in: train.lr")
+                           "train.lr=0.5", "train.max_steps=9"])
+    assert line == (f"morelora: error: --resume with a config that differs from {run_dir / 'config.yaml'} in: "
+                    "train.lr 0.001 -> 0.5; resume with the run's own values or train a new run into another "
+                    "--output-dir")
     assert _snapshot(run_dir) == before
+
+
+def test_resume_says_which_keys_it_applies(cli_run, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    config, run_dir = cli_run
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    assert main(["train", str(config), "--output-dir", str(run), "--resume", "train.seed=1", "train.max_steps=6",
+                 "train.logging_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: applying the changed train.logging_steps: 2 -> 3\n" in out
+    assert ("resume: applying the changed train.max_steps: 4 -> 6 (the learning-rate schedule follows the new "
+            "length)\n") in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 6
+    assert json.loads((run / "eval.json").read_text())["train"]["steps"] == 6
 
 
 def test_finished_run_resumes_to_nothing(cli_run, capsys) -> None:
@@ -185,3 +223,178 @@ def test_console_error_has_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"morelora: error: config file not found: {tmp_path}/missing.yaml"]
+
+
+# ------------------------------------------------------------------------- exports of non-BertFor* heads
+
+
+def _readme_head_recipe() -> dict:
+    """The README's 'Exported heads' code (its first Python block), executed: the functions a user copies."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Exported heads", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code, namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def siamese_run(tmp_path_factory, tiny_bert) -> Path:
+    from conftest import tiny_run_config
+
+    tmp = tmp_path_factory.mktemp("siamese")
+    cfg = tiny_run_config(tiny_bert, tmp / "run", max_steps=3, save_steps=3)
+    cfg["model"].update(pooling="mean", encoding="siamese", max_length=128)
+    assert main(["train", str(_write(tmp / "c.yaml", cfg))]) == 0
+    return tmp / "run"
+
+
+def _short(examples: list[dict], tokenizer, n: int = 4) -> list[dict]:
+    """``n`` examples whose texts all fit well below the run's max_length (so no truncation differs)."""
+    def fits(ex):
+        texts = [ex.get("text"), ex.get("text_pair"), ex.get("query"), *ex.get("choices", [])]
+        return all(len(tokenizer(t)["input_ids"]) < 100 for t in texts if t)
+    return [ex for ex in examples if fits(ex)][:n]
+
+
+@pytest.mark.parametrize("task", ["sst2", "rte", "arc_easy"])
+def test_export_of_siamese_mean_run_loads_in_plain_peft(siamese_run, tmp_path: Path, capsys, task: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from morelora.training import load_run
+    from morelora.training.evaluate import make_collator
+
+    out = tmp_path / "export"
+    assert main(["export", str(siamese_run), "--task", task, "--out", str(out)]) == 0
+    tiny = yaml.safe_load((siamese_run / "config.yaml").read_text())["model"]["name_or_path"]
+    assert capsys.readouterr().out.strip() == (
+        f"exported task {task!r} as a PEFT LoRA adapter for {tiny} ({tiny} is a plain AutoModel), plus its "
+        f"mean-pooling siamese head in task_head.safetensors (README, 'Exported heads': model outputs -> logits) "
+        f"-> {out}")
+    meta = json.loads((out / "morelora_task.json").read_text())
+    assert (meta["auto_class"], meta["pooling"], meta["encoding"]) == ("AutoModel", "mean", "siamese")
+
+    run = load_run(siamese_run)
+    run.model.eval()
+    t = run.task_names.index(task)
+    # short examples; multiple choice: four choices each (the recipe takes one number of choices per call)
+    examples = [ex for ex in _short(run.data[t]["test"], run.tokenizer, n=50) if len(ex.get("choices", "abcd")) == 4]
+    examples = examples[:4]
+    assert len(examples) == 4
+    batch = make_collator(run)([(t, ex) for ex in examples])
+    batch.pop("labels")
+    seen = []
+    hook = run.model.base_model.backbone.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state))
+    with torch.no_grad():
+        ours = run.model(**batch).logits
+    hook.remove()
+
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny), out).eval()
+    rows = batch["input_ids"].flatten(0, 1)
+    with torch.no_grad():  # the adapter's backbone outputs equal the MoRE model's for this task
+        theirs = peft_model(input_ids=rows, attention_mask=batch["attention_mask"].flatten(0, 1)).last_hidden_state
+    keep = batch["attention_mask"].flatten(0, 1).bool()
+    torch.testing.assert_close(theirs[keep], seen[0][keep], rtol=1e-4, atol=1e-5)
+
+    recipe = _readme_head_recipe()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = [ex.get("text", ex.get("query")) for ex in examples]
+    seconds = ([ex["choices"] for ex in examples] if "choices" in examples[0]
+               else [ex["text_pair"] for ex in examples] if "text_pair" in examples[0] else None)
+    with torch.no_grad():
+        logits = recipe["task_logits"](peft_model, tokenizer, str(out), texts, seconds)
+    torch.testing.assert_close(logits, ours[:, : logits.shape[1]], rtol=1e-4, atol=1e-5)
+    assert ours[:, logits.shape[1]:].isinf().all()
+
+
+def test_merge_of_siamese_run_and_export_base_model(siamese_run, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from morelora.training import load_run
+    from morelora.training.evaluate import make_collator
+
+    assert main(["merge", str(siamese_run), "--task", "rte", "--out", str(tmp_path / "m")]) == 0
+    assert "merged task 'rte' into the base model (the merged model is a plain AutoModel), plus its mean-pooling " \
+           "siamese head in task_head.safetensors" in capsys.readouterr().out
+    run = load_run(siamese_run)
+    run.model.eval()
+    examples = _short(run.data[0]["test"], run.tokenizer)
+    batch = make_collator(run)([(0, ex) for ex in examples])
+    batch.pop("labels")
+    with torch.no_grad():
+        ours = run.model(**batch).logits
+        merged = AutoModel.from_pretrained(tmp_path / "m").eval()
+        logits = _readme_head_recipe()["task_logits"](merged, AutoTokenizer.from_pretrained(tmp_path / "m"),
+                                                      str(tmp_path / "m"), [ex["text"] for ex in examples],
+                                                      [ex["text_pair"] for ex in examples])
+    torch.testing.assert_close(logits, ours, rtol=1e-4, atol=1e-5)
+
+    out = tmp_path / "named"
+    assert main(["export", str(siamese_run), "--task", "rte", "--out", str(out), "--base-model", "me/my-bert"]) == 0
+    assert "as a PEFT LoRA adapter for me/my-bert (" in capsys.readouterr().out
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/my-bert"
+
+
+def test_export_names_the_bundled_model_by_its_hub_id() -> None:
+    from morelora.config import bundled_minilm_path
+    from morelora.tuners.base import hub_id
+
+    assert hub_id(bundled_minilm_path()) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_id("/data/models/my-bert") == "/data/models/my-bert"
+    assert hub_id("bert-base-uncased") == "bert-base-uncased"
+
+
+def test_help_is_fast_and_subcommand_help_is_complete(capsys) -> None:
+    """`morelora --help` imports no torch / transformers / peft; each subcommand's -h lists its options."""
+    code = ("import sys\nfrom morelora.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "sweep" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            main([command, "-h"])
+        assert e.value.code == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "--suite {default,full,quick}" in help_of("bench") and "--threads THREADS" in help_of("bench")
+    assert "--task TASK the run's task to merge into the base model" in help_of("merge")
+    assert "--split {test,validation,train} split to score" in help_of("eval")
+    assert "--checkpoint DIR continue from this checkpoint folder of the run" in help_of("train")
+
+
+def test_busy_machine_gets_fewer_threads(monkeypatch, capsys) -> None:
+    from morelora import cli
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 2.0, 1.0))
+    cli._fit_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+    assert capsys.readouterr().out == ("morelora: the machine is busy (load average 2.6 on 4 CPUs): using 1 torch "
+                                       "thread(s); set OMP_NUM_THREADS to choose\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    cli._fit_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "3" and capsys.readouterr().out == ""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))  # idle: torch's default stays
+    cli._fit_threads()
+    assert "OMP_NUM_THREADS" not in os.environ and capsys.readouterr().out == ""
+
+
+def test_summary_says_which_tasks_are_below_their_reference(tmp_path: Path, capsys) -> None:
+    from morelora.cli import _print_summary
+
+    def task(score: float, ref: float) -> dict:
+        return {"main_metric": "accuracy", "score": score, "reference_score": ref, "vs_reference": None}
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"tasks": {"sst2": task(0.8, 0.5), "rte": task(0.47, 0.53)}, "average": 0.635,
+                                "train": {"steps": 300}}))
+    _print_summary(path)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("(reference 0.5000)") and out[1].endswith("(reference 0.5300)  below the reference")
+    assert out[-1].startswith("1 task(s) below their majority-class / chance reference (rte): expected of a short "
+                              "run (300 steps) such as the demo's")

@@ -104,6 +104,11 @@ def test_file_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("train: [\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "tab.yaml").write_text("model:\n  max_length: 64\ntrain:\n  lr: 1e-3\n   seed: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "tab.yaml")
+    assert str(err.value) == (f"{tmp_path / 'tab.yaml'}, line 5, column 8: invalid YAML (mapping values are not "
+                              "allowed here)")
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "paper_t5_glue.yaml", "paper_llama2_commonsense.yaml",

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from morelora.data import (
     OFFLINE_SUITE,
+    TaskFileError,
     TaskSpec,
     UnknownTaskError,
     get_task,
@@ -231,6 +232,105 @@ def test_from_file_errors(tmp_path):
     wrong_split = _write_jsonl(tmp_path / "s.jsonl", [{"text": "a", "label": 0, "split": "holdout"}])
     with pytest.raises(ValueError, match="holdout"):
         TaskSpec.from_file("x", wrong_split, "classification")
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as the JSONL / CSV / Parquet file ``path`` (CSV: lists as JSON text, None as an empty cell)."""
+    if path.suffix == ".jsonl":
+        return _write_jsonl(path, rows)
+    if path.suffix == ".csv":
+        import csv
+
+        names = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, names)
+            writer.writeheader()
+            writer.writerows([{k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()}
+                              for r in rows])
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return path
+
+
+#: where row i (0-based) of the written rows is reported: JSONL line i+1, CSV line i+2 (after the header), row i+1
+_WHERE = {".jsonl": lambda i: f"line {i + 1}", ".csv": lambda i: f"line {i + 2}", ".parquet": lambda i: f"row {i + 1}"}
+_FORMATS = sorted(_WHERE)
+
+
+def _file_error(path: Path, kind: str) -> str:
+    with pytest.raises(TaskFileError) as err:
+        TaskSpec.from_file("x", path, kind)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(path))
+    return message
+
+
+@pytest.mark.parametrize("suffix", _FORMATS)
+def test_file_label_missing_on_one_row_names_file_row_and_field(tmp_path, suffix):
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(120)]
+    rows[99] = {"text": "t99", "label": None}
+    path = _write_rows(tmp_path / f"cls{suffix}", rows)
+    message = _file_error(path, "classification")
+    assert f"{path}, {_WHERE[suffix](99)}: field 'label' is missing" in message
+
+
+@pytest.mark.parametrize("suffix", _FORMATS)
+def test_file_gold_out_of_range_names_file_row_and_field(tmp_path, suffix):
+    rows = [{"query": f"q{i}", "choices": ["a", "b", "c"], "gold": i % 3} for i in range(10)]
+    rows[6]["gold"] = 3
+    path = _write_rows(tmp_path / f"mc{suffix}", rows)
+    message = _file_error(path, "multiple_choice")
+    assert f"{path}, {_WHERE[suffix](6)}: field 'gold' is 3, out of range for 3 choices (0 to 2)" in message
+    assert TaskSpec.from_file("x", _write_rows(tmp_path / f"ok{suffix}", rows[:6]), "multiple_choice").load()[
+        "train"][0] == {"query": "q0", "choices": ["a", "b", "c"], "gold": 0}  # CSV reads the JSON list
+
+
+@pytest.mark.parametrize("suffix", _FORMATS)
+def test_file_bad_values_name_file_row_and_field(tmp_path, suffix):
+    rows = [{"text": f"t{i}", "label": str(i / 3), "split": "train"} for i in range(5)]  # one type per column
+    rows[2]["label"] = "high"
+    message = _file_error(_write_rows(tmp_path / f"reg{suffix}", rows), "regression")
+    assert f"{_WHERE[suffix](2)}: field 'label' must be a number for a regression task, got 'high'" in message
+    rows[2]["label"], rows[4]["split"] = "0.5", "holdout"
+    message = _file_error(_write_rows(tmp_path / f"split{suffix}", rows), "regression")
+    assert f"{_WHERE[suffix](4)}: field 'split' is 'holdout'; use train, validation or test" in message
+
+
+def test_file_empty_names_file_and_fields(tmp_path):
+    for path in (tmp_path / "e.jsonl", tmp_path / "e.csv"):
+        path.write_text("" if path.suffix == ".jsonl" else "text,label\n")
+        assert _file_error(path, "classification") == (
+            f"{path}: the file has no rows; a classification task needs the fields text, label in every row")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), str(path))
+    assert "the file has no rows" in _file_error(path, "classification")
+
+
+def test_file_malformed_rows_name_the_line(tmp_path):
+    lines = [json.dumps({"text": f"t{i}", "label": i % 2}) for i in range(120)]
+    lines[99] = '{"text": "t99", "label": 1'  # cut short
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    message = _file_error(path, "classification")
+    assert message.startswith(f"{path}, line 100: invalid JSON (")
+    path.write_text('{"text": "a", "label": 0}\n[1, 2]\n')
+    assert _file_error(path, "classification") == f"{path}, line 2: expected a JSON object with named fields, got list"
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text('text,label\n"a, quoted",0\nb,c,1\n')
+    assert _file_error(csv_path, "classification").startswith(
+        f"{csv_path}, line 3: 3 values but the header has 2 (text, label); quote values that contain commas")
+    bad = tmp_path / "m.parquet"
+    bad.write_bytes(b"not parquet at all")
+    assert _file_error(bad, "classification").startswith(f"{bad}: not a readable Parquet file")
+    other = tmp_path / "m.txt"
+    other.write_text("x")
+    assert "unsupported file type '.txt'; use .jsonl, .csv or .parquet" in _file_error(other, "classification")
 
 
 def test_register_file_task(tmp_path):

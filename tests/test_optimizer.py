@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from morelora.config import ConfigError, RunConfig, apply_overrides
+from morelora.config import AUTO_HEAD_LR, ConfigError, RunConfig, apply_overrides
 from morelora.training import train
 from morelora.training.trainer import _make_optimizer
 
@@ -64,6 +64,16 @@ def test_head_lr_groups_and_training(tmp_path: Path, tiny_bert: str, run_config)
     lora_b = [v for k, v in ckpt.items() if "lora_B" in k]
     assert lora_b and all(v.abs().max() == 0 for v in lora_b)
     assert any(".heads." in k or k.startswith("heads.") for k in ckpt)
-    # without task heads, head_lr is a config error
+    # the default ("auto") puts the heads at AUTO_HEAD_LR, null at train.lr
+    for head_lr, expected in (("auto", AUTO_HEAD_LR), (None, 5e-4)):
+        run.cfg.train.head_lr, run.cfg.train.lr = head_lr, 5e-4
+        groups = _make_optimizer(run.cfg, run.model)[0].param_groups
+        assert {g["lr"] for g in groups if {id(p) for p in g["params"]} & heads} == {expected}
+    assert RunConfig.from_dict({}).train.head_lr == "auto"
+    # without task heads, an explicit head_lr is a config error; "auto" is not
     with pytest.raises(ConfigError, match="head_lr"):
         _make_optimizer(RunConfig.from_dict({"train": {"head_lr": 1e-3}}), torch.nn.Linear(2, 2))
+    groups = _make_optimizer(RunConfig.from_dict({}), torch.nn.Linear(2, 2))[0].param_groups
+    assert {g["lr"] for g in groups} == {3e-4}
+    with pytest.raises(ConfigError, match="train.head_lr"):
+        RunConfig.from_dict({"train": {"head_lr": "fast"}})

@@ -170,6 +170,47 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path: Path, tiny_bert:
     assert {t: r["score"] for t, r in ea["tasks"].items()} == {t: r["score"] for t, r in eb["tasks"].items()}
 
 
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path: Path, tiny_bert: str, run_config, capsys) -> None:
+    """A damaged newest checkpoint: --resume warns and continues from the newest one that loads, to the result
+    of an uninterrupted run; --checkpoint names one (a damaged one is a one-line error)."""
+    import shutil
+
+    from morelora.cli import main
+
+    cfg = run_config(tiny_bert, tmp_path / "straight", max_steps=6, save_steps=2)
+    cfg["method"]["lora_dropout"] = 0.1  # randomness that the resumed RNG state must reproduce
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    straight = train(RunConfig.from_dict(cfg))
+    broken = shutil.copytree(straight, tmp_path / "broken")
+    shutil.rmtree(broken / "checkpoint-6")
+    (broken / "eval.json").unlink()
+    (broken / "checkpoint-4" / "adapter" / "adapter_model.safetensors").write_bytes(b"cut short by a full disk")
+    capsys.readouterr()
+
+    argv = ["train", str(tmp_path / "c.yaml"), "--output-dir", str(broken)]
+    assert main([*argv, "--checkpoint", str(broken / "checkpoint-4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bars
+    assert err.startswith(f"morelora: error: cannot resume from {broken / 'checkpoint-4'} (")
+    assert err.endswith("); choose another --checkpoint")
+
+    assert main([*argv, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: cannot load {broken / 'checkpoint-4'} (" in out
+    assert f"resumed from {broken / 'checkpoint-2'} (step 2)" in out
+    a, b = _adapter(broken / "checkpoint-6"), _adapter(straight / "checkpoint-6")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    chosen = shutil.copytree(straight, tmp_path / "chosen")
+    assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(chosen), "--checkpoint",
+                 str(chosen / "checkpoint-2")]) == 0
+    assert f"resumed from {chosen / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
+    a = _adapter(chosen / "checkpoint-6")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.mark.parametrize("model_fixture", ["tiny_t5", "tiny_llama"])
 def test_text_to_text_models(request, tmp_path: Path, model_fixture: str, run_config) -> None:
     path = request.getfixturevalue(model_fixture)
@@ -204,3 +245,33 @@ def test_siamese_encoding_trains_evaluates_and_reloads(tmp_path: Path, tiny_bert
     # the trained heads moved away from their initialisation (the cosine start of the choice head included)
     arc = heads[run.specs.index(next(s for s in run.specs if s.name == "arc_easy"))]
     assert arc.weight[0, :-1].abs().sum() > 0
+
+
+def _separable_sentiment(path: Path) -> Path:
+    """240 train / 80 test one-sentence reviews whose label is given by one word (terrible / wonderful)."""
+    import random
+
+    rng = random.Random(0)
+    filler = "the a film story plot actor scene music ending dialogue pace cast camera light".split()
+    rows = []
+    for i in range(320):
+        words = rng.sample(filler, 5)
+        words.insert(rng.randrange(6), ("terrible", "wonderful")[i % 2])
+        rows.append({"text": " ".join(words), "label": i % 2, "split": "train" if i < 240 else "test"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(("encoding", "pooling"), [("cross", "cls"), ("cross", "mean"), ("siamese", "cls"),
+                                                   ("siamese", "mean")])
+def test_defaults_learn_a_separable_task_in_every_setup(tmp_path: Path, encoding: str, pooling: str) -> None:
+    """The default optimiser settings (only steps and batch size set) fit a trivially separable task on MiniLM.
+
+    With the task heads at the adapter's rate (the old default) cls pooling stays at the majority class."""
+    cfg = {"model": {"name_or_path": "minilm", "max_length": 12, "pooling": pooling, "encoding": encoding},
+           "task_files": {"toy": {"path": str(_separable_sentiment(tmp_path / "toy.jsonl")),
+                                  "kind": "classification"}},
+           "train": {"output_dir": str(tmp_path / "run"), "batch_size": 16, "max_steps": 40, "logging_steps": 40}}
+    result = json.loads((train(RunConfig.from_dict(cfg)) / "eval.json").read_text())["tasks"]["toy"]
+    assert result["num_examples"] == 80 and result["reference_score"] == 0.5
+    assert result["score"] >= 0.95, result["score"]

@@ -683,9 +683,8 @@ def format_report(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: run a suite, print the markdown report, optionally write the rows (JSON) and the report."""
-    p = argparse.ArgumentParser(prog="morelora bench", description=(__doc__ or "").split("\n\n")[0])
+def configure(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (``morelora bench -h``)."""
     p.add_argument("--suite", choices=sorted(SUITES), default="default")
     p.add_argument("--quick", action="store_true", help="same as --suite quick (tiny models, < 1 minute)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -701,7 +700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="override the timing rounds of every case")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--markdown", default=None, help="write the report to this file")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the suite of parsed options ``a``, print the markdown report, optionally write rows and report."""
     rows = run_benchmarks("quick" if a.quick else a.suite, sections=a.sections, device=a.device, dtype=a.dtype,
                           threads=a.threads or None, repeats=a.repeats, models=a.models, baselines=a.baselines,
                           clock=a.clock, adamw=a.adamw)
@@ -714,6 +716,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(a.markdown, "w") as f:
             f.write(report + "\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line (``python -m morelora.bench``; ``morelora bench`` uses :func:`configure` and :func:`run`)."""
+    p = argparse.ArgumentParser(prog="morelora bench", description=(__doc__ or "").split("\n\n")[0])
+    configure(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

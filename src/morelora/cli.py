@@ -12,6 +12,7 @@ Set ``MORELORA_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -19,12 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from morelora.analysis import curves as _curves
-from morelora.analysis import fewshot as _fewshot
-from morelora.analysis import plots as _plots
-from morelora.analysis import sweep as _sweep
-from morelora.compare import configure_parser as _compare_args
-from morelora.compare import run_command as _compare
+# Nothing heavy at import: torch / transformers / peft load inside the subcommand that needs them, so that
+# `morelora --help` and argument errors answer at once.
 
 __all__ = ["COMMANDS", "Command", "UsageError", "main"]
 
@@ -35,12 +32,21 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` executes it."""
+    """One subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` executes it.
+
+    Either may be given as ``"module:function"``: imported only when that subcommand is used."""
 
     name: str
     help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
+    configure: Callable[[argparse.ArgumentParser], None] | str
+    run: Callable[[argparse.Namespace], int | None] | str
+
+    @staticmethod
+    def resolve(target: Callable | str) -> Callable:
+        if callable(target):
+            return target
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -52,7 +58,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. train.lr=1e-3 tasks=[sst2,rte] method.r=16")
     p.add_argument("--output-dir", help="run folder (default: train.output_dir of the config)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in the run folder")
+                   help="continue from the newest complete checkpoint in the run folder (an older one, with a "
+                        "warning, when the newest does not load); train.max_steps may change, other keys may not")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="continue from this checkpoint folder of the run (implies --resume)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -63,7 +72,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
-    run_dir = train(cfg, resume=args.resume)
+    run_dir = train(cfg, resume=args.resume, checkpoint=args.checkpoint)
     _print_summary(run_dir / "eval.json")
 
 
@@ -72,7 +81,8 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder written by `morelora train`")
-    p.add_argument("--split", default="test", choices=("test", "validation", "train"))
+    p.add_argument("--split", default="test", choices=("test", "validation", "train"),
+                   help="split to score (default: test -> eval.json; others -> eval_<split>.json)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: train.eval_batch_size)")
 
@@ -91,34 +101,48 @@ def _print_summary(path: Path) -> None:
     if not PartialState().is_main_process or not path.exists():
         return
     result = json.loads(path.read_text())
+    below = []
     for task, r in result["tasks"].items():
         gap = r.get("vs_reference")
         above = (f"; {gap['diff']:+.4f}, 95% CI {gap['low']:+.4f} to {gap['high']:+.4f}, p {gap['p']:.3f}"
                  if gap else "")
-        print(f"{task:>16}  {r['main_metric']} {r['score']:.4f}   (reference {r['reference_score']:.4f}{above})")
+        if r["score"] < r["reference_score"]:
+            below.append(task)
+        print(f"{task:>16}  {r['main_metric']} {r['score']:.4f}   (reference {r['reference_score']:.4f}{above})"
+              + ("  below the reference" if task in below else ""))
     print(f"{'average':>16}  {result['average']:.4f}   -> {path}")
+    if below:
+        steps = result.get("train", {}).get("steps")
+        print(f"{len(below)} task(s) below their majority-class / chance reference ({', '.join(below)}): expected "
+              f"of a short run{f' ({steps} steps)' if steps else ''} such as the demo's, which leaves the harder "
+              "tasks near chance; longer training moves them above (docs/RESULTS.md)")
 
 
 # -------------------------------------------------------------------------------------- export / merge
 
 
-def _task_out_args(p: argparse.ArgumentParser) -> None:
+def _task_out_args(p: argparse.ArgumentParser, action: str, all_tasks: bool = False) -> None:
     p.add_argument("run_dir", help="run folder written by `morelora train`")
-    p.add_argument("--task", required=True, help="task to export")
+    which = p.add_mutually_exclusive_group(required=True) if all_tasks else p
+    which.add_argument("--task", required=not all_tasks, help=f"the run's task to {action}")
+    if all_tasks:
+        which.add_argument("--all-tasks", action="store_true", help="every task, one adapter folder each: OUT/<task>")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run folder written by `morelora train`")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--task", help="task to export")
-    which.add_argument("--all-tasks", action="store_true", help="every task, one adapter folder each: OUT/<task>")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    _task_out_args(p, "export", all_tasks=True)
     p.add_argument("--uniform-rank", action="store_true",
                    help="every module at one rank (unused ranks zero-padded), no rank_pattern / alpha_pattern: "
                         "for engines that read only r and lora_alpha (vLLM, LoRAX, TGI)")
-    p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
+    p.add_argument("--base-model", metavar="ID_OR_PATH",
+                   help="base_model_name_or_path written into adapter_config.json (default: the base model's hub "
+                        "id, e.g. sentence-transformers/all-MiniLM-L6-v2 for the bundled MiniLM)")
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    _task_out_args(p, "merge into the base model")
 
 
 def _fresh_out_dir(path: str) -> Path:
@@ -126,6 +150,17 @@ def _fresh_out_dir(path: str) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"output folder {out} exists and is not empty; choose another --out")
     return out
+
+
+def _head_note(model: object, base: str) -> str:
+    """What an encoder export / merge holds besides the weights of ``base`` ('' for models without task heads)."""
+    heads = getattr(model, "base_model", model)
+    if not hasattr(heads, "standard_heads"):
+        return ""
+    if heads.standard_heads:
+        return " with its classifier head"
+    return (f" ({base} is a plain AutoModel), plus its {heads.pooling}-pooling {heads.encoding} head in "
+            "task_head.safetensors (README, 'Exported heads': model outputs -> logits)")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -136,9 +171,10 @@ def _export(args: argparse.Namespace) -> None:
     run = load_run(args.run_dir, checkpoint=args.checkpoint)
     for task in tasks:
         folder = out / task if args.all_tasks else out
-        run.model.export_lora(task, folder, uniform_rank=args.uniform_rank)
+        run.model.export_lora(task, folder, base_model_name_or_path=args.base_model, uniform_rank=args.uniform_rank)
         run.tokenizer.save_pretrained(folder)
-        print(f"exported task {task!r} as a PEFT LoRA adapter -> {folder}")
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        print(f"exported task {task!r} as a PEFT LoRA adapter for {base}{_head_note(run.model, base)} -> {folder}")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -150,15 +186,20 @@ def _merge(args: argparse.Namespace) -> None:
     # a run trained on a quantised base merges into a full-precision copy of it: packed weights cannot take the
     # change without re-rounding the whole matrix
     run = load_run(args.run_dir, checkpoint=args.checkpoint, full_precision=True)
+    note = _head_note(run.model, "the merged model")
     merged = run.model.merge_and_unload(task=args.task)
-    if hasattr(merged, "build_task_model"):  # encoder + task heads: a plain model for one task
-        merged = merged.build_task_model(args.task)
+    if hasattr(merged, "standard_heads"):  # encoder + task heads
+        if merged.standard_heads:  # a plain BertFor* model for one task
+            merged = merged.build_task_model(args.task)
+        else:  # the merged backbone (AutoModel) + the head file
+            merged.save_task_head(args.task, out)
+            merged = merged.backbone
     if not hasattr(merged, "save_pretrained"):
         raise UsageError(f"the merged {type(merged).__name__} cannot be saved as a transformers model")
     merged.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
     quant = load_config(Path(args.run_dir) / "config.yaml").model.quantization
-    note = f" (trained on a {quant.bits}-bit base; merged into its full-precision weights)" if quant else ""
+    note += f" (trained on a {quant.bits}-bit base; merged into its full-precision weights)" if quant else ""
     print(f"merged task {args.task!r} into the base model{note} -> {out}")
 
 
@@ -218,16 +259,6 @@ def _serve(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------- bench / methods
 
 
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see morelora bench -h)")
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from morelora.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def _methods_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="run config: also count each method's parameters per task on its model")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method.r=16")
@@ -264,62 +295,79 @@ COMMANDS: list[Command] = [
     Command("eval", "evaluate a run folder's newest checkpoint -> RUN_DIR/eval.json", _eval_args, _eval),
     Command("export", "write one task (or every task) of a run as a standard PEFT LoRA adapter", _export_args,
             _export),
-    Command("merge", "merge one task into the base model, save model + tokenizer", _task_out_args, _merge),
+    Command("merge", "merge one task into the base model, save model + tokenizer", _merge_args, _merge),
     Command("serve", "serve every task of a run from one model over HTTP (mixed-task batches)", _serve_args,
             _serve),
     Command("compare", "train and evaluate methods x seeds, compare them with CIs and paired tests",
-            _compare_args, _compare),
+            "morelora.compare:configure_parser", "morelora.compare:run_command"),
     Command("plot", "plot what the router learned (embeddings, ranks, training curves) -> RUN_DIR/plots/",
-            _plots.configure, _plots.main),
+            "morelora.analysis.plots:configure", "morelora.analysis.plots:main"),
     Command("curves", "validation curves of several runs side by side, and where each stops rising",
-            _curves.configure, _curves.main),
+            "morelora.analysis.curves:configure", "morelora.analysis.curves:main"),
     Command("fewshot", "add a new task to a trained MoRE run from K examples; compare with LoRA / fresh MoRE",
-            _fewshot.configure, _fewshot.main),
+            "morelora.analysis.fewshot:configure", "morelora.analysis.fewshot:main"),
     Command("bench", "benchmark MoRE against PEFT LoRA, the baselines and the base model (ratios from one run)",
-            _bench_args, _bench),
+            "morelora.bench:configure", "morelora.bench:run"),
     Command("methods", "list every method: routing, mergeable, parameters per task for a config's model",
             _methods_args, _methods),
     Command("sweep", "train a config over values of one parameter x seeds -> sweep.json / .md / .png",
-            _sweep.configure, _sweep.main),
+            "morelora.analysis.sweep:configure", "morelora.analysis.sweep:main"),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only subcommand ``command``'s arguments are added (all of them when ``command`` is None)."""
     parser = argparse.ArgumentParser(prog="morelora",
                                      description="MoRE multi-task parameter-efficient fine-tuning")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        cmd.configure(p)
+        if command is None or command == cmd.name:
+            Command.resolve(cmd.configure)(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input: shown as one line, not a traceback."""
+    """Exceptions that mean bad input: shown as one line, not a traceback (a module that was never imported
+    raised none of its own)."""
     from morelora.config import ConfigError
+    from morelora.errors import MoreLoraError
 
-    errors: list[type[BaseException]] = [UsageError, ConfigError, FileNotFoundError, FileExistsError]
-    try:
-        from morelora.tuners.base import MoreLoraError
-
-        errors.append(MoreLoraError)
-    except ImportError:  # pragma: no cover - partial installs
-        pass
-    try:
-        from morelora.data.tasks import UnknownTaskError
-
-        errors.append(UnknownTaskError)
-    except ImportError:  # pragma: no cover
-        pass
-    from morelora.training.checkpoint import RunError
-
-    errors.append(RunError)
+    errors: list[type[BaseException]] = [UsageError, ConfigError, MoreLoraError, FileNotFoundError, FileExistsError]
+    checkpoint = sys.modules.get("morelora.training.checkpoint")
+    if checkpoint is not None:
+        errors.append(checkpoint.RunError)
     return tuple(errors)
 
 
+#: Subcommands that run models: they get a thread count that fits a busy machine (see `_fit_threads`).
+_COMPUTE = ("train", "eval", "compare", "sweep", "fewshot", "export", "merge", "methods")
+
+
+def _fit_threads() -> None:
+    """Without OMP_NUM_THREADS, use only the CPUs that other processes leave free (1-minute load average).
+
+    Several multi-threaded torch processes on few cores run up to ten times slower than one thread each; on an
+    idle machine this changes nothing. Runs before torch is imported (which reads OMP_NUM_THREADS)."""
+    cpus = os.cpu_count() or 1
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return
+    free = max(1, cpus - round(os.getloadavg()[0]))
+    if free < cpus:
+        os.environ["OMP_NUM_THREADS"] = str(free)
+        if "torch" in sys.modules:  # imported already (main() called from Python)
+            sys.modules["torch"].set_num_threads(free)
+        print(f"morelora: the machine is busy (load average {os.getloadavg()[0]:.1f} on {cpus} CPUs): using {free} "
+              "torch thread(s); set OMP_NUM_THREADS to choose", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")  # the subcommand is the first word
+    if command in _COMPUTE and not {"-h", "--help"} & set(argv):
+        _fit_threads()
+    parser = build_parser(command if command in {c.name for c in COMMANDS} else "")
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (train CONFIG --resume lr=...): argparse leaves them over
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
@@ -327,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
-        return args._run(args) or 0
+        return Command.resolve(args._run)(args) or 0
     except _user_errors() as e:
         if os.environ.get("MORELORA_DEBUG"):
             raise

@@ -10,7 +10,9 @@ and one head. Heads live in ``model.heads[i]`` for task ``i`` of ``specs``.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,10 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from morelora.data.tasks import TaskSpec
+
+#: Files an export of a task with a non-standard head holds besides the PEFT adapter (see ``save_task_head``).
+HEAD_FILE = "task_head.safetensors"
+TASK_FILE = "morelora_task.json"
 
 
 class MultiTaskHeadModel(nn.Module):
@@ -181,6 +187,36 @@ class MultiTaskHeadModel(nn.Module):
         cos = F.cosine_similarity(u, v, dim=-1, eps=1e-6).unsqueeze(-1)
         return torch.cat([u, v, (u - v).abs(), u * v, cos], dim=-1)
 
+    @property
+    def standard_heads(self) -> bool:
+        """Whether a task maps onto a standard ``BertFor*`` model (cls pooling, cross encoding)."""
+        return self.pooling == "cls" and self.encoding == "cross"
+
+    def save_task_head(self, task: int | str, directory: str | Path) -> Path:
+        """Write task ``task``'s head as ``task_head.safetensors`` (``weight``, ``bias``) + ``morelora_task.json``.
+
+        For heads with no standard transformers model (mean pooling, siamese encoding): the exported backbone
+        is a plain ``AutoModel``, and the README's "Exported heads" recipe turns its outputs into the logits:
+        pool (``pooler_output``, or the masked mean of ``last_hidden_state``), build the features (siamese:
+        ``[u, v, |u - v|, u * v, cos(u, v)]`` of the two texts, ``v = u`` for one text), then
+        ``features @ weight.T + bias`` (multiple choice: one score per choice).
+        """
+        from safetensors.torch import save_file
+
+        index = self._task_index(task)
+        spec, head = self.specs[index], self.heads[index]
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": head.weight.detach().float().contiguous().cpu(),
+                   "bias": head.bias.detach().float().contiguous().cpu()}, str(out / HEAD_FILE))
+        words = spec.label_words if spec.kind == "classification" else None
+        meta = {"task": spec.name, "kind": spec.kind, "auto_class": "AutoModel", "head_file": HEAD_FILE,
+                "pooling": self.pooling, "encoding": self.encoding, "num_labels": head.out_features,
+                "id2label": dict(enumerate(words)) if words else None,
+                "siamese_features": "[u, v, |u - v|, u * v, cos(u, v)]" if self.encoding == "siamese" else None}
+        (out / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return out / HEAD_FILE
+
     def task_model_spec(self, task: int | str) -> dict[str, Any]:
         """How task ``task`` maps onto a standard transformers model.
 
@@ -188,11 +224,10 @@ class MultiTaskHeadModel(nn.Module):
         ``config_updates`` for the backbone config, ``prefix`` (the backbone's ``base_model_prefix``: its
         weights go under ``"<prefix>."``) and ``head_state`` (``classifier.weight`` / ``classifier.bias``).
         """
-        if self.pooling != "cls" or self.encoding != "cross":
+        if not self.standard_heads:
             what = f"{self.pooling!r} pooling" if self.pooling != "cls" else "siamese encoding"
-            raise ValueError(f"heads on {what} have no standard transformers model: train with model.pooling=cls "
-                             "and model.encoding=cross to export or merge a task as a BertFor* model (the "
-                             "adapter itself exports to PEFT either way)")
+            raise ValueError(f"heads on {what} have no standard transformers model: use save_task_head, or train "
+                             "with model.pooling=cls and model.encoding=cross for a BertFor* model")
         index = self._task_index(task)
         spec, head = self.specs[index], self.heads[index]
         if spec.kind == "multiple_choice":

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from morelora.data import offline
-from morelora.tuners.base import UnknownTaskError
+from morelora.errors import MoreLoraError, UnknownTaskError
 
 Example = dict[str, Any]
 Splits = dict[str, list[Example]]
@@ -172,67 +172,193 @@ _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validati
                   "valid": "validation", "test": "test"}
 
 
+class TaskFileError(MoreLoraError):
+    """A task file that cannot be read: the message names the file, the row and the field."""
+
+
 def read_task_file(
     path: str | os.PathLike, kind: str, seed: int = SPLIT_SEED,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
 ) -> tuple[Splits, list[str] | None]:
-    """Read and validate a generic task file; returns (splits, class names if labels were strings)."""
+    """Read and validate a generic task file; returns (splits, class names if labels were strings).
+
+    Every problem raises :class:`TaskFileError` naming the file, the row (``line N`` of a JSONL / CSV
+    file, 1-based, the CSV header being line 1; ``row N`` of a Parquet file) and the field.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task file not found: {path!r}")
-    suffixes = [s for s in Path(path).suffixes if s.lower() != ".gz"]
-    fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(
-        suffixes[-1].lower() if suffixes else "")
-    if fmt is None:
-        raise ValueError(f"{path!r}: unsupported file type (use .jsonl, .json, .csv or .parquet)")
-
-    import datasets
-
-    rows = datasets.load_dataset(fmt, data_files=path, split="train").to_list()
+    suffixes = [x.lower() for x in Path(path).suffixes if x.lower() != ".gz"]
+    suffix = suffixes[-1] if suffixes else ""
+    readers = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise TaskFileError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .csv or .parquet")
+    try:
+        rows = readers[suffix](path)  # [(where, row)], where = "line 3" / "row 3"
+    except UnicodeDecodeError as e:
+        raise TaskFileError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     if not rows:
-        raise ValueError(f"{path!r}: file has no rows")
-    for field_name in _REQUIRED[kind]:
-        if any(row.get(field_name) is None for row in rows):
-            raise ValueError(f"{path!r}: required field {field_name!r} missing for {kind} task")
+        raise TaskFileError(f"{path}: the file has no rows; a {kind} task needs the fields "
+                            f"{', '.join(_REQUIRED[kind])} in every row")
+
+    def fail(where: str, message: str) -> TaskFileError:
+        return TaskFileError(f"{path}, {where}: {message}")
+
+    for where, row in rows:
+        for name in _REQUIRED[kind]:
+            if _missing(row.get(name)):
+                raise fail(where, f"field {name!r} is missing; every row of a {kind} task needs "
+                                  f"{', '.join(_REQUIRED[kind])}")
 
     label_names = None
-    if kind == "classification" and any(isinstance(r["label"], str) for r in rows):
-        label_names = sorted({str(r["label"]) for r in rows})
+    if kind == "classification" and any(isinstance(r["label"], str) and not _is_int_text(r["label"])
+                                        for _, r in rows):
+        label_names = sorted({str(r["label"]).strip() for _, r in rows})
         index = {w: i for i, w in enumerate(label_names)}
-        for r in rows:
-            r["label"] = index[str(r["label"])]
-    examples = [_to_generic(r, kind, path) for r in rows]
+        for _, r in rows:
+            r["label"] = index[str(r["label"]).strip()]
+    examples = [_to_generic(row, kind, lambda m, w=where: fail(w, m)) for where, row in rows]
 
-    if "split" in rows[0]:
+    if any(not _missing(row.get("split")) for _, row in rows):
         splits: Splits = {s: [] for s in SPLITS}
-        for row, ex in zip(rows, examples):
-            key = _SPLIT_ALIASES.get(str(row["split"]).strip().lower())
+        for (where, row), ex in zip(rows, examples):
+            key = _SPLIT_ALIASES.get(str(row.get("split") or "").strip().lower())
             if key is None:
-                raise ValueError(f"{path!r}: unknown split {row['split']!r} (use train/validation/test)")
+                raise fail(where, f"field 'split' is {row.get('split')!r}; use train, validation or test "
+                                  "(or leave the column out for a seeded 80/10/10 split)")
             splits[key].append(ex)
     else:
         splits = split_by_fractions(examples, fractions, seed)
     return splits, label_names
 
 
-def _to_generic(row: dict, kind: str, path: str) -> Example:
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, float) and value != value)
+
+
+def _is_int_text(value: str) -> bool:
+    return value.strip().lstrip("-").isdigit()
+
+
+def _read_jsonl(path: str) -> list[tuple[str, dict]]:
+    """JSON Lines (one object per line; blank lines skipped), or a ``.json`` file holding one list of objects."""
+    import json
+
+    with _open_text(path) as f:
+        text = f.read()
+    if path.lower().removesuffix(".gz").endswith(".json") and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TaskFileError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        pairs = [(f"row {i}", item) for i, item in enumerate(items, 1)]
+    else:
+        pairs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise TaskFileError(f"{path}, line {number}: invalid JSON ({e.msg}, column {e.colno}); each line "
+                                    "must be one JSON object") from None
+    for where, item in pairs:
+        if not isinstance(item, dict):
+            raise TaskFileError(f"{path}, {where}: expected a JSON object with named fields, got "
+                                f"{type(item).__name__}")
+    return pairs
+
+
+def _read_csv(path: str) -> list[tuple[str, dict]]:
+    """CSV with a header line; every value is text (empty = missing), numbers are parsed per field later."""
+    import csv
+
+    rows = []
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        start = 2  # the line where the next record starts (line 1 is the header)
+        for record in reader:
+            if None in record:
+                raise TaskFileError(f"{path}, line {start}: {len(reader.fieldnames) + len(record[None])} values but "
+                                    f"the header has {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); "
+                                    "quote values that contain commas")
+            rows.append((f"line {start}", {k: v for k, v in record.items() if v != ""}))
+            start = reader.line_num + 1
+    return rows
+
+
+def _open_text(path: str):
+    """A text file, gzip-compressed when its name ends in .gz."""
+    import gzip
+
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _read_parquet(path: str) -> list[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise TaskFileError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+def _to_generic(row: dict, kind: str, fail: Callable[[str], TaskFileError]) -> Example:
     if kind in ("classification", "regression"):
-        label = float(row["label"]) if kind == "regression" else int(row["label"])
+        label = row["label"]
+        if kind == "regression":
+            number = _number(label)
+            if number is None:
+                raise fail(f"field 'label' must be a number for a regression task, got {label!r}")
+            label = number
+        else:
+            number = _number(label)
+            if number is None or not number.is_integer() or number < 0:
+                raise fail(f"field 'label' must be a class index (0, 1, ...) or a class name, got {label!r}")
+            label = int(number)
         ex = {"text": str(row["text"]), "label": label}
-        if row.get("text_pair") is not None:
+        if not _missing(row.get("text_pair")):
             ex["text_pair"] = str(row["text_pair"])
         return ex
     if kind == "multiple_choice":
         choices = row["choices"]
+        if isinstance(choices, str) and choices.strip().startswith("["):  # CSV: a JSON list in one cell
+            import json
+
+            try:
+                choices = json.loads(choices)
+            except json.JSONDecodeError:
+                pass
         if not isinstance(choices, (list, tuple)) or len(choices) < 2:
-            raise ValueError(f"{path!r}: 'choices' must be a list of at least 2 strings, got {choices!r}")
-        gold = int(row["gold"])
+            raise fail(f"field 'choices' must be a list of at least 2 strings (in CSV: a JSON list such as "
+                       f'["yes", "no"]), got {choices!r}')
+        gold = _number(row["gold"])
+        if gold is None or not gold.is_integer():
+            raise fail(f"field 'gold' must be the index of the right choice (0-based), got {row['gold']!r}")
         if not 0 <= gold < len(choices):
-            raise ValueError(f"{path!r}: 'gold' index {gold} out of range for {len(choices)} choices")
-        return {"query": str(row["query"]), "choices": [str(c) for c in choices], "gold": gold}
+            raise fail(f"field 'gold' is {int(gold)}, out of range for {len(choices)} choices "
+                       f"(0 to {len(choices) - 1})")
+        return {"query": str(row["query"]), "choices": [str(c) for c in choices], "gold": int(gold)}
     return {"input": str(row["input"]), "target": str(row["target"])}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 # ------------------------------------------------------------------------------------------- hub tasks

@@ -9,6 +9,7 @@ contiguous slice of each task's examples and the predictions are gathered in ord
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,14 +58,15 @@ def make_collator(run: Run, train: bool = True) -> EncoderCollator | Text2TextCo
 
 @torch.no_grad()
 def evaluate(run: Run, split: str, batch_size: int, accelerator: Accelerator | None = None,
-             keep_predictions: bool = False) -> dict[str, Any]:
+             keep_predictions: bool = False, progress: bool = False) -> dict[str, Any]:
     """Score every task of ``run`` on ``split``.
 
     Returns ``{"split", "tasks": {name: {"metrics", "main_metric", "score", "reference_score", "vs_reference",
     "num_examples"}}, "average"}`` (``vs_reference``: :func:`morelora.metrics.reference_gap`) where
     ``average`` is the mean of the tasks' main scores; with
     ``keep_predictions`` also ``"predictions": {name: {"main_metric", "num_labels", "predictions",
-    "references"}}`` (the format of ``test_predictions.json``).
+    "references"}}`` (the format of ``test_predictions.json``). ``progress`` prints one line per task as it
+    finishes (the main process), so a long final evaluation shows where it is.
     """
     accelerator = accelerator or Accelerator()
     model, collator = run.model, make_collator(run, train=False)
@@ -76,6 +78,7 @@ def evaluate(run: Run, split: str, batch_size: int, accelerator: Accelerator | N
         examples = run.data[t][split]
         if not examples:
             continue
+        started = time.perf_counter()
         with accelerator.split_between_processes(list(range(len(examples)))) as mine:
             preds = _predict(run, model, collator, t, [examples[i] for i in mine], batch_size, accelerator)
         preds = gather_object(preds) if accelerator.num_processes > 1 else preds
@@ -92,6 +95,10 @@ def evaluate(run: Run, split: str, batch_size: int, accelerator: Accelerator | N
             "vs_reference": reference_gap(spec, preds, run.data[t]["train"], examples),
             "num_examples": len(examples),
         }
+        if progress and accelerator.is_main_process:
+            print(f"eval {split} {t + 1}/{len(run.specs)} {spec.name}: {spec.main_metric} "
+                  f"{metrics[spec.main_metric]:.4f} ({len(examples)} examples, "
+                  f"{time.perf_counter() - started:.0f} s)", flush=True)
     model.train(was_training)
     scores = [r["score"] for r in tasks.values()]
     result = {"split": split, "tasks": tasks, "average": sum(scores) / len(scores) if scores else math.nan}

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import math
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,11 +36,12 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from morelora.config import BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
+from morelora.config import AUTO_HEAD_LR, BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
 from morelora.data import TaskSpec, get_task
 from morelora.data.sampling import MultiTaskSampler
 from morelora.training import checkpoint as ckpt
 from morelora.training.evaluate import evaluate, make_collator, model_kind
+from morelora.tuners.base import CheckpointError
 
 __all__ = ["Run", "build_run", "evaluate_run", "load_run", "time_steps", "train"]
 
@@ -205,13 +207,20 @@ class TrainState:
         return cls(**{k: v for k, v in ckpt.read_trainer_state(checkpoint).items() if k in known})
 
 
-def train(cfg: RunConfig, resume: bool = False) -> Path:
-    """Train ``cfg`` into ``cfg.train.output_dir``; returns the run folder (with ``eval.json``)."""
+def train(cfg: RunConfig, resume: bool = False, checkpoint: str | Path | None = None) -> Path:
+    """Train ``cfg`` into ``cfg.train.output_dir``; returns the run folder (with ``eval.json``).
+
+    ``resume`` continues from the newest complete checkpoint that loads (an older one, with a warning, when the
+    newest is damaged); ``checkpoint`` (implies ``resume``) names the checkpoint folder to continue from."""
     tc, run_dir = cfg.train, Path(cfg.train.output_dir)
+    resume = resume or checkpoint is not None
     accelerator = _make_accelerator(cfg)
     ckpt.check_new_run_dir(run_dir, resume)
+    if checkpoint is not None:
+        checkpoint = ckpt.resolve_checkpoint(run_dir, checkpoint)
     if resume:
-        _check_same_config(run_dir, cfg)
+        for change in _check_same_config(run_dir, cfg):
+            accelerator.print(f"resume: {change}")
     set_seed(tc.seed)
     run = build_run(cfg)
     accelerator.wait_for_everyone()  # every process has checked the folder before anyone writes
@@ -223,7 +232,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     optimizer, scheduler = _make_optimizer(cfg, run.model, accelerator.device)
     model, optimizer, scheduler = accelerator.prepare(run.model, optimizer, scheduler)
     _register_checkpointing(accelerator, sampler)
-    state = _resume(accelerator, run_dir) if resume else TrainState(num_processes=accelerator.num_processes)
+    state = (_resume(accelerator, run_dir, checkpoint) if resume
+             else TrainState(num_processes=accelerator.num_processes))
     if accelerator.is_main_process:   # the code each stretch of the run trained with (runs span sessions)
         ckpt.record_provenance(run_dir, "resume" if resume else "start", state.step)
     batches = _batches(sampler, make_collator(run, train=True), run, accelerator)
@@ -250,7 +260,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             model.train()
     bar.close()
 
-    result = evaluate(run, "test", tc.eval_batch_size, accelerator, keep_predictions=True)
+    result = evaluate(run, "test", tc.eval_batch_size, accelerator, keep_predictions=True, progress=True)
     if accelerator.is_main_process:
         predictions = {"split": "test", "checkpoint": f"checkpoint-{state.step}",
                        "tasks": result.pop("predictions")}
@@ -339,15 +349,30 @@ def _make_accelerator(cfg: RunConfig) -> Accelerator:
     )
 
 
-def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
-    """A resumed run must use the run's own config (step counts and limits may change)."""
+def _check_same_config(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """A resumed run must learn what it started learning: only step counts and bookkeeping keys may change.
+
+    Returns one line per applied change (``train.max_steps 300 -> 500``); raises naming every other change."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
-        return
-    ignore = {f"train.{k}" for k in (*BOOKKEEPING_TRAIN_KEYS, "max_steps")}
-    diff = config_diff(load_config(saved_path), cfg, ignore=ignore)
-    if diff:
-        raise ckpt.RunError(f"--resume with a config that differs from {saved_path} in: {', '.join(diff)}")
+        return []
+    saved = load_config(saved_path)
+    allowed = {f"train.{k}" for k in (*BOOKKEEPING_TRAIN_KEYS, "max_steps")}
+
+    def value(c: RunConfig, key: str) -> Any:
+        block, _, name = key.partition(".")
+        node = c.to_dict()[block]
+        return node.get(name) if name and isinstance(node, dict) else node
+
+    diff = config_diff(saved, cfg)
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        changes = "; ".join(f"{k} {value(saved, k)!r} -> {value(cfg, k)!r}" for k in refused)
+        raise ckpt.RunError(f"--resume with a config that differs from {saved_path} in: {changes}; resume with "
+                            "the run's own values or train a new run into another --output-dir")
+    return [f"applying the changed {k}: {value(saved, k)!r} -> {value(cfg, k)!r}"
+            + (" (the learning-rate schedule follows the new length)" if k == "train.max_steps" else "")
+            for k in diff]
 
 
 def _make_sampler(cfg: RunConfig, run: Run, num_processes: int) -> MultiTaskSampler:
@@ -372,8 +397,8 @@ def _batches(sampler: MultiTaskSampler, collator: Any, run: Run, accelerator: Ac
 
 
 def _make_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device | None = None):
-    """AdamW over the trainable parameters (no weight decay on biases / norms; task heads at ``train.head_lr``
-    when set) + linear warm-up/decay."""
+    """AdamW over the trainable parameters (no weight decay on biases / norms; task heads at ``train.head_lr``:
+    ``auto`` = :data:`~morelora.config.AUTO_HEAD_LR`, ``None`` = ``train.lr``) + linear warm-up/decay."""
     from transformers import get_linear_schedule_with_warmup
 
     tc = cfg.train
@@ -382,10 +407,11 @@ def _make_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device
     if tc.head_lr is not None:
         for name in getattr(model, "saved_module_names", []):
             heads |= {id(p) for p in model.base_model.get_submodule(name).parameters()}
-        if not heads:
+        if not heads and tc.head_lr != "auto":
             raise ConfigError("train.head_lr is set but the model has no task heads (modules_to_save)")
+    head_lr = AUTO_HEAD_LR if tc.head_lr == "auto" else tc.head_lr
     groups = []
-    for lr, in_group in ((tc.lr, lambda p: id(p) not in heads), (tc.head_lr, lambda p: id(p) in heads)):
+    for lr, in_group in ((tc.lr, lambda p: id(p) not in heads), (head_lr, lambda p: id(p) in heads)):
         chosen = [p for _, p in params if in_group(p)]
         groups += [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": tc.weight_decay, "lr": lr},
                    {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
@@ -517,15 +543,31 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState,
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator: Accelerator, run_dir: Path) -> TrainState:
-    """Restore the newest complete checkpoint (none: a run killed before its first one starts over)."""
-    path = ckpt.latest_checkpoint(run_dir)
-    if path is None:
+#: What loading a damaged checkpoint raises (torch.load, safetensors, JSON, accelerate's own checks).
+_DAMAGED = (CheckpointError, OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError)
+
+
+def _resume(accelerator: Accelerator, run_dir: Path, checkpoint: Path | None = None) -> TrainState:
+    """Restore ``checkpoint``, or else the newest complete checkpoint that loads (older ones are tried with a
+    warning when the newest is damaged); a run killed before its first checkpoint starts over."""
+    candidates = [checkpoint] if checkpoint is not None else [p for _, p in reversed(ckpt.list_checkpoints(run_dir))]
+    if not candidates:
         if accelerator.is_main_process:
             ckpt.truncate_metrics(run_dir / "metrics.jsonl", 0)
         return TrainState(num_processes=accelerator.num_processes)
-    accelerator.load_state(str(path))
-    state = TrainState.read(path)
+    for path in candidates:
+        try:
+            state = TrainState.read(path)
+            accelerator.load_state(str(path))
+            break
+        except _DAMAGED as e:
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            if checkpoint is not None:
+                raise CheckpointError(f"cannot resume from {path} ({reason}); choose another --checkpoint") from None
+            accelerator.print(f"warning: cannot load {path} ({reason}); trying the next older checkpoint")
+    else:
+        raise CheckpointError(f"no checkpoint in {run_dir} loads (see the warnings above); train again into "
+                              "another --output-dir")
     if state.num_processes != accelerator.num_processes:
         accelerator.print(f"warning: {path} was written by {state.num_processes} processes, resuming with "
                           f"{accelerator.num_processes}: the data order changes")
@@ -592,7 +634,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Pat
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     accelerator = Accelerator(mixed_precision=run.cfg.train.mixed_precision)
     run.model.to(accelerator.device)
-    result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator, keep_predictions=True)
+    result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator, keep_predictions=True,
+                      progress=True)
     predictions = {"split": split, "checkpoint": path.name, "tasks": result.pop("predictions")}
     out = run_dir / ("eval.json" if split == "test" else f"eval_{split}.json")
     if accelerator.is_main_process:

