@@ -40,3 +40,16 @@ def tiny_llama(seed: int = 0, hidden: int = 32, intermediate: int = 48) -> Llama
 def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+_RANDOM_INIT = {"mov": {"init_ia3_weights": False, "router_init_std": 1.0},
+                "adalora": {"init_lora_weights": False, "lora_dropout": 0.0}}
+_TOKEN_ROUTED = ("molora", "loramoe", "mola", "adamoe")
+
+
+def nontrivial_options(method: str) -> dict:
+    """Options giving `method` a non-trivial adapter at init: random B / vectors, sharp routers, no dropout."""
+    o = dict(_RANDOM_INIT.get(method, {"init_lora_weights": False, "lora_dropout": 0.0}))
+    if method in _TOKEN_ROUTED:
+        o["router_init_std"] = 1.0
+    return o

@@ -8,22 +8,13 @@ import json
 
 import pytest
 import torch
-from _tiny import ids, tiny_llama
+from _tiny import ids, nontrivial_options, tiny_llama
 
 import morelora
 
 TASKS = ["a", "b", "c"]
 METHODS = list(morelora.METHODS)
-RANDOM_INIT = {"mov": {"init_ia3_weights": False, "router_init_std": 1.0},
-               "adalora": {"init_lora_weights": False, "lora_dropout": 0.0}}
-ROUTED = ("molora", "loramoe", "mola", "adamoe")
-
-
-def opts(name: str) -> dict:
-    o = dict(RANDOM_INIT.get(name, {"init_lora_weights": False, "lora_dropout": 0.0}))
-    if name in ROUTED:
-        o["router_init_std"] = 1.0
-    return o
+opts = nontrivial_options
 
 
 def build(name: str, dtype: torch.dtype):

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from _tiny import ids, tiny_llama
+from _tiny import ids, nontrivial_options, tiny_llama
 from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -20,17 +20,7 @@ from morelora.quantization import bnb_config, is_quantized, prepare_quantized
 
 TASKS = ["a", "b", "c"]
 METHODS = list(morelora.METHODS)
-# options giving a non-trivial adapter at init (random B / vectors, sharp routers, no dropout)
-RANDOM_INIT = {"mov": {"init_ia3_weights": False, "router_init_std": 1.0},
-               "adalora": {"init_lora_weights": False, "lora_dropout": 0.0}}
-ROUTED = ("molora", "loramoe", "mola", "adamoe")
-
-
-def opts(name: str) -> dict:
-    o = dict(RANDOM_INIT.get(name, {"init_lora_weights": False, "lora_dropout": 0.0}))
-    if name in ROUTED:
-        o["router_init_std"] = 1.0
-    return o
+opts = nontrivial_options
 
 
 @pytest.fixture(scope="module")

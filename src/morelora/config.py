@@ -395,14 +395,14 @@ def _check(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None = None
             raise bad()
         if isinstance(value, int):
             return value
-        number = _as_float(value)
+        number = as_float(value)
         if number is not None and number.is_integer():
             return int(number)
         raise bad()
     if tp is float:
         if isinstance(value, bool):
             raise bad()
-        number = _as_float(value)
+        number = as_float(value)
         if number is None:
             raise bad()
         return number
@@ -416,8 +416,8 @@ def _check(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None = None
     raise bad()  # pragma: no cover - a field type this module does not handle
 
 
-def _as_float(value: Any) -> float | None:
-    """Numbers and numeric strings ("1e-3": YAML 1.1 reads it as a string) as float."""
+def as_float(value: Any) -> float | None:
+    """Numbers and numeric strings ("1e-3": YAML 1.1 reads it as a string) as float; None for anything else."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):

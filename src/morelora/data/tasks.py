@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from morelora.config import as_float
 from morelora.data import offline
 from morelora.errors import MoreLoraError, UnknownTaskError
 
@@ -313,12 +314,12 @@ def _to_generic(row: dict, kind: str, fail: Callable[[str], TaskFileError]) -> E
     if kind in ("classification", "regression"):
         label = row["label"]
         if kind == "regression":
-            number = _number(label)
+            number = as_float(label)
             if number is None:
                 raise fail(f"field 'label' must be a number for a regression task, got {label!r}")
             label = number
         else:
-            number = _number(label)
+            number = as_float(label)
             if number is None or not number.is_integer() or number < 0:
                 raise fail(f"field 'label' must be a class index (0, 1, ...) or a class name, got {label!r}")
             label = int(number)
@@ -338,7 +339,7 @@ def _to_generic(row: dict, kind: str, fail: Callable[[str], TaskFileError]) -> E
         if not isinstance(choices, (list, tuple)) or len(choices) < 2:
             raise fail(f"field 'choices' must be a list of at least 2 strings (in CSV: a JSON list such as "
                        f'["yes", "no"]), got {choices!r}')
-        gold = _number(row["gold"])
+        gold = as_float(row["gold"])
         if gold is None or not gold.is_integer():
             raise fail(f"field 'gold' must be the index of the right choice (0-based), got {row['gold']!r}")
         if not 0 <= gold < len(choices):
@@ -346,19 +347,6 @@ def _to_generic(row: dict, kind: str, fail: Callable[[str], TaskFileError]) -> E
                        f"(0 to {len(choices) - 1})")
         return {"query": str(row["query"]), "choices": [str(c) for c in choices], "gold": int(gold)}
     return {"input": str(row["input"]), "target": str(row["target"])}
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
 
 
 # ------------------------------------------------------------------------------------------- hub tasks
