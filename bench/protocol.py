@@ -3,6 +3,7 @@
     python bench/protocol.py run      # one worker; start two (OMP_NUM_THREADS=1 each) to use two cores
     python bench/protocol.py status   # what is done, running and left; each method's sweep and its winner
     python bench/protocol.py report   # the table: `morelora compare` over every finished winner's seeds
+    python bench/protocol.py params   # adapter parameters of every row on the protocol's model
 
 Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shared by every run) and the
 ``PROTOCOL`` block below (methods, learning rates, seeds, order). For every method:
@@ -201,6 +202,20 @@ def status() -> None:
         print(f"sweep {m:<10} {cells}  -> winner {s['winner'] or '(not yet)'}")
 
 
+def params() -> None:
+    """Adapter parameters of every row on the protocol's model (``parameter_counts()``, before training)."""
+    from morelora.methods import build_method
+    from morelora.training.trainer import build_base_model, build_tasks, method_options, model_kind
+
+    for m in PROTOCOL["methods"]:
+        cfg = _runs([_label(m, PROTOCOL["lrs"][0])], 1)[0].cfg
+        specs = build_tasks(cfg)
+        _, base = build_base_model(cfg, model_kind(cfg.model), specs)
+        counts = build_method(cfg.method_name, base, [s.name for s in specs], **method_options(cfg)).parameter_counts()
+        print(f"{m:<10} adapter {counts['adapter']:>9,}  per task {counts['per_task']:>9,.0f}  "
+              f"trainable (with heads) {counts['trainable']:>9,}")
+
+
 def report(baseline: str = "lora") -> None:
     """`morelora compare` over the winners whose seeds have all finished (the baseline's row first)."""
     from morelora.compare import compare
@@ -221,10 +236,10 @@ def report(baseline: str = "lora") -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["run", "status", "report"])
+    p.add_argument("command", choices=["run", "status", "report", "params"])
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
     args = p.parse_args()
-    {"run": lambda: run_worker(args.poll), "status": status, "report": report}[args.command]()
+    {"run": lambda: run_worker(args.poll), "status": status, "report": report, "params": params}[args.command]()
 
 
 if __name__ == "__main__":
