@@ -84,6 +84,15 @@ def build_runs(folder: Path, max_length: int) -> dict:
     return {"runs": runs, "texts": texts}
 
 
+async def _timed_request(http: httpx.AsyncClient, texts: list[str], tasks: list[str], i: int,
+                         latencies: list[float]) -> None:
+    """Request ``i`` of the mixed-task stream (task i mod T, input i mod N); its latency goes to ``latencies``."""
+    t0 = time.perf_counter()
+    r = await http.post("/v1/predict", json={"task": tasks[i % len(tasks)], "inputs": [texts[i % len(texts)]]})
+    r.raise_for_status()
+    latencies.append(time.perf_counter() - t0)
+
+
 async def closed_loop(url: str, texts: list[str], tasks: list[str], concurrency: int, requests: int,
                       limit_s: float) -> dict:
     latencies: list[float] = []
@@ -94,10 +103,7 @@ async def closed_loop(url: str, texts: list[str], tasks: list[str], concurrency:
         for i in counter:
             if time.perf_counter() > stop:
                 return
-            t0 = time.perf_counter()
-            r = await http.post("/v1/predict", json={"task": tasks[i % len(tasks)], "inputs": [texts[i % len(texts)]]})
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
+            await _timed_request(http, texts, tasks, i, latencies)
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=256)) as http:
         await client_warmup(http, texts, tasks)
@@ -111,10 +117,7 @@ async def open_loop(url: str, texts: list[str], tasks: list[str], rate: float, r
     latencies: list[float] = []
 
     async def one(http: httpx.AsyncClient, i: int) -> None:
-        t0 = time.perf_counter()
-        r = await http.post("/v1/predict", json={"task": tasks[i % len(tasks)], "inputs": [texts[i % len(texts)]]})
-        r.raise_for_status()
-        latencies.append(time.perf_counter() - t0)
+        await _timed_request(http, texts, tasks, i, latencies)
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=256)) as http:
         await client_warmup(http, texts, tasks)
