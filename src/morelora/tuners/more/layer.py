@@ -46,7 +46,6 @@ class _StepCounter:
         cls.count += 1
 
 
-_OPTIMIZER_STEPS = _StepCounter
 register_optimizer_step_post_hook(_StepCounter.bump)
 
 
@@ -170,16 +169,16 @@ class MoRELinear(TaskAdapterLayer):
 
     def _router_key(self) -> tuple:
         # read through the module dicts: this runs in every inference call of every layer. The version
-        # counters catch in-place edits through autograd-visible ops; the optimizer-step generation catches
-        # fused / foreach optimizer kernels and writes through `p.data`, which do not bump them; `train()` /
-        # `eval()` and `load_adapter` clear the cache outright.
+        # counters catch in-place edits through autograd-visible ops; the optimizer-step count catches fused /
+        # foreach optimizer kernels, which do not bump them; the storage pointer catches `p.data = ...`;
+        # `train()` / `eval()` and `load_adapter` clear the cache outright.
         own = self._parameters
         if self.cfg.use_task_embeddings:
             gate = self._modules["gate"]._parameters
             params = (own["task_embedding"], gate["weight"], gate["bias"])
         else:
             params = (own["router_logits"],)
-        return (_OPTIMIZER_STEPS.count, *[(id(p), p._version, p.data_ptr()) for p in params],
+        return (_StepCounter.count, *[(id(p), p._version, p.data_ptr()) for p in params],
                 self._buffers["frozen_expert"]._version)
 
     def _uses_cache(self) -> bool:
