@@ -154,7 +154,10 @@ def release(run: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _finished(run: Any) -> bool:
-    return (run.run_dir / "eval.json").is_file() and (run.run_dir / "test_predictions.json").is_file()
+    """Trained, evaluated and its test predictions written (compare's own status of a run)."""
+    from morelora.compare import _complete, run_status
+
+    return bool(_complete(run_status(run)))
 
 
 def run_worker(poll_s: float = 60.0) -> None:
