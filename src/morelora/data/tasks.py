@@ -24,19 +24,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from morelora.config import as_float
 from morelora.data import offline
+from morelora.data.splits import SPLIT_SEED, SPLITS, Example, Splits, hold_out, split_by_fractions, subsample
 from morelora.errors import MoreLoraError, UnknownTaskError
 
-Example = dict[str, Any]
-Splits = dict[str, list[Example]]
-
 KINDS = ("classification", "regression", "multiple_choice", "text2text")
-SPLITS = ("train", "validation", "test")
-#: Seed of every fixed split we derive ourselves (hold-outs, file splits without a "split" column).
-SPLIT_SEED = 1234
 #: Seed of evaluation subsampling (``max_eval``): fixed, so every training seed sees the same eval set.
 EVAL_SUBSAMPLE_SEED = 0
 
@@ -132,36 +125,7 @@ class TaskSpec:
         )
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def subsample(examples: Sequence[Example], limit: int | None, seed: int) -> list[Example]:
-    """At most ``limit`` examples chosen with ``seed``, kept in their original order."""
-    if limit is None or limit >= len(examples):
-        return list(examples)
-    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
-    return [examples[i] for i in keep]
-
-
-def split_by_fractions(
-    examples: Sequence[Example], fractions: Sequence[float], seed: int = SPLIT_SEED
-) -> Splits:
-    """Seeded train / validation / test split; test gets the remainder after rounding down."""
-    n = len(examples)
-    order = np.random.default_rng(seed).permutation(n)
-    n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
-    parts = {"train": order[:n_train], "validation": order[n_train : n_train + n_val],
-             "test": order[n_train + n_val :]}
-    return {k: [examples[i] for i in sorted(idx)] for k, idx in parts.items()}
-
-
-def hold_out(examples: Sequence[Example], n_heldout: int, seed: int = SPLIT_SEED) -> tuple[list, list]:
-    """Split ``examples`` into (rest, seeded hold-out of ``n_heldout``), both in original order."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    held = set(order[:n_heldout].tolist())
-    rest = [ex for i, ex in enumerate(examples) if i not in held]
-    return rest, [examples[i] for i in sorted(held)]
-
+# -------------------------------------------------------------------------------------------- task files
 
 _REQUIRED = {
     "classification": ("text", "label"),
