@@ -12,10 +12,11 @@ from typing import Any
 
 from torch import nn
 
+from .errors import MoreLoraError
 from .tuners.adalora import AdaLoRAModel
 from .tuners.adamoe import AdaMoEModel
 from .tuners.alora import ALoRAModel
-from .tuners.base import MoreLoraError, TaskAdapterModel, read_adapter_config
+from .tuners.base import TaskAdapterModel, read_adapter_config
 from .tuners.dylora import DyLoRAModel
 from .tuners.hydralora import HydraLoRAModel
 from .tuners.lora import SingleLoRAModel

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from .errors import MoreLoraError
 from .methods import METHODS, build_method
-from .tuners.base import MoreLoraError
 
 
 def _tasks_and_options(config: Any) -> tuple[list[str], dict[str, dict[str, Any]]]:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from morelora.tuners.base import MoreLoraError
+from morelora.errors import MoreLoraError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -84,7 +84,7 @@ def infer_kind(path: str | Path) -> str:
 
         rows = pq.read_table(path).slice(0, 1).to_pylist()
         row = rows[0] if rows else {}
-    from morelora.tuners.base import MoreLoraError
+    from morelora.errors import MoreLoraError
 
     if "choices" in row and "query" in row:
         return "multiple_choice"
@@ -250,10 +250,10 @@ def more_transfer(trained: Any, spec: Any, shots: list[dict], evals: list[dict],
     """
     import torch
 
+    from morelora.errors import MoreLoraError
     from morelora.heads import MultiTaskHeadModel
     from morelora.training.evaluate import make_collator
     from morelora.training.trainer import Run
-    from morelora.tuners.base import MoreLoraError
 
     torch.manual_seed(seed)
     model = copy.deepcopy(trained.model)
@@ -363,7 +363,7 @@ def fewshot(run_dir: str | Path, task_file: str | Path, task_name: str, shots: i
     from morelora.analysis import load_trained_model
     from morelora.data import TaskSpec
     from morelora.data.splits import subsample
-    from morelora.tuners.base import MoreLoraError
+    from morelora.errors import MoreLoraError
 
     bad = [v for v in variants if v not in _RUNNERS]
     if bad:

@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 from morelora.config import AUTO_HEAD_LR, BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
 from morelora.data import TaskSpec, get_task
 from morelora.data.sampling import MultiTaskSampler
+from morelora.errors import CheckpointError
 from morelora.training import checkpoint as ckpt
 from morelora.training.evaluate import evaluate, make_collator, model_kind
-from morelora.tuners.base import CheckpointError
 
 __all__ = ["Run", "build_run", "evaluate_run", "load_run", "time_steps", "train"]
 
