@@ -7,8 +7,9 @@ import time
 from accelerate import Accelerator
 
 from morelora.config import load_config
+from morelora.training.build import build_run
 from morelora.training.evaluate import evaluate
-from morelora.training.trainer import build_run, time_steps
+from morelora.training.trainer import time_steps
 
 cfg = load_config("configs/compare_offline.yaml", ["train.output_dir=/tmp/plan_eval_check"])
 est = time_steps(cfg, steps=3, warmup=1)

@@ -208,7 +208,7 @@ def status() -> None:
 def params() -> None:
     """Adapter parameters of every row on the protocol's model (``parameter_counts()``, before training)."""
     from morelora.methods import build_method
-    from morelora.training.trainer import build_base_model, build_tasks, method_options, model_kind
+    from morelora.training.build import build_base_model, build_tasks, method_options, model_kind
 
     for m in PROTOCOL["methods"]:
         cfg = _runs([_label(m, PROTOCOL["lrs"][0])], 1)[0].cfg

@@ -34,7 +34,7 @@ from torch import nn
 
 from morelora.config import RunConfig
 from morelora.serve import BackgroundServer, ServeOptions
-from morelora.training.trainer import build_base_model, build_run
+from morelora.training.build import build_base_model, build_run
 
 TASKS = [f"sst2_{i}" for i in range(8)]
 

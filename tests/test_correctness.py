@@ -136,7 +136,7 @@ def test_gradient_checkpointing_matches_plain_run_for_every_method(family, reent
 def test_run_config_gradient_checkpointing_trains_the_same(tmp_path, request, run_config):
     from morelora.config import ConfigError, RunConfig
     from morelora.training import load_run, train
-    from morelora.training.trainer import enable_gradient_checkpointing
+    from morelora.training.build import enable_gradient_checkpointing
 
     path = request.getfixturevalue("tiny_llama")
     rows = {}

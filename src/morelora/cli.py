@@ -270,7 +270,7 @@ def _methods(args: argparse.Namespace) -> None:
     model = cfg = None
     if args.config:
         from morelora.config import load_config
-        from morelora.training.trainer import build_base_model, build_tasks, model_kind
+        from morelora.training.build import build_base_model, build_tasks, model_kind
 
         cfg = load_config(args.config, list(args.overrides))
         specs = build_tasks(cfg)

@@ -38,7 +38,7 @@ from morelora.errors import MoreLoraError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from morelora.training.trainer import Run
+    from morelora.training.build import Run
 
 __all__ = ["MAX_CHOICES", "BackgroundServer", "Batcher", "ServeOptions", "create_app", "parse_inputs"]
 

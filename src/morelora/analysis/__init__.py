@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from morelora.training.trainer import Run
+    from morelora.training.build import Run
 
 __all__ = ["format_mean_ci", "load_trained_model", "mean_ci", "short_layer_name"]
 
@@ -75,21 +75,13 @@ def short_layer_name(name: str) -> str:
 
 
 def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
-    """A run's tokenizer and adapted model with the checkpoint's weights, without loading its training data.
+    """A run's tokenizer and adapted model with the checkpoint's weights, in eval mode, without loading its data.
 
-    ``run.data`` holds empty splits (one per task); ``checkpoint`` defaults to the newest complete one.
+    :func:`morelora.training.build.load_run` with ``with_data=False``: ``run.data`` holds empty splits (one per
+    task); ``checkpoint`` defaults to the newest complete one.
     """
-    from morelora.config import load_config
-    from morelora.training import checkpoint as ckpt
-    from morelora.training.evaluate import model_kind
-    from morelora.training.trainer import Run, build_model, build_tasks
+    from morelora.training.build import load_run
 
-    run_dir = Path(run_dir)
-    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
-    cfg = load_config(run_dir / "config.yaml")
-    specs = build_tasks(cfg)
-    kind = model_kind(cfg.model)
-    tokenizer, model = build_model(cfg, kind, specs)
-    model.load_adapter(path / ckpt.ADAPTER_DIR)
-    model.eval()
-    return Run(cfg, kind, specs, [{"train": [], "validation": [], "test": []} for _ in specs], tokenizer, model)
+    run = load_run(run_dir, checkpoint, with_data=False)
+    run.model.eval()
+    return run

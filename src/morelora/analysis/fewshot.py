@@ -252,8 +252,8 @@ def more_transfer(trained: Any, spec: Any, shots: list[dict], evals: list[dict],
 
     from morelora.errors import MoreLoraError
     from morelora.heads import MultiTaskHeadModel
+    from morelora.training.build import Run
     from morelora.training.evaluate import make_collator
-    from morelora.training.trainer import Run
 
     torch.manual_seed(seed)
     model = copy.deepcopy(trained.model)
@@ -295,7 +295,7 @@ def more_transfer(trained: Any, spec: Any, shots: list[dict], evals: list[dict],
 
 
 def _scratch_run(trained: Any, spec: Any, shots: list[dict], evals: list[dict], model: Any) -> Any:
-    from morelora.training.trainer import Run
+    from morelora.training.build import Run
 
     cfg = copy.deepcopy(trained.cfg)
     cfg.tasks, cfg.task_files = [spec.name], {}
@@ -306,7 +306,7 @@ def _scratch_run(trained: Any, spec: Any, shots: list[dict], evals: list[dict], 
 def _more_scratch(trained: Any, spec: Any, shots: list[dict], evals: list[dict], seed: int, opts: dict) -> dict:
     import torch
 
-    from morelora.training.trainer import build_model
+    from morelora.training.build import build_model
 
     torch.manual_seed(seed)
     _, model = build_model(trained.cfg, trained.kind, [spec])
@@ -332,7 +332,7 @@ def _lora_scratch(trained: Any, spec: Any, shots: list[dict], evals: list[dict],
     from peft import LoraConfig, get_peft_model
 
     from morelora.heads import MultiTaskHeadModel
-    from morelora.training.trainer import build_base_model
+    from morelora.training.build import build_base_model
 
     torch.manual_seed(seed)
     method = trained.cfg.method

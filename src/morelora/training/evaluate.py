@@ -17,7 +17,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from morelora.config import ModelConfig
 from morelora.data.collate import EncoderCollator, Text2TextCollator
 from morelora.metrics import (
     compute_metrics,
@@ -29,23 +28,9 @@ from morelora.metrics import (
 )
 
 if TYPE_CHECKING:
-    from morelora.training.trainer import Run
+    from morelora.training.build import Run
 
-__all__ = ["evaluate", "make_collator", "model_kind", "predict_batch"]
-
-
-def model_kind(model_cfg: ModelConfig) -> str:
-    """encoder | seq2seq | causal: ``model.kind`` or, for "auto", read from the HF config."""
-    if model_cfg.kind != "auto":
-        return model_cfg.kind
-    from transformers import AutoConfig
-
-    hf = AutoConfig.from_pretrained(model_cfg.name_or_path)
-    if getattr(hf, "is_encoder_decoder", False):
-        return "seq2seq"
-    if any(a.endswith("ForCausalLM") for a in getattr(hf, "architectures", None) or []):
-        return "causal"
-    return "encoder"
+__all__ = ["evaluate", "make_collator", "predict_batch"]
 
 
 def make_collator(run: Run, train: bool = True) -> EncoderCollator | Text2TextCollator:

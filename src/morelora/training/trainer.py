@@ -1,8 +1,8 @@
 """Multi-task training on :class:`accelerate.Accelerator` (so ``accelerate launch`` gives DDP/FSDP/DeepSpeed).
 
-The trainer is method-agnostic: it builds the adapter with :func:`morelora.methods.build_method` from the
-config's ``method`` block and only uses the interface every method shares (forward with ``task_ids``,
-``aux_losses``, ``save_pretrained`` / ``load_adapter``, ``parameter_counts``, ``generate``).
+The trainer is method-agnostic: it trains the run :func:`morelora.training.build.build_run` assembles and only
+uses the interface every method shares (forward with ``task_ids``, ``aux_losses``, ``save_pretrained`` /
+``load_adapter``, ``parameter_counts``, ``generate``).
 
 Data order and several processes
 --------------------------------
@@ -37,156 +37,13 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from morelora.config import AUTO_HEAD_LR, BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
-from morelora.data import TaskSpec, get_task
 from morelora.data.sampling import MultiTaskSampler
 from morelora.errors import CheckpointError
 from morelora.training import checkpoint as ckpt
-from morelora.training.evaluate import evaluate, make_collator, model_kind
+from morelora.training.build import Run, build_run, load_run
+from morelora.training.evaluate import evaluate, make_collator
 
-__all__ = ["Run", "build_run", "evaluate_run", "load_run", "time_steps", "train"]
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
-
-
-# ----------------------------------------------------------------------------------------------- set-up
-
-
-@dataclass
-class Run:
-    """Everything a run is made of: config, tasks with their data, tokenizer and adapted model."""
-
-    cfg: RunConfig
-    kind: str  # encoder | seq2seq | causal
-    specs: list[TaskSpec]
-    data: list[dict[str, list[dict]]]  # per task: {"train", "validation", "test"}
-    tokenizer: Any
-    model: Any  # a TaskAdapterModel
-
-    @property
-    def task_names(self) -> list[str]:
-        return [s.name for s in self.specs]
-
-
-def build_tasks(cfg: RunConfig) -> list[TaskSpec]:
-    """TaskSpecs for ``cfg.tasks``: local files, then registered names (``data.source: hub`` maps plain
-    GLUE / commonsense names to their hub versions). The spec takes the name used in the config."""
-    specs = []
-    for name in cfg.tasks:
-        if name in cfg.task_files:
-            f = cfg.task_files[name]
-            spec = TaskSpec.from_file(name, f.path, f.kind)
-        else:
-            spec = get_task(_source_name(name, cfg.data.source))
-            spec.name = name
-        specs.append(spec)
-    return specs
-
-
-def _source_name(name: str, source: str) -> str:
-    if source != "hub" or "/" in name:
-        return name
-    from morelora.data import list_tasks
-
-    hub = list_tasks("hub")
-    return next((h for h in (f"glue/{name}", f"hub/{name}") if h in hub), name)
-
-
-def load_data(cfg: RunConfig, specs: list[TaskSpec]) -> list[dict[str, list[dict]]]:
-    d = cfg.data
-    return [s.load(max_train=d.max_train_per_task, max_eval=d.max_eval_per_task, seed=cfg.train.seed)
-            for s in specs]
-
-
-def build_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[Any, Any]:
-    """(tokenizer, adapted model): the frozen base model wrapped by the configured method."""
-    from morelora.methods import build_method
-
-    tokenizer, base = build_base_model(cfg, kind, specs)
-    try:
-        model = build_method(cfg.method_name, base, [s.name for s in specs], **method_options(cfg))
-    except TypeError as e:  # e.g. an option of the wrong type reaching the method's config
-        raise ConfigError(f"method: {e}") from None
-    return tokenizer, model
-
-
-def build_base_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[Any, Any]:
-    """(tokenizer, base model): the model every method wraps (an encoder gets one head per task)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    path, dtype, quant = cfg.model.name_or_path, DTYPES[cfg.model.dtype], cfg.model.quantization
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    def load(auto_class: Any) -> Any:
-        if quant is None:
-            return auto_class.from_pretrained(path, dtype=dtype)
-        from morelora.quantization import bnb_config, check_bitsandbytes, prepare_quantized
-
-        check_bitsandbytes(quant.bits)
-        return prepare_quantized(auto_class.from_pretrained(path, dtype=dtype, quantization_config=bnb_config(quant)),
-                                 path)
-
-    if kind == "encoder":
-        from morelora.heads import MultiTaskHeadModel
-
-        base = MultiTaskHeadModel(load(AutoModel), specs, pooling=cfg.model.pooling, encoding=cfg.model.encoding)
-    elif kind == "seq2seq":
-        base = load(AutoModelForSeq2SeqLM)
-    else:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        base = load(AutoModelForCausalLM)
-        if base.config.pad_token_id is None:
-            base.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(base)
-    return tokenizer, base
-
-
-def enable_gradient_checkpointing(base: Any) -> None:
-    """transformers' gradient checkpointing (non-reentrant) on `base` or, for the encoder heads, its backbone;
-    the adapter model keeps its layers' task ids alive for the recomputation (tuners/base.py)."""
-    hf = base if hasattr(base, "supports_gradient_checkpointing") else getattr(base, "backbone", None)
-    if not getattr(hf, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"model.gradient_checkpointing: {type(hf or base).__name__} does not support gradient "
-                          "checkpointing in transformers; set model.gradient_checkpointing to false")
-    enable = getattr(hf, "activation_checkpointing_enable", None)   # transformers >= 5 (the old name warns)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def method_options(cfg: RunConfig) -> dict[str, Any]:
-    """The ``method`` block's options; a method whose config has a ``total_step`` field (a schedule over
-    the run, e.g. AdaLoRA's rank budget) gets ``train.max_steps`` there unless the config sets it."""
-    from morelora.methods import get_method
-
-    options = dict(cfg.method_options)
-    fields = {f.name for f in dataclasses.fields(get_method(cfg.method_name).model_class.config_class)}
-    if "total_step" in fields and "total_step" not in options:
-        options["total_step"] = cfg.train.max_steps
-    return options
-
-
-def check_method(cfg: RunConfig, task_names: list[str]) -> None:
-    """Validate the ``method`` block against the method's config class before any model is loaded."""
-    from morelora.methods import get_method
-
-    try:
-        get_method(cfg.method_name).model_class.config_class.from_dict(
-            {**method_options(cfg), "tasks": list(task_names)})
-    except TypeError as e:
-        raise ConfigError(f"method: {e}") from None
-
-
-def build_run(cfg: RunConfig) -> Run:
-    """Tasks, data, tokenizer and model for ``cfg`` (bad tasks / files / method options raise here)."""
-    specs = build_tasks(cfg)
-    check_method(cfg, [s.name for s in specs])
-    data = load_data(cfg, specs)
-    kind = model_kind(cfg.model)
-    tokenizer, model = build_model(cfg, kind, specs)
-    return Run(cfg, kind, specs, data, tokenizer, model)
+__all__ = ["evaluate_run", "time_steps", "train"]
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -607,22 +464,6 @@ def _write_json(path: Path, data: dict[str, Any], indent: int | None = 2) -> Non
 
 
 # ------------------------------------------------------------------------------------------ run folders
-
-
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, full_precision: bool = False) -> Run:
-    """Rebuild a trained run from its folder: config, data, model with the checkpoint's adapter.
-
-    ``full_precision``: load the base unquantised even when the run trained on a 4-bit / 8-bit one (the adapter
-    does not depend on how the base is stored), e.g. to merge a task into float weights."""
-    run_dir = Path(run_dir)
-    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
-    cfg = load_config(run_dir / "config.yaml")
-    if full_precision:
-        cfg.model.quantization = None
-    set_seed(cfg.train.seed)
-    run = build_run(cfg)
-    run.model.load_adapter(path / ckpt.ADAPTER_DIR)
-    return run
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Path | None = None,
