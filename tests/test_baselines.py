@@ -13,7 +13,7 @@ from torch import nn
 
 import morelora
 from morelora import MoreLoraError
-from morelora.tuners.mixlora import load_balancing_loss
+from morelora.tuners.common import load_balancing_loss
 
 TASKS = ["a", "b", "c"]
 NAMES = ["lora", "multilora", "moelora", "mixlora", "hydralora", "dylora"]

@@ -317,7 +317,8 @@ class TaskAdapterModel(nn.Module):
 
     # -- construction
     def make_layer(self, name: str, base: nn.Linear) -> TaskAdapterLayer:
-        raise NotImplementedError
+        """The adapter layer replacing the target linear `name`: `layer_class(base, number of tasks, config)`."""
+        return self.layer_class(base, len(self.config.tasks), self.config)
 
     def _inject(self) -> list[str]:
         targets = resolve_target_modules(self.base_model, self.config.target_modules)

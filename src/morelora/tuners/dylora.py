@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair
-from .lora import LowRankConfig, check_int
+from .common import LowRankConfig, check_int
 
 
 @dataclass
@@ -86,9 +86,6 @@ class DyLoRAModel(TaskAdapterModel):
     def __init__(self, model: nn.Module, config: DyLoRAConfig) -> None:
         super().__init__(model, config)
         self.last_train_rank: int | None = None
-
-    def make_layer(self, name: str, base: nn.Linear) -> DyLoRALinear:
-        return DyLoRALinear(base, len(self.config.tasks), self.config)
 
     def forward(self, *args: Any, **kwargs: Any):
         if not self.training:

@@ -19,8 +19,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPI
 from torch import nn
 
 from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel
-from .molora import TokenRoutedLayer, check, default_targets, route
-from .routing import token_router
+from .common import TokenRoutedLayer, check, default_targets, route, token_router
 
 
 @dataclass
@@ -86,6 +85,3 @@ class MoVModel(TaskAdapterModel):
         if config.target_modules is None:
             config.target_modules = default_targets(model, IA3, "IA3")
         super().__init__(model, config)
-
-    def make_layer(self, name: str, base: nn.Linear) -> MoVLinear:
-        return MoVLinear(base, len(self.config.tasks), self.config)
