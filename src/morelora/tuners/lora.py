@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterModel, refuse_quantized_merge, resolve_target_modules
+from .base import CallState, MoreLoraError, TaskAdapterModel, refuse_quantized_merge, resolve_target_modules
 from .common import LowRankConfig
 
 ADAPTER = "default"
@@ -86,13 +86,13 @@ class SingleLoRAModel(TaskAdapterModel):
             yield name, (_PeftFactors(layer) if self.__dict__.get("_factor_views") else layer)
 
     # -- task ids and aux losses: PEFT's layers need neither
-    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None):
+    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None, call: CallState | None = None):
         return contextlib.nullcontext()
 
     def _prepare(self, task_ids: Any) -> torch.Tensor | None:
         return None if task_ids is None else self.resolve_task_ids(task_ids, self._device())
 
-    def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
+    def _collect_aux_losses(self, call: CallState | None) -> dict[str, torch.Tensor]:
         return {}
 
     # -- merging: PEFT's merge / unmerge
