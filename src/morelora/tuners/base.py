@@ -337,6 +337,9 @@ class TaskAdapterModel(nn.Module):
         self.saved_module_names = self._mark_modules_to_save()
         self._base_takes_task_ids = "task_ids" in inspect.signature(model.forward).parameters
         self.aux_losses: dict[str, torch.Tensor] = {}
+        #: the wrapped model's own loss in the last forward, before the weighted auxiliary losses (detached; None
+        #: without a loss): what a trainer logs as the task loss, without undoing the weighting
+        self.task_loss: torch.Tensor | None = None
         # the modules transformers' gradient checkpointing gives a `_gradient_checkpointing_func` (a plain list:
         # not registered as submodules a second time)
         self.__dict__["_checkpointing_modules"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
@@ -482,6 +485,7 @@ class TaskAdapterModel(nn.Module):
             out = self.base_model(*args, **kwargs)
         self.aux_losses = self._collect_aux_losses(call)
         loss = getattr(out, "loss", None)
+        self.task_loss = None if loss is None else loss.detach()
         if loss is not None and kwargs.get("labels") is not None:
             for name, value in self.aux_losses.items():
                 weight = getattr(self.config, self.aux_loss_weights.get(name, ""), 0.0)
