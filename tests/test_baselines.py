@@ -13,7 +13,7 @@ from torch import nn
 
 import morelora
 from morelora import MoreLoraError
-from morelora.tuners.mixlora import load_balancing_loss
+from morelora.tuners.common import load_balancing_loss
 
 TASKS = ["a", "b", "c"]
 NAMES = ["lora", "multilora", "moelora", "mixlora", "hydralora", "dylora"]
@@ -271,7 +271,7 @@ def test_dylora_samples_a_rank_per_training_forward():
                 torch.testing.assert_close(out, dense_copy(m, "dylora", 0, rank=b)(input_ids=x).logits,
                                            atol=1e-5, rtol=1e-5)
     assert seen == {1, 2, 3, 4}
-    assert all(layer.train_rank is None for _, layer in m.adapter_layers())
+    assert all(layer.call_state is None for _, layer in m.adapter_layers())
     m.eval()
     m.set_inference_rank(1)
     torch.testing.assert_close(m(input_ids=x, task_ids=[2, 2]).logits,

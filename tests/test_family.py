@@ -13,9 +13,9 @@ from torch import nn
 import morelora
 from morelora import MoreLoraError, build_method
 from morelora.methods_table import describe_methods
+from morelora.tuners.common import top_k_balancing_loss as load_balancing_loss
 from morelora.tuners.loramoe import localized_balance_loss
 from morelora.tuners.mola import schedule_counts
-from morelora.tuners.molora import load_balancing_loss
 
 TASKS = ["a", "b", "c"]
 FAMILY = ["mov", "molora", "loramoe", "mola", "melora", "alora", "adamoe", "adalora"]

@@ -273,7 +273,7 @@ def test_inference_caches_ranks_and_refreshes_after_update():
     m(input_ids=x, task_ids=[0, 1])
     assert len(calls) > n
     name, layer = next(iter(m.adapter_layers()))
-    cached_k = layer._coef_cache[1].count_nonzero(-1).tolist()
+    cached_k = layer.routing_cache.table.count_nonzero(-1).tolist()
     assert cached_k == [ranks[t][name] for t in TASKS]
 
 
@@ -602,7 +602,7 @@ def test_contrastive_pooling_masks_of_encoder_decoder_sides():
     enc_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
     dec_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     seen = {}
-    hooks = [layer.register_forward_pre_hook(lambda mod, a, n=name: seen.__setitem__(n, mod._cl_mask))
+    hooks = [layer.register_forward_pre_hook(lambda mod, a, n=name: seen.__setitem__(n, mod.input_mask()))
              for name, layer in m.adapter_layers()]
     m(input_ids=ids(2, 7), attention_mask=enc_mask, decoder_input_ids=ids(2, 4, seed=2),
       decoder_attention_mask=dec_mask, labels=ids(2, 4, seed=2), task_ids=[0, 1])
@@ -612,7 +612,7 @@ def test_contrastive_pooling_masks_of_encoder_decoder_sides():
         decoder_side = name.startswith("decoder.") and not name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
         assert torch.equal(mask, dec_mask if decoder_side else enc_mask), name
     assert "decoder.block.0.layer.1.EncDecAttention.q" in seen and "decoder.block.0.layer.1.EncDecAttention.k" in seen
-    assert all(layer._cl_mask is None for _, layer in m.adapter_layers())   # per call only
+    assert all(layer.call_state is None and layer.input_mask() is None for _, layer in m.adapter_layers())   # per call
 
 
 def test_contrastive_pooling_load_compatibility(tmp_path):

@@ -79,8 +79,8 @@ def _assert_same_step(m: MoREModel, ref: MoREModel, **inputs) -> None:
         if g is not None:
             torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
     for _, layer in m.adapter_layers():   # per-call state is gone
-        assert layer._routed is None and layer._cl_input is None and not layer._cl_deferred
-        assert layer.aux_loss is None and layer._task_ids is None and layer._cl_mask is None
+        assert layer.call_state is None and layer.aux_loss is None
+    assert m.call_state is None
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
@@ -199,7 +199,8 @@ def test_state_cleared_after_an_error_and_after_add_task():
         m(**inputs, task_ids=MIXED)
     handle.remove()
     for _, lay in m.adapter_layers():
-        assert lay._routed is None and lay._cl_input is None and not lay._cl_deferred and lay._task_ids is None
+        assert lay.call_state is None
+    assert m.call_state is None
     _assert_same_step(m, ref, **inputs, task_ids=MIXED)     # nothing stale from the failed call
     for model in (m, ref):
         model.add_task("d", init_from="b")

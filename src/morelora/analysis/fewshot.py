@@ -134,6 +134,8 @@ def nearest_task(model: Any, collator: Any, examples: Sequence[dict], new_index:
     import torch
     import torch.nn.functional as F
 
+    from morelora.tuners.more.layer import contrastive_logits
+
     layers = [(n, layer) for n, layer in model.adapter_layers() if hasattr(layer, "task_embedding")]
     if not layers:
         return None, {}
@@ -158,11 +160,10 @@ def nearest_task(model: Any, collator: Any, examples: Sequence[dict], new_index:
                     model(**batch)
                     loss_sum, cos_sum = 0.0, 0.0
                     for name, layer in layers:
-                        h = F.normalize(store[name], dim=-1)
-                        e = F.normalize(layer.task_embedding.detach().float(), dim=-1)
-                        target = torch.full((h.shape[0],), t, dtype=torch.long, device=h.device)
-                        loss_sum += float(F.cross_entropy(h @ e.T / tau, target, reduction="mean"))
-                        cos_sum += float((h @ e[t]).mean())
+                        logits = contrastive_logits(store[name], layer.task_embedding.detach(), tau)
+                        target = torch.full((logits.shape[0],), t, dtype=torch.long, device=logits.device)
+                        loss_sum += float(F.cross_entropy(logits, target, reduction="mean"))
+                        cos_sum += float((logits[:, t] * tau).mean())   # the cosine to E[t]
                     weight = len(chunk) / len(examples)
                     losses[task] += weight * loss_sum / len(layers)
                     cosines[task] += weight * cos_sum / len(layers)

@@ -308,7 +308,7 @@ class _LossTracker:
         self.count, self.examples, self.since = 0, 0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, model: Any, batch: dict[str, Any]) -> None:
-        values = {"loss": loss.detach().float(), "task_loss": _task_loss(loss, model).detach().float()}
+        values = {"loss": loss.detach().float(), "task_loss": model.task_loss.float()}
         values.update({k: v.detach().float() for k, v in model.aux_losses.items()})
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
@@ -327,14 +327,6 @@ class _LossTracker:
                "examples_per_s": examples / max(elapsed, 1e-9), "examples": state.examples}
         self._reset()
         return row
-
-
-def _task_loss(loss: torch.Tensor, model: Any) -> torch.Tensor:
-    """The loss without the method's weighted auxiliary losses."""
-    weights = getattr(model, "aux_loss_weights", {})
-    for name, value in model.aux_losses.items():
-        loss = loss - getattr(model.config, weights.get(name, ""), 0.0) * value.to(loss.dtype)
-    return loss
 
 
 class _MetricsLogger:

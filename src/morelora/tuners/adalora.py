@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
 from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterLayer, TaskAdapterModel, resolve_target_modules
-from .molora import check
+from .common import check
 
 ADAPTER = "default"
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import TaskAdapterModel
-from .molora import LoRAExpertsConfig, LoRAExpertsLinear, check, ffn_target_modules, load_balancing_loss
+from .common import LoRAExpertsConfig, LoRAExpertsLinear, check, ffn_target_modules, top_k_balancing_loss
 
 
 @dataclass
@@ -45,7 +45,7 @@ class AdaMoELinear(LoRAExpertsLinear):
 
     def set_aux_loss(self, probs: torch.Tensor, task_ids: torch.Tensor) -> None:
         if self.cfg.balance_weight > 0:
-            self.aux_loss = load_balancing_loss(probs, self.top_k)
+            self.aux_loss = top_k_balancing_loss(probs, self.top_k)
 
     def real_experts_used(self, x: torch.Tensor) -> torch.Tensor:
         """(...,) number of real experts among each token's top-k."""
@@ -68,6 +68,3 @@ class AdaMoEModel(TaskAdapterModel):
         if config.target_modules is None:
             config.target_modules = ffn_target_modules(model)
         super().__init__(model, config)
-
-    def make_layer(self, name: str, base: nn.Linear) -> AdaMoELinear:
-        return AdaMoELinear(base, len(self.config.tasks), self.config)

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import TaskAdapterLayer, TaskAdapterModel, kaiming_init_, lora_pair
-from .lora import LowRankConfig
-from .molora import check
+from .common import LowRankConfig, check
 
 
 @dataclass
@@ -132,9 +131,6 @@ class ALoRAModel(TaskAdapterModel):
     method_name = "alora"
     config_class = ALoRAConfig
     layer_class = ALoRALinear
-
-    def make_layer(self, name: str, base: nn.Linear) -> ALoRALinear:
-        return ALoRALinear(base, len(self.config.tasks), self.config)
 
     def on_step_end(self, step: int) -> None:
         """Fold the importance gathered since the last step; re-allocate ranks on the schedule."""

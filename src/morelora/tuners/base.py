@@ -4,7 +4,8 @@ A method is a `TaskAdapterLayer` subclass (the per-layer math, one file per meth
 `TaskAdapterModel` subclass that says which layer class to inject. The base model is frozen, target
 linear layers are swapped for adapter layers, and the batch's task ids reach every adapter layer
 for the duration of one call (set on the layers and cleared after it), so the wrapped model's own code
-is untouched and no global "current task" exists.
+is untouched and no global "current task" exists. Everything a call hands the layers, and everything they leave
+for the model, is one `CallState` object: `layer.call_state` / `model.call_state` during the call, None outside.
 
 Methods that can write a task's weight change as one low-rank product (`lora_factors`) get merging,
 `merge_and_unload` and export as a standard PEFT LoRA adapter for free.
@@ -61,6 +62,36 @@ def refuse_quantized_merge(layers: Any) -> None:
                 "adapter there and merge (`morelora merge RUN` does this), or export with export_lora")
 
 
+# --------------------------------------------------------------------------------------------- per-call state
+class CallState:
+    """What one call of a `TaskAdapterModel` hands its adapter layers, and what they leave for it.
+
+    The model builds one per forward / generate call (`TaskAdapterModel._new_call_state`) and sets it as every
+    adapter layer's `call_state` for the duration of the call, None outside, so a layer never sees another call's
+    state. Methods with more per-call state subclass it (MoRE's routing, DyLoRA's rank). Gradient checkpointing
+    recomputes a block in backward, after the call: it hands the block's layers `for_recompute()` (this call's
+    inputs, fresh outputs), so they compute what they computed in the forward and what they store is dropped.
+    """
+
+    __slots__ = ("task_ids", "expanded")
+
+    def __init__(self, task_ids: torch.Tensor | None) -> None:
+        self.task_ids = task_ids
+        #: rows -> the task ids expanded to a layer input of that many rows (`ids_for`), shared by the call's layers
+        self.expanded: dict[int, torch.Tensor] = {}
+
+    def ids_for(self, rows: int) -> torch.Tensor:
+        """The call's task ids for a layer input of `rows` rows (`expand_task_ids`, computed once per call)."""
+        ids = self.expanded.get(rows)
+        if ids is None:
+            ids = self.expanded[rows] = expand_task_ids(self.task_ids, rows)
+        return ids
+
+    def for_recompute(self) -> CallState:
+        """This call's inputs with empty outputs (here: the state itself, which holds no outputs)."""
+        return self
+
+
 # --------------------------------------------------------------------------------------------- layers
 class TaskAdapterLayer(nn.Module):
     """A frozen `nn.Linear` plus a task-conditioned adapter.
@@ -73,11 +104,8 @@ class TaskAdapterLayer(nn.Module):
     """
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
-    #: attributes the model sets on the layer for one call (task ids, routing): gradient checkpointing reinstates
-    #: them when it recomputes the layer in backward, after the call has cleared them
-    call_state_names: ClassVar[tuple[str, ...]] = ("_task_ids",)
-    #: what a call leaves on the layer for the model to collect; what a recomputation writes there is discarded
-    call_output_names: ClassVar[tuple[str, ...]] = ("aux_loss",)
+    #: the model's state for the call in progress (task ids, routing); None outside its calls
+    call_state: CallState | None = None
     #: saved tensors with one row per task (axis 0, in task order): permuted when a checkpoint's tasks come in
     #: another order
     per_task_param_names: ClassVar[tuple[str, ...]] = ()
@@ -96,9 +124,8 @@ class TaskAdapterLayer(nn.Module):
         self.out_features = base_layer.out_features
         self.num_tasks = num_tasks
         self.merged_task: int | None = None
+        #: what a training call leaves for the model to collect (`TaskAdapterModel._collect_aux_losses`)
         self.aux_loss: torch.Tensor | None = None
-        self._expanded: tuple[torch.Tensor, int, torch.Tensor] | None = None
-        self._task_ids: torch.Tensor | None = None   # set by the model for the duration of one call
         #: W0 while a task is merged (a buffer, so it follows device and dtype moves; not saved)
         self.register_buffer("unmerged_weight", None, persistent=False)
 
@@ -129,28 +156,25 @@ class TaskAdapterLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged_task is not None:
             return result
-        if task_ids is None:
-            task_ids = self._task_ids
-        if task_ids is None:
-            raise MoreLoraError(
-                "task_ids are required: pass task_ids=... (a tensor of task indices or a list of task "
-                "names, one per example) or merge a task first with model.merge_task(name)"
-            )
-        task_ids = self._expand(task_ids, x.shape[0])
+        task_ids = self.layer_task_ids(x.shape[0], task_ids)
         if self.inplace_inference_add and not torch.is_grad_enabled() and result.is_contiguous():
             parts = self.low_rank_parts(x, task_ids)
             if parts is not None:      # inference: one addmm_ into the base output, no extra pass over it
                 return add_low_rank(result, *parts)
         return result + self.adapter_forward(x, task_ids).to(result.dtype)
 
-    def _expand(self, task_ids: torch.Tensor, batch: int) -> torch.Tensor:
-        """`expand_task_ids`, reusing the last result while the same ids tensor comes back."""
-        cached = self._expanded
-        if cached is not None and cached[0] is task_ids and cached[1] == batch:
-            return cached[2]
-        ids = expand_task_ids(task_ids, batch)
-        self.__dict__["_expanded"] = (task_ids, batch, ids)   # plain attribute: skip nn.Module.__setattr__
-        return ids
+    def layer_task_ids(self, rows: int, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The task id of each of the `rows` rows of this layer's input: from `task_ids` when given, else from the
+        call in progress (expanded like it: beams, samples, choices); a MoreLoraError when there is neither."""
+        if task_ids is not None:
+            return expand_task_ids(task_ids, rows)
+        call = self.call_state
+        if call is None or call.task_ids is None:
+            raise MoreLoraError(
+                "task_ids are required: pass task_ids=... (a tensor of task indices or a list of task "
+                "names, one per example) or merge a task first with model.merge_task(name)"
+            )
+        return call.ids_for(rows)
 
     def delta_weight(self, task: int) -> torch.Tensor:
         a, b, scale = self.lora_factors(task)
@@ -299,6 +323,8 @@ class TaskAdapterModel(nn.Module):
     layer_class: ClassVar[type[TaskAdapterLayer]] = TaskAdapterLayer
     #: loss name -> config field holding its weight in the total loss
     aux_loss_weights: ClassVar[dict[str, str]] = {}
+    #: the state handed to the layers for the call in progress (`_task_ids_handed_to_layers`); None outside calls
+    call_state: CallState | None = None
 
     def __init__(self, model: nn.Module, config: TaskAdapterConfig) -> None:
         super().__init__()
@@ -311,13 +337,17 @@ class TaskAdapterModel(nn.Module):
         self.saved_module_names = self._mark_modules_to_save()
         self._base_takes_task_ids = "task_ids" in inspect.signature(model.forward).parameters
         self.aux_losses: dict[str, torch.Tensor] = {}
+        #: the wrapped model's own loss in the last forward, before the weighted auxiliary losses (detached; None
+        #: without a loss): what a trainer logs as the task loss, without undoing the weighting
+        self.task_loss: torch.Tensor | None = None
         # the modules transformers' gradient checkpointing gives a `_gradient_checkpointing_func` (a plain list:
         # not registered as submodules a second time)
         self.__dict__["_checkpointing_modules"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     # -- construction
     def make_layer(self, name: str, base: nn.Linear) -> TaskAdapterLayer:
-        raise NotImplementedError
+        """The adapter layer replacing the target linear `name`: `layer_class(base, number of tasks, config)`."""
+        return self.layer_class(base, len(self.config.tasks), self.config)
 
     def _inject(self) -> list[str]:
         targets = resolve_target_modules(self.base_model, self.config.target_modules)
@@ -403,23 +433,33 @@ class TaskAdapterModel(nn.Module):
         return next(self.base_model.parameters()).device
 
     # -- forward / generate
+    def _new_call_state(self, task_ids: torch.Tensor | None, inputs: dict[str, Any] | None = None) -> CallState:
+        """The state of one call: `inputs` are a forward's keyword arguments, None for generate (methods with
+        per-call routing or sampling override this)."""
+        return CallState(task_ids)
+
     @contextlib.contextmanager
-    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None):
-        """Every adapter layer sees `task_ids` during this call, and only then.
+    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None, call: CallState | None = None):
+        """Every adapter layer sees `call` (by default a new state of `task_ids`) as its `call_state` during this
+        call, and only then; so does the model (`self.call_state`, which checkpointing reads).
 
         (PEFT's Poly does this with per-call forward pre-hooks; registering and removing a hook on every
-        layer each call, and the slow module-call path hooks force, cost ~40 us per layer, so the ids are
+        layer each call, and the slow module-call path hooks force, cost ~40 us per layer, so the state is
         set on the layers for the call and cleared afterwards instead.)
         """
-        # plain attributes, written to the layers' __dict__: nn.Module.__setattr__ costs ~1.5 us a call
+        if call is None:
+            call = self._new_call_state(task_ids)
+        # plain attributes, written to the __dict__s: nn.Module.__setattr__ costs ~1.5 us a call
         states = [layer.__dict__ for _, layer in self.adapter_layers()]
+        self.__dict__["call_state"] = call
         for state in states:
-            state["_task_ids"] = task_ids
+            state["call_state"] = call
         try:
-            yield
+            yield call
         finally:
             for state in states:
-                state["_task_ids"] = None
+                state["call_state"] = None
+            self.__dict__["call_state"] = None
 
     def _prepare(self, task_ids: Any) -> torch.Tensor | None:
         if task_ids is None:
@@ -440,14 +480,12 @@ class TaskAdapterModel(nn.Module):
         if self._base_takes_task_ids:
             kwargs["task_ids"] = ids
         self._keep_call_state_for_checkpointing()
-        self.__dict__["_call_snapshot"] = None
-        try:
-            with self._task_ids_handed_to_layers(ids):
-                out = self.base_model(*args, **kwargs)
-        finally:
-            self.__dict__["_call_snapshot"] = None
-        self.aux_losses = self._collect_aux_losses()
+        call = self._new_call_state(ids, kwargs)
+        with self._task_ids_handed_to_layers(ids, call):
+            out = self.base_model(*args, **kwargs)
+        self.aux_losses = self._collect_aux_losses(call)
         loss = getattr(out, "loss", None)
+        self.task_loss = None if loss is None else loss.detach()
         if loss is not None and kwargs.get("labels") is not None:
             for name, value in self.aux_losses.items():
                 weight = getattr(self.config, self.aux_loss_weights.get(name, ""), 0.0)
@@ -465,34 +503,22 @@ class TaskAdapterModel(nn.Module):
             if fn is not None and not (isinstance(fn, _CallStateCheckpoint) and fn.model() is self):
                 module._gradient_checkpointing_func = _CallStateCheckpoint(self, fn)
 
-    def _call_state(self) -> list[tuple[nn.Module, dict[str, Any]]]:
-        """(layer, {name: value}) of every layer's `call_state_names` in this call (read once per call)."""
-        state = self.__dict__.get("_call_snapshot")
-        if state is None:
-            state = [(layer, {n: getattr(layer, n, None) for n in layer.call_state_names})
-                     for _, layer in self.adapter_layers() if getattr(layer, "call_state_names", None)]
-            self.__dict__["_call_snapshot"] = state
-        return state
-
     @contextlib.contextmanager
-    def _reinstated(self, state: list[tuple[nn.Module, dict[str, Any]]]):
-        """The layers hold `state` inside; afterwards every call attribute is as before (what the recomputation
-        stored, e.g. a second copy of an aux loss input, is dropped)."""
-        saved = [(layer, {n: layer.__dict__.get(n, _UNSET) for n in (*values, *layer.call_output_names)})
-                 for layer, values in state]
-        for layer, values in state:
-            layer.__dict__.update(values)
+    def _reinstated(self, call: CallState):
+        """The layers hold `call.for_recompute()` inside; afterwards their `call_state` and `aux_loss` are as before
+        (what the recomputation stored, e.g. a second copy of an aux loss input, is dropped)."""
+        recompute = call.for_recompute()
+        layers = [layer.__dict__ for _, layer in self.adapter_layers() if isinstance(layer, TaskAdapterLayer)]
+        saved = [(state, state.get("call_state"), state.get("aux_loss")) for state in layers]
+        for state in layers:
+            state["call_state"] = recompute
         try:
             yield
         finally:
-            for layer, old in saved:
-                for n, v in old.items():
-                    if v is _UNSET:
-                        layer.__dict__.pop(n, None)
-                    else:
-                        layer.__dict__[n] = v
+            for state, old_call, old_aux in saved:
+                state["call_state"], state["aux_loss"] = old_call, old_aux
 
-    def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
+    def _collect_aux_losses(self, call: CallState) -> dict[str, torch.Tensor]:
         """Average of the layers' auxiliary losses (cleared after reading)."""
         values = []
         for _, layer in self.adapter_layers():
@@ -772,19 +798,16 @@ class TaskAdapterModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- checkpointing
-_UNSET = object()
-
-
 class _CallStateCheckpoint:
     """transformers' checkpoint function for a model with adapter layers.
 
-    The model hands task ids (and MoRE its routing, DyLoRA its rank) to the layers for one call and clears them
-    after it; checkpointing recomputes a block during backward, after that. This wrapper reads the layers' call
-    state when a block runs and reinstates it while the block is recomputed, so the layers compute exactly what
+    The model hands its `CallState` (task ids, and MoRE its routing, DyLoRA its rank) to the layers for one call and
+    clears it after it; checkpointing recomputes a block during backward, after that. This wrapper reads the model's
+    call state when a block runs and reinstates it while the block is recomputed, so the layers compute exactly what
     they computed in the forward (PEFT's Poly has the same problem with its per-call hooks). It always checkpoints
     non-reentrantly: the reentrant variant runs the block's forward without autograd, so the layers' auxiliary
-    losses (side outputs, computed only with autograd on) would be lost, and routing tensors built outside the
-    block could not be back-propagated into twice.
+    losses (side outputs, computed only with autograd on) would be lost, and routing tensors built outside the block
+    could not be back-propagated into twice.
     """
 
     def __init__(self, model: TaskAdapterModel, fn: Any) -> None:
@@ -801,12 +824,12 @@ class _CallStateCheckpoint:
             logger.warning("morelora: gradient checkpointing runs non-reentrantly (use_reentrant=False): the "
                            "reentrant variant loses the adapters' auxiliary-loss gradients")
             self.warned = True
-        state = model._call_state()
+        call = model.__dict__.get("call_state")   # the call running this block
 
         def run(*a: Any, **k: Any):
-            if model.__dict__.get("_call_snapshot") is state:   # the forward itself: the state is in place
+            if call is None or model.__dict__.get("call_state") is call:   # the forward itself: the state is in place
                 return function(*a, **k)
-            with model._reinstated(state):                       # recomputation during backward
+            with model._reinstated(call):                                  # recomputation during backward
                 return function(*a, **k)
 
         return self.inner(run, *args, **{**kwargs, "use_reentrant": False})

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair
-from .lora import LowRankConfig, check_int
+from .base import CallState, MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair
+from .common import LowRankConfig, check_int
 
 
 @dataclass
@@ -39,19 +39,26 @@ class DyLoRAConfig(LowRankConfig):
                 raise MoreLoraError(f"inference_rank ({self.inference_rank}) must be <= r ({self.r})")
 
 
+class DyLoRACall(CallState):
+    """A DyLoRA call: the prefix rank b every layer trains in this forward (None: each layer samples its own)."""
+
+    __slots__ = ("rank",)
+
+    def __init__(self, task_ids: torch.Tensor | None, rank: int | None = None) -> None:
+        super().__init__(task_ids)
+        self.rank = rank
+
+
 class DyLoRALinear(TaskAdapterLayer):
     """A frozen `nn.Linear` plus one LoRA whose prefix rank varies during training."""
 
     adapter_param_names = ("lora_A", "lora_B")
-    call_state_names = ("_task_ids", "train_rank")
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: DyLoRAConfig) -> None:
         super().__init__(base_layer, num_tasks)
         self.r = config.r
         self.cfg = config
         self.inference_rank = config.inference_rank or config.r
-        #: set by DyLoRAModel for one training forward; None: the layer samples its own
-        self.train_rank: int | None = None
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A, self.lora_B = lora_pair(self.in_features, self.out_features, self.r, config.init_lora_weights)
         self.to(base_layer.weight.device)
@@ -59,8 +66,9 @@ class DyLoRALinear(TaskAdapterLayer):
     def active_rank(self) -> int:
         if not self.training:
             return self.inference_rank
-        if self.train_rank is not None:
-            return self.train_rank
+        call = self.call_state
+        if isinstance(call, DyLoRACall) and call.rank is not None:   # the model's rank for this training forward
+            return call.rank
         return int(torch.randint(1, self.r + 1, ()).item())
 
     def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -87,22 +95,13 @@ class DyLoRAModel(TaskAdapterModel):
         super().__init__(model, config)
         self.last_train_rank: int | None = None
 
-    def make_layer(self, name: str, base: nn.Linear) -> DyLoRALinear:
-        return DyLoRALinear(base, len(self.config.tasks), self.config)
-
-    def forward(self, *args: Any, **kwargs: Any):
-        if not self.training:
-            return super().forward(*args, **kwargs)
+    def _new_call_state(self, task_ids: torch.Tensor | None, inputs: dict[str, Any] | None = None) -> DyLoRACall:
+        """A training forward samples one rank b for all layers (`last_train_rank`)."""
+        if inputs is None or not self.training:
+            return DyLoRACall(task_ids)
         b = int(torch.randint(1, self.config.r + 1, ()).item())
         self.last_train_rank = b
-        layers = [layer for _, layer in self.adapter_layers()]
-        for layer in layers:
-            layer.train_rank = b
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            for layer in layers:
-                layer.train_rank = None
+        return DyLoRACall(task_ids, b)
 
     def set_inference_rank(self, k: int) -> None:
         """Serve (and merge / export) prefix rank k from now on; saved with the config."""

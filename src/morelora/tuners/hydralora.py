@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TaskAdapterLayer, TaskAdapterModel, kaiming_init_
-from .lora import LowRankConfig, check_int
-from .mixlora import TOKEN_ROUTED_NOT_MERGEABLE
-from .routing import router_softmax, token_router
+from .base import TaskAdapterModel, kaiming_init_
+from .common import LowRankConfig, TokenRoutedLayer, check_int, token_router
 
 
 @dataclass
@@ -36,10 +34,12 @@ class HydraLoRAConfig(LowRankConfig):
         check_int("num_heads", self.num_heads)
 
 
-class HydraLoRALinear(TaskAdapterLayer):
+class HydraLoRALinear(TokenRoutedLayer):
     """A frozen `nn.Linear` plus a shared A and token-routed B heads."""
 
     adapter_param_names = ("lora_A", "lora_B", "router")
+    method_label = "HydraLoRA"
+    merge_hint = ""
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: HydraLoRAConfig) -> None:
         super().__init__(base_layer, num_tasks)
@@ -56,19 +56,12 @@ class HydraLoRALinear(TaskAdapterLayer):
         self.router = token_router(self.in_features, self.num_heads)
         self.to(base_layer.weight.device)
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """w: (..., h) softmax over the heads for every token."""
-        return router_softmax(self.router, x)
-
     def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        w = (self.route(x) * self.scaling).to(x.dtype)                      # (..., h)
+        w = (self.router_probs(x) * self.scaling).to(x.dtype)                      # (..., h)
         z = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))         # (..., r)
         u = (w[..., :, None] * z[..., None, :]).flatten(-2)                 # (..., h*r)
         b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)     # (d_out, h*r)
         return F.linear(u, b.to(x.dtype))
-
-    def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        raise NotImplementedError(TOKEN_ROUTED_NOT_MERGEABLE.format(name="HydraLoRA"))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, heads={self.num_heads}"
@@ -80,6 +73,3 @@ class HydraLoRAModel(TaskAdapterModel):
     method_name = "hydralora"
     config_class = HydraLoRAConfig
     layer_class = HydraLoRALinear
-
-    def make_layer(self, name: str, base: nn.Linear) -> HydraLoRALinear:
-        return HydraLoRALinear(base, len(self.config.tasks), self.config)

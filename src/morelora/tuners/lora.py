@@ -5,8 +5,8 @@ The layers are exactly those of `peft.inject_adapter_in_model(LoraConfig(...), m
 task ids are checked and ignored, there is no auxiliary loss, merging any task applies the same change,
 and `export_lora` writes the adapter as a standard PEFT LoRA adapter.
 
-`LowRankConfig` holds the LoRA fields that every baseline shares (r, lora_alpha, lora_dropout,
-init_lora_weights); the other baseline files import it from here.
+The fields are `common.LowRankConfig`'s (r, lora_alpha, lora_dropout, init_lora_weights), which every LoRA-style
+baseline shares.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +24,10 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel, refuse_quantized_merge, resolve_target_modules
+from .base import CallState, MoreLoraError, TaskAdapterModel, refuse_quantized_merge, resolve_target_modules
+from .common import LowRankConfig
 
 ADAPTER = "default"
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> None:
-    """Raise MoreLoraError unless `value` is an int >= `minimum` (bools are refused)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise MoreLoraError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-@dataclass
-class LowRankConfig(TaskAdapterConfig):
-    """LoRA fields shared by the baselines (defaults as MoRE's: r 8, alpha 32, dropout 0.1)."""
-
-    r: int = field(default=8, metadata={"help": "LoRA rank (per expert / head where the method says so)."})
-    lora_alpha: float = field(default=32, metadata={"help": "Scale alpha / r of the low-rank change."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
-    init_lora_weights: bool = field(
-        default=True, metadata={"help": "B = 0 at init (identity change); False: random B (for tests)."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int("r", self.r)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise MoreLoraError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_alpha <= 0:
-            raise MoreLoraError(f"lora_alpha must be > 0, got {self.lora_alpha}")
 
 
 @dataclass
@@ -110,13 +86,13 @@ class SingleLoRAModel(TaskAdapterModel):
             yield name, (_PeftFactors(layer) if self.__dict__.get("_factor_views") else layer)
 
     # -- task ids and aux losses: PEFT's layers need neither
-    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None):
+    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None, call: CallState | None = None):
         return contextlib.nullcontext()
 
     def _prepare(self, task_ids: Any) -> torch.Tensor | None:
         return None if task_ids is None else self.resolve_task_ids(task_ids, self._device())
 
-    def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
+    def _collect_aux_losses(self, call: CallState | None) -> dict[str, torch.Tensor]:
         return {}
 
     # -- merging: PEFT's merge / unmerge

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .base import TaskAdapterModel
-from .molora import LoRAExpertsConfig, LoRAExpertsLinear, check, ffn_target_modules
+from .common import LoRAExpertsConfig, LoRAExpertsLinear, check, ffn_target_modules
 
 GROUPS = ("world", "downstream")
 
@@ -111,9 +111,6 @@ class LoRAMoEModel(TaskAdapterModel):
         if config.target_modules is None:
             config.target_modules = ffn_target_modules(model)
         super().__init__(model, config)
-
-    def make_layer(self, name: str, base: nn.Linear) -> LoRAMoELinear:
-        return LoRAMoELinear(base, len(self.config.tasks), self.config)
 
     def add_task(self, name: str, init_from: str | int | None = None) -> int:
         """Append a task; its sample type copies `init_from`'s (a fresh task is 'downstream')."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair
-from .lora import LowRankConfig, check_int
+from .common import LowRankConfig, check_int
 
 
 @dataclass

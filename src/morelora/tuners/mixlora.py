@@ -30,42 +30,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, lora_pair, model_type_of
-from .lora import LowRankConfig, check_int
-from .routing import router_softmax, token_router
-
-_BERT_FFN = r"(.*\.)?layer\.\d+\.(intermediate|output)\.dense"   # not attention.output.dense
-_LLAMA_FFN = ["gate_proj", "up_proj", "down_proj"]
-#: model type -> the FFN linear layers (names as target_modules takes them)
-FFN_TARGET_MODULES: dict[str, list[str] | str] = {
-    "bert": _BERT_FFN, "roberta": _BERT_FFN, "xlm-roberta": _BERT_FFN, "electra": _BERT_FFN,
-    "t5": ["wi", "wi_0", "wi_1", "wo"], "mt5": ["wi", "wi_0", "wi_1", "wo"],
-    "llama": _LLAMA_FFN, "mistral": _LLAMA_FFN, "qwen2": _LLAMA_FFN, "qwen3": _LLAMA_FFN, "gemma": _LLAMA_FFN,
-}
-
-TOKEN_ROUTED_NOT_MERGEABLE = (
-    "{name} routes every token to its own mixture of experts, so the weight change depends on the input token "
-    "and no single weight matrix per task exists: it cannot be merged or exported as a LoRA adapter"
-)
-
-
-def ffn_target_modules(model: nn.Module) -> list[str] | str:
-    """The feed-forward linear layers of `model`'s architecture (MixLoRA's default targets)."""
-    mtype = model_type_of(model)
-    if mtype not in FFN_TARGET_MODULES:
-        raise MoreLoraError(f"no default FFN target_modules for model type {mtype!r}: set target_modules, e.g. "
-                            "['gate_proj', 'up_proj', 'down_proj']")
-    return FFN_TARGET_MODULES[mtype]
-
-
-def load_balancing_loss(probs: torch.Tensor, top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """n * sum_i f_i P_i from router probabilities (..., n) and the chosen experts (..., k)."""
-    probs = probs.reshape(-1, num_experts).float()
-    chosen = F.one_hot(top_idx.reshape(probs.shape[0], -1), num_experts).sum(1).float()   # (N, n) 0/1
-    return num_experts * (chosen.mean(0) * probs.mean(0)).sum()
+from .base import MoreLoraError, TaskAdapterModel
+from .common import LoRAExpertsLinear, LowRankConfig, check_int, ffn_target_modules, top_k_balancing_loss
 
 
 @dataclass
@@ -89,43 +57,20 @@ class MixLoRAConfig(LowRankConfig):
             raise MoreLoraError(f"router_init_std must be >= 0, got {self.router_init_std}")
 
 
-class MixLoRALinear(TaskAdapterLayer):
-    """A frozen `nn.Linear` plus n LoRA experts, top-k routed per token."""
+class MixLoRALinear(LoRAExpertsLinear):
+    """A frozen `nn.Linear` plus n LoRA experts, top-k routed per token; the balance loss is its `aux_loss`."""
 
-    adapter_param_names = ("lora_A", "lora_B", "router")
+    method_label = "MixLoRA"
+    merge_hint = ""
+    aux_loss_without_grad = True
 
-    def __init__(self, base_layer: nn.Linear, num_tasks: int, config: MixLoRAConfig) -> None:
-        super().__init__(base_layer, num_tasks)
-        n, r = config.num_experts, config.r
-        self.r, self.num_experts, self.top_k = r, n, config.top_k
-        self.cfg = config
-        self.scaling = config.lora_alpha / r
-        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A, self.lora_B = lora_pair(self.in_features, self.out_features, r, config.init_lora_weights, n=n)
-        self.router = token_router(self.in_features, n, config.router_init_std)
-        self.to(base_layer.weight.device)
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w: (..., n) top-k renormalised weights, p: (..., n) softmax, idx: (..., k) chosen experts)."""
-        probs = router_softmax(self.router, x)
+    def expert_weights(self, probs: torch.Tensor) -> torch.Tensor:
+        """The top-k probabilities renormalised, also when k = n (`route` passes those through as they are)."""
         top_p, top_idx = probs.topk(self.top_k, dim=-1)
-        weights = torch.zeros_like(probs).scatter(-1, top_idx, top_p / top_p.sum(-1, keepdim=True))
-        return weights, probs, top_idx
+        return torch.zeros_like(probs).scatter(-1, top_idx, top_p / top_p.sum(-1, keepdim=True))
 
-    def adapter_forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        weights, probs, top_idx = self.route(x)
-        n, r = self.num_experts, self.r
-        z = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * r, self.in_features).to(x.dtype))  # (..., n*r)
-        z = (z.unflatten(-1, (n, r)) * (weights * self.scaling).to(z.dtype)[..., None]).flatten(-2)
-        if self.training:
-            self.aux_loss = load_balancing_loss(probs, top_idx, n)
-        return F.linear(z, self.lora_B.permute(1, 0, 2).reshape(self.out_features, n * r).to(x.dtype))
-
-    def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        raise NotImplementedError(TOKEN_ROUTED_NOT_MERGEABLE.format(name="MixLoRA"))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, experts={self.num_experts}, top_k={self.top_k}"
+    def set_aux_loss(self, probs: torch.Tensor, task_ids: torch.Tensor) -> None:
+        self.aux_loss = top_k_balancing_loss(probs, self.top_k)
 
 
 class MixLoRAModel(TaskAdapterModel):
@@ -140,6 +85,3 @@ class MixLoRAModel(TaskAdapterModel):
         if config.target_modules is None:
             config = dataclasses.replace(config, target_modules=ffn_target_modules(model))
         super().__init__(model, config)
-
-    def make_layer(self, name: str, base: nn.Linear) -> MixLoRALinear:
-        return MixLoRALinear(base, len(self.config.tasks), self.config)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MoreLoraError, TaskAdapterLayer, TaskAdapterModel, grow_rows, lora_pair, per_example
-from .lora import LowRankConfig, check_int
+from .common import LowRankConfig, check_int
 
 
 @dataclass
@@ -89,6 +89,3 @@ class MoELoRAModel(TaskAdapterModel):
     method_name = "moelora"
     config_class = MoELoRAConfig
     layer_class = MoELoRALinear
-
-    def make_layer(self, name: str, base: nn.Linear) -> MoELoRALinear:
-        return MoELoRALinear(base, len(self.config.tasks), self.config)

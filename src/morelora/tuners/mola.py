@@ -17,13 +17,14 @@ load-balancing loss is MixLoRA's (Switch / Mixtral form). The change depends on 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .base import MoreLoraError, TaskAdapterModel, matches_target, resolve_target_modules
-from .molora import LoRAExpertsConfig, LoRAExpertsLinear, check, layer_index, load_balancing_loss
+from .common import LoRAExpertsConfig, LoRAExpertsLinear, check, top_k_balancing_loss
 
 SCHEDULES: dict[str, tuple[int, int, int, int]] = {
     "inverted_triangle": (2, 4, 6, 8),
@@ -31,6 +32,12 @@ SCHEDULES: dict[str, tuple[int, int, int, int]] = {
     "square": (5, 5, 5, 5),
     "hourglass": (8, 2, 2, 8),
 }
+
+
+def layer_index(name: str) -> int | None:
+    """The first integer component of a module name (its block / layer index), or None."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else None
 
 
 def schedule_counts(schedule: list[int] | str, num_layers: int) -> list[int]:
@@ -80,7 +87,7 @@ class MoLALinear(LoRAExpertsLinear):
 
     def set_aux_loss(self, probs: torch.Tensor, task_ids: torch.Tensor) -> None:
         if self.cfg.balance_weight > 0:
-            self.aux_loss = load_balancing_loss(probs, self.top_k)
+            self.aux_loss = top_k_balancing_loss(probs, self.top_k)
 
 
 class MoLAModel(TaskAdapterModel):

@@ -19,8 +19,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPI
 from torch import nn
 
 from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel
-from .molora import TokenRoutedLayer, check, default_targets, route
-from .routing import token_router
+from .common import TokenRoutedLayer, check, default_targets, route, token_router
 
 
 @dataclass
@@ -64,9 +63,7 @@ class MoVLinear(TokenRoutedLayer):
         return route(self.router_probs(x), self.top_k) @ self.ia3_l.float()
 
     def forward(self, x: torch.Tensor, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any):
-        if task_ids is None:
-            task_ids = self._task_ids
-        if task_ids is None:
+        if task_ids is None and (self.call_state is None or self.call_state.task_ids is None):
             raise MoreLoraError("task_ids are required: pass task_ids=... (one task index or name per example)")
         result = self.base_layer(x, *args, **kwargs)
         return result * self.output_scale(x).to(result.dtype)
@@ -86,6 +83,3 @@ class MoVModel(TaskAdapterModel):
         if config.target_modules is None:
             config.target_modules = default_targets(model, IA3, "IA3")
         super().__init__(model, config)
-
-    def make_layer(self, name: str, base: nn.Linear) -> MoVLinear:
-        return MoVLinear(base, len(self.config.tasks), self.config)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .base import TaskAdapterLayer, TaskAdapterModel, lora_pair
-from .lora import LowRankConfig
+from .common import LowRankConfig
 
 
 @dataclass
@@ -74,6 +74,3 @@ class MultiLoRAModel(TaskAdapterModel):
     method_name = "multilora"
     config_class = MultiLoRAConfig
     layer_class = MultiLoRALinear
-
-    def make_layer(self, name: str, base: nn.Linear) -> MultiLoRALinear:
-        return MultiLoRALinear(base, len(self.config.tasks), self.config)

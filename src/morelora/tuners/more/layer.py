@@ -1,4 +1,4 @@
-"""The MoRE layer: all of MoRE's math lives in this file.
+"""The MoRE layer: all of MoRE's math lives in this file (the model only calls it).
 
 For a frozen linear layer W0 (d_out x d_in), rank r, tasks T:
 
@@ -11,16 +11,20 @@ For a frozen linear layer W0 (d_out x d_in), rank r, tasks T:
 A batch may mix tasks: each example gets a length-r coefficient vector c = (alpha/r) * s^2 * mask_k
 (times the STE weight), applied between the two low-rank products, so one pair of matmuls serves
 the whole batch:  delta(x) = ((dropout(x) A^T) * c[task]) B^T.  At inference the per-task
-coefficients are computed once from the gate and cached until the router's weights change.
+coefficients are computed once from the gate and cached until the router's weights change (`RoutingCache`).
 
-While training, `MoREModel` routes all layers of the same shape in one batched op and hands each layer
-its (batch, r) coefficients for the call (`_routed`); it also collects the contrastive loss of all layers
-at once from their stored pooled inputs (`_cl_input`). A layer called on its own (or a
-configuration the batched path does not cover) computes both itself, as below.
+The math is written once, as pure functions over any number of leading dimensions, and every path calls them:
+`rank_coefficients` (softmax probabilities -> argmax expert -> straight-through weights -> coefficients) and
+`contrastive_logits` (normalize(h) . normalize(E)^T / tau). A layer on its own calls them for its (T, r) table
+and its (rows, d) input; while training, `MoREModel` calls them for all layers of one shape at once, L = that
+many layers (`routing over (L, rows, r)`, one contrastive `bmm` over `(L, rows, T)`), and hands each layer its
+`(rows, r)` coefficients through the call's `MoRECall`, in which the layers leave their pooled inputs for it.
+A layer called with other task ids than the model's (or a configuration the batched path does not cover)
+routes and computes its contrastive loss itself.
 
 The contrastive loss reads one vector per example from the layer input (`pool_tokens`): the first position
 (the paper), or the mean / last of the real tokens of the attention mask that `MoREModel` hands the layer for
-the call (`_cl_mask`).
+the call (`MoRECall.masks`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..base import TaskAdapterLayer, grow_rows, lora_pair, per_example
+from ..base import CallState, TaskAdapterLayer, grow_rows, lora_pair, per_example
 from .config import MoREConfig
 
 
@@ -60,6 +64,39 @@ def expert_masks(r: int, structure: str, seed: int = 0) -> torch.Tensor:
     return masks
 
 
+def rank_coefficients(probs: torch.Tensor, expert_mask: torch.Tensor, coef_scale: torch.Tensor,
+                      estimator: str | None = "onehot") -> torch.Tensor:
+    """MoRE's routing: per-rank coefficients (..., r) from router probabilities p (..., r), for one layer's tasks
+    or examples (T or rows, r) or for L layers at once (L, rows, r).
+
+    Value: `coef_scale` ((alpha / r) s^2) times the rank mask of expert k = argmax p. `estimator` sets the gradient:
+    "onehot" (straight-through): the chosen expert's weight is 1 + p_k - stopgrad(p_k), so the gradient reaches p
+    through p_k; "prefix_mask": w = onehot(k) + p - stopgrad(p) and the mask is w @ expert_mask (m_j = sum_{k>=j}
+    w_k), a gradient for every p_j; None: none (the hard routing, and inference).
+    """
+    idx = probs.argmax(-1)
+    if estimator is None:
+        return expert_mask[idx] * coef_scale
+    if estimator == "prefix_mask":
+        w = F.one_hot(idx, probs.shape[-1]).to(probs.dtype) + probs - probs.detach()   # straight-through estimator
+        return (w @ expert_mask) * coef_scale
+    p_k = probs.gather(-1, idx.unsqueeze(-1))                     # w[k] = 1 + p_k - stopgrad(p_k)
+    return expert_mask[idx] * (p_k - p_k.detach() + 1.0) * coef_scale
+
+
+def contrastive_logits(h: torch.Tensor, e: torch.Tensor, temperature: float) -> torch.Tensor:
+    """normalize(h) . normalize(e)^T / tau, (..., rows, T) in float32, from pooled layer inputs h (..., rows, d)
+    and task embeddings e (..., T, d): one layer, or L layers at once (leading L).
+
+    The logits are divided by e's norms instead of normalizing all of e (rows x T divisions, not T x d). `h` is
+    read as it is: pass a copy (a view of the layer input would keep all of it alive until backward).
+    """
+    h = F.normalize(h.float(), dim=-1)
+    e = e.float()
+    norms = e.norm(dim=-1).clamp_min(1e-12).unsqueeze(-2)                              # (..., 1, T)
+    return torch.matmul(h, e.transpose(-1, -2)) / (norms * temperature)
+
+
 def pool_tokens(x: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The input the contrastive loss reads, (batch, d), from `x` (batch, tokens, d) (other shapes: x itself).
 
@@ -81,16 +118,55 @@ def pool_tokens(x: torch.Tensor, pooling: str, mask: torch.Tensor | None = None)
     return x[torch.arange(rows, device=x.device), last]
 
 
+class MoRECall(CallState):
+    """One call of a `MoREModel`: what it hands its layers beyond the task ids, and what they leave for it.
+
+    Inputs (training forward only; empty otherwise): `routed`, each layer's (B, r) coefficients for the call's B
+    task ids, from the model's batched routing (`stacked_e`: the stacked task embeddings (L, T, d) per layer group
+    it routed, reused by the contrastive loss); `masks`, the attention mask of each layer's input, (rows, tokens),
+    for "mean" / "last" contrastive pooling; `defer_contrastive`: layers leave their pooled input in `pooled` (the
+    output: layer -> (float32 copy of the pooled input, its task ids)) and the model computes the loss of all
+    layers at once after the forward.
+    """
+
+    __slots__ = ("routed", "stacked_e", "masks", "defer_contrastive", "pooled")
+
+    def __init__(self, task_ids: torch.Tensor | None, routed: dict[MoRELinear, torch.Tensor] | None = None,
+                 stacked_e: dict[int, torch.Tensor] | None = None,
+                 masks: dict[MoRELinear, torch.Tensor | None] | None = None, defer_contrastive: bool = False) -> None:
+        super().__init__(task_ids)
+        self.routed = routed if routed is not None else {}
+        self.stacked_e = stacked_e if stacked_e is not None else {}
+        self.masks = masks if masks is not None else {}
+        self.defer_contrastive = defer_contrastive
+        self.pooled: dict[MoRELinear, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def for_recompute(self) -> MoRECall:
+        call = MoRECall(self.task_ids, self.routed, self.stacked_e, self.masks, self.defer_contrastive)
+        call.expanded = self.expanded   # the same expanded ids: the layers recognise them as the call's
+        return call
+
+
+class RoutingCache:
+    """One layer's routing at inference: the (T, r) coefficient table computed for one state of the router weights
+    (`key`), and its rows for the last task ids it was indexed with (`ids` -> `rows`)."""
+
+    __slots__ = ("key", "table", "ids", "rows")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.key: tuple | None = None
+        self.table: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+
+
 class MoRELinear(TaskAdapterLayer):
     """A frozen `nn.Linear` plus one LoRA module whose prefix ranks are routed per task."""
 
-    # Per-call state set by MoREModel (batched routing, see model.py); None / False outside its calls.
-    _routed: tuple[torch.Tensor, torch.Tensor] | None = None   # (the model's task ids (B,), coefficients (B, r))
-    _cl_deferred: bool = False                                 # store the contrastive input for the model
-    _cl_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (float copy of the pooled x, its task ids)
-    _cl_mask: torch.Tensor | None = None                       # (rows, tokens) attention mask of this layer's input
-    call_state_names = ("_task_ids", "_routed", "_cl_deferred", "_cl_mask")   # reinstated when checkpointing recomputes
-    call_output_names = ("aux_loss", "_cl_input")
+    call_state: MoRECall | None
     per_task_param_names = ("task_embedding", "router_logits", "frozen_expert")   # one row per task
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int, config: MoREConfig) -> None:
@@ -121,8 +197,8 @@ class MoRELinear(TaskAdapterLayer):
         self.register_buffer("rank_scale", s, persistent=False)
         self.register_buffer("coef_scale", s**2 * self.scaling, persistent=False)   # (alpha / r) s^2
         self.register_buffer("expert_mask", expert_masks(r, config.expert_structure, config.seed), persistent=False)
-        self._coef_cache: tuple[Any, torch.Tensor] | None = None
-        self._batch_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        #: the inference routing, recomputed when the router's weights change; dropped by `clear_cache`
+        self.routing_cache = RoutingCache()
         dev = base_layer.weight.device
         self.to(dev)
 
@@ -153,19 +229,13 @@ class MoRELinear(TaskAdapterLayer):
             with torch.no_grad():
                 self.frozen_expert[unset] = self.router_probs().argmax(-1)[unset]
 
-    def _rank_weights(self) -> torch.Tensor:
-        """(T, r) per-rank weights (value: the chosen expert's 0/1 mask) before scaling."""
+    def _routed_table(self) -> torch.Tensor:
+        """(T, r) coefficients of every task from the router (`rank_coefficients`)."""
         if self.cfg.routing == "frozen":
-            return self.expert_mask[self.chosen_experts()]
-        p = self.router_probs()
-        idx = p.argmax(-1)
-        if self.cfg.routing == "hard" or not torch.is_grad_enabled():
-            return self.expert_mask[idx]
-        if self.cfg.ste_estimator == "prefix_mask":
-            w = F.one_hot(idx, self.r).to(p.dtype) + p - p.detach()  # straight-through estimator
-            return w @ self.expert_mask                                # m_j = sum_{k >= j} w_k
-        p_k = p.gather(1, idx[:, None])                                # w[k] = 1 + p_k - stopgrad(p_k)
-        return self.expert_mask[idx] * (p_k - p_k.detach() + 1.0)
+            return self.expert_mask[self.chosen_experts()] * self.coef_scale
+        hard = self.cfg.routing == "hard" or not torch.is_grad_enabled()
+        return rank_coefficients(self.router_probs(), self.expert_mask, self.coef_scale,
+                                 None if hard else self.cfg.ste_estimator)
 
     def _router_key(self) -> tuple:
         # read through the module dicts: this runs in every inference call of every layer. The version
@@ -188,19 +258,19 @@ class MoRELinear(TaskAdapterLayer):
     def task_coefficients(self) -> torch.Tensor:
         """(T, r): (alpha / r) * s^2 * rank weights. Cached (no gate run) at inference."""
         if not self._uses_cache():
-            return self._rank_weights() * self.coef_scale
+            return self._routed_table()
+        cache = self.routing_cache
         key = self._router_key()
-        if self._coef_cache is None or self._coef_cache[0] != key:
+        if cache.table is None or cache.key != key:
             with torch.no_grad():
-                coef = self._rank_weights() * self.coef_scale
-            self.__dict__["_coef_cache"] = (key, coef)
-            self.__dict__["_batch_cache"] = None
-        return self._coef_cache[1]
+                table = self._routed_table()
+            cache.clear()
+            cache.key, cache.table = key, table
+        return cache.table
 
     def clear_cache(self) -> None:
         """Drop the cached routing: the next inference call runs the gate again."""
-        self.__dict__["_coef_cache"] = None
-        self.__dict__["_batch_cache"] = None
+        self.routing_cache.clear()
 
     def train(self, mode: bool = True) -> MoRELinear:
         self.clear_cache()   # entering or leaving evaluation: never carry routing across (weights may have moved)
@@ -211,57 +281,57 @@ class MoRELinear(TaskAdapterLayer):
         if not self._uses_cache():
             return self.task_coefficients()[task_ids]
         table = self.task_coefficients()
-        cached = self._batch_cache
-        if cached is not None and cached[0] is task_ids and cached[1] is table:
-            return cached[2]
-        coef = table[task_ids]
-        self.__dict__["_batch_cache"] = (task_ids, table, coef)   # plain attribute: skip nn.Module.__setattr__
-        return coef
+        cache = self.routing_cache
+        if cache.ids is task_ids:
+            return cache.rows
+        cache.ids, cache.rows = task_ids, table[task_ids]
+        return cache.rows
 
-    def _handed_over(self, task_ids: torch.Tensor) -> torch.Tensor | None:
-        """The model's task ids of this call when `task_ids` are them or their expansion (beams, choices)."""
-        src = self._task_ids
-        if src is None or task_ids is src:
-            return src
-        e = self._expanded
-        return src if e is not None and e[0] is src and e[2] is task_ids else None
+    def _call_ids(self, call: MoRECall | None, task_ids: torch.Tensor) -> bool:
+        """Are `task_ids` the model's ids of this call, or their expansion (beams, choices)?"""
+        return call is not None and call.task_ids is not None and (
+            task_ids is call.task_ids or call.expanded.get(task_ids.shape[0]) is task_ids)
 
-    def _routed_coefficients(self, task_ids: torch.Tensor) -> torch.Tensor | None:
+    def _routed_coefficients(self, call: MoRECall | None, task_ids: torch.Tensor) -> torch.Tensor | None:
         """(rows, r) coefficients the model computed for this call, expanded like the task ids; else None."""
-        routed = self._routed
-        if routed is None or self._handed_over(task_ids) is not routed[0]:
+        coef = call.routed.get(self) if call is not None and call.routed else None
+        if coef is None or not self._call_ids(call, task_ids):
             return None
-        src, coef = routed
-        if task_ids is src:
+        if task_ids is call.task_ids:
             return coef
-        return coef.repeat_interleave(task_ids.shape[0] // src.shape[0], 0)   # = expand_task_ids
+        return coef.repeat_interleave(task_ids.shape[0] // call.task_ids.shape[0], 0)   # = expand_task_ids
 
     def low_rank_parts(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(z, B, 1): the adapter output is z @ B^T with z = (dropout(x) A^T) * c[task] (see the module doc)."""
-        coef = self._routed_coefficients(task_ids)
+        call = self.call_state
+        coef = self._routed_coefficients(call, task_ids)
         if coef is None:
             coef = self._batch_coefficients(task_ids)                   # (B, r)
         a = self.lora_A
         z = F.linear(self.lora_dropout(x) if self.training else x, a if a.dtype == x.dtype else a.to(x.dtype))
         z = z * per_example(coef, z)                                                          # (B, ..., r)
         if self.training and self.cfg.use_task_embeddings and self.cfg.contrastive_weight > 0:
-            if self._cl_deferred and self._handed_over(task_ids) is not None:
+            if call is not None and call.defer_contrastive and self._call_ids(call, task_ids):
                 # a copy: a view of x would keep the whole layer input alive until backward
-                self._cl_input = (self.pooled_input(x).to(torch.float32, copy=True), task_ids)
+                call.pooled[self] = (self.pooled_input(x).to(torch.float32, copy=True), task_ids)
             else:
                 self.aux_loss = self.contrastive_loss(x, task_ids)
         return z, self.lora_B, 1.0
 
+    def input_mask(self) -> torch.Tensor | None:
+        """The attention mask (rows, tokens) of this layer's input in the call in progress, for "mean" / "last"
+        contrastive pooling; None outside a training forward, or where the model has none."""
+        call = self.call_state
+        return call.masks.get(self) if call is not None else None
+
     def pooled_input(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, d): the layer input as the contrastive loss reads it (`contrastive_pooling`, `pool_tokens`)."""
-        return pool_tokens(x, self.contrastive_pooling, self._cl_mask)
+        return pool_tokens(x, self.contrastive_pooling, self.input_mask())
 
     def contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of normalize(pooled x) . normalize(E)^T / tau against the task id."""
-        # a copy: a view of x would keep the whole layer input alive until backward
-        h = F.normalize(self.pooled_input(x).float().clone(), dim=-1)
-        e = F.normalize(self.task_embedding.float(), dim=-1)
-        return F.cross_entropy(h @ e.T / self.cfg.contrastive_temperature, task_ids)
+        """Cross-entropy of normalize(pooled x) . normalize(E)^T / tau against the task id (`contrastive_logits`)."""
+        h = self.pooled_input(x).to(torch.float32, copy=True)   # a copy: see `contrastive_logits`
+        return F.cross_entropy(contrastive_logits(h, self.task_embedding, self.cfg.contrastive_temperature), task_ids)
 
     # ------------------------------------------------------------------ merge / export
     def lora_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor, float]:

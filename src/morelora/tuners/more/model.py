@@ -1,28 +1,27 @@
 """MoREModel: inject MoRE layers into a frozen transformers model (PEFT-style API).
 
-Batched routing (training): a layer's router is a handful of tiny ops (gate, softmax, argmax, STE, scale,
-index by task) and the contrastive loss another handful; run per layer they cost more than the layer's
-matmuls on small models (docs/BENCHMARKS.md, "Proposed fixes", fix 5). So before the base forward the
-model groups its layers by `(in_features, r)` and computes every group's coefficients in one `baddbmm` +
-softmax + argmax + STE — for the batch's B task rows when B < T (so the cost follows the batch, not the
-number of tasks), else as an `(L, T, r)` table indexed once with the task ids — and hands each layer its
-`(B, r)` rows (`MoRELinear._routed`). Layers store their pooled input instead of computing the
-contrastive loss, and the model computes it per group after the forward with one `bmm` (dividing the
-`(L, B, T)` logits by the embeddings' norms rather than normalizing all `(L, T, d_in)` embeddings).
-Values and gradients are those of the per-layer path (up to float rounding). Routing stays per layer,
-exactly as before, at inference (eval mode or no grad: the layers' cached tables), for `routing`
-"hard"/"frozen", `ste_estimator="prefix_mask"`, `expert_structure="subset"`, `use_task_embeddings=False`,
-and in a layer called with task ids other than the model's (that layer also computes its own contrastive
-loss), and while any router parameter is sharded (FSDP: outside its unit's forward it is a DTensor / flat shard,
-so routing and the contrastive loss happen inside each layer's forward, where FSDP has gathered it); the
-contrastive loss of the other layers is batched whatever the routing. One difference: an adapted
-layer that does not run in a training forward gets zero (not None) gradients for its router, since its
-group's table was built. `_grouped_routing = False` turns all of this off (the reference path of the tests).
+Batched routing (training): a layer's router is a handful of tiny ops (gate, softmax, argmax, STE, scale, index by
+task) and the contrastive loss another handful; run per layer they cost more than the layer's matmuls on small
+models (docs/BENCHMARKS.md, "Proposed fixes", fix 5). So before the base forward the model groups its layers by
+`(in_features, r)` and computes every group's coefficients in one `baddbmm` + softmax + argmax + STE — for the
+batch's B task rows when B < T (so the cost follows the batch, not the number of tasks), else as an `(L, T, r)`
+table indexed once with the task ids — and hands each layer its `(B, r)` rows through the call's state
+(`MoRECall.routed`). Layers leave their pooled input there instead of computing the contrastive loss, and the model
+computes it per group after the forward with one `bmm`. Both are layer.py's functions (`rank_coefficients`,
+`contrastive_logits`) applied to L layers at once, so values and gradients are those of the per-layer path (up to
+float rounding: the gate as one `baddbmm`). Routing stays per layer, exactly as before, at inference (eval mode or
+no grad: the layers' cached tables), for `routing` "hard"/"frozen", `ste_estimator="prefix_mask"`,
+`expert_structure="subset"`, `use_task_embeddings=False`, and in a layer called with task ids other than the model's
+(that layer also computes its own contrastive loss), and while any router parameter is sharded (FSDP: outside its
+unit's forward it is a DTensor / flat shard, so routing and the contrastive loss happen inside each layer's forward,
+where FSDP has gathered it); the contrastive loss of the other layers is batched whatever the routing. One
+difference: an adapted layer that does not run in a training forward gets zero (not None) gradients for its router,
+since its group's table was built. `_grouped_routing = False` turns all of this off (the reference path of the
+tests).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..base import CheckpointError, TaskAdapterModel, read_adapter_config
 from .config import MoREConfig
-from .layer import MoRELinear
+from .layer import MoRECall, MoRELinear, contrastive_logits, rank_coefficients
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor
@@ -170,8 +169,9 @@ class MoREModel(TaskAdapterModel):
                 and cfg.ste_estimator == "onehot" and cfg.expert_structure == "prefix" and torch.is_grad_enabled())
 
     @staticmethod
-    def _route_group(layers: list[MoRELinear], ids: torch.Tensor) -> torch.Tensor | None:
-        """Hand every layer of `layers` its (B, r) STE coefficients; returns the stacked E (L, T, d_in)."""
+    def _route_group(layers: list[MoRELinear], ids: torch.Tensor, routed: dict[MoRELinear, torch.Tensor]
+                     ) -> torch.Tensor | None:
+        """Put every layer of `layers`'s (B, r) STE coefficients into `routed`; returns the stacked E (L, T, d_in)."""
         first = layers[0]
         if not all(layer.training for layer in layers) or first.merged_task is not None:
             return None
@@ -187,75 +187,40 @@ class MoREModel(TaskAdapterModel):
         rows = E[:, ids] if per_example else E
         # = layer.router_probs(): softmax(gate(E.to(gate dtype))) in float32
         p = torch.baddbmm(b.unsqueeze(1), rows.to(W.dtype), W.transpose(1, 2)).float().softmax(-1)  # (L,rows,r)
-        idx = p.argmax(-1, keepdim=True)
-        p_k = p.gather(2, idx)                                  # STE: w[k] = 1 + p_k - stopgrad(p_k)
-        coef = first.expert_mask[idx.squeeze(-1)] * (p_k - p_k.detach() + 1.0) * first.coef_scale  # (L,rows,r)
+        coef = rank_coefficients(p, first.expert_mask, first.coef_scale, "onehot")                     # (L,rows,r)
         for layer, c in zip(layers, (coef if per_example else coef[:, ids]).unbind(0)):   # one index per group
-            layer._routed = (ids, c)
+            routed[layer] = c
         return E
 
-    @contextlib.contextmanager
-    def _task_ids_handed_to_layers(self, task_ids: torch.Tensor | None):
-        """The base hand-off, plus (while training) routing per group and deferring the contrastive loss."""
-        routing = defer = False
-        try:
-            # sharded routers (FSDP2): the per-layer path, which routes and computes the contrastive loss inside
-            # each layer's forward, where FSDP has gathered its parameters
-            if task_ids is not None and self._grouped_routing and self.training and self._routers_whole():
-                cfg = self.config
-                if self._batched_routing_applies():
-                    routing = True
-                    stacked_e = {i: E for i, layers in enumerate(self._layer_groups())
-                                 if (E := self._route_group(layers, task_ids)) is not None}
-                else:
-                    stacked_e = {}
-                if self.__dict__.get("_in_forward") and cfg.use_task_embeddings and cfg.contrastive_weight > 0:
-                    defer = True
-                    for _, layer in self.adapter_layers():
-                        layer._cl_deferred = True
-                    self.__dict__["_stacked_e"] = stacked_e   # read by _collect_aux_losses after the forward
-            with super()._task_ids_handed_to_layers(task_ids):
-                yield
-        finally:
-            if routing or defer:
-                for _, layer in self.adapter_layers():
-                    layer._routed = None
-                    layer._cl_deferred = False
-
-    def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any):
-        """The wrapped model's forward. The contrastive loss ("mean" / "last" pooling) reads the keyword arguments
-        `attention_mask` / `decoder_attention_mask`; without them it pools over every position."""
-        self.__dict__["_in_forward"] = True
+    def _new_call_state(self, task_ids: torch.Tensor | None, inputs: dict[str, Any] | None = None) -> MoRECall:
+        """A training forward's state: the attention masks the contrastive loss pools with ("mean" / "last": from
+        the keyword arguments `attention_mask` / `decoder_attention_mask`; without them it pools over every
+        position), the routing of every layer group, and the contrastive loss deferred to the model."""
+        call = MoRECall(task_ids)
+        if inputs is None or not self.training:
+            return call
         cfg = self.config
-        masked = (self.training and torch.is_grad_enabled() and cfg.use_task_embeddings and cfg.contrastive_weight > 0
-                  and self.contrastive_pooling != "first")
-        if masked:
-            for layer, mask in self._layer_masks(kwargs):
-                layer.__dict__["_cl_mask"] = mask
-        try:
-            return super().forward(*args, task_ids=task_ids, **kwargs)
-        except BaseException:
-            for _, layer in self.adapter_layers():   # drop what a failed call stored
-                layer._cl_input = None
-            raise
-        finally:
-            self.__dict__["_in_forward"] = False
-            self.__dict__.pop("_stacked_e", None)
-            if masked:
-                for _, layer in self.adapter_layers():
-                    layer.__dict__["_cl_mask"] = None
+        contrastive = cfg.use_task_embeddings and cfg.contrastive_weight > 0
+        if contrastive and torch.is_grad_enabled() and self.contrastive_pooling != "first":
+            call.masks = dict(self._layer_masks(inputs))
+        # sharded routers (FSDP2): the per-layer path, which routes and computes the contrastive loss inside
+        # each layer's forward, where FSDP has gathered its parameters
+        if task_ids is not None and self._grouped_routing and self._routers_whole():
+            if self._batched_routing_applies():
+                call.stacked_e = {i: E for i, layers in enumerate(self._layer_groups())
+                                  if (E := self._route_group(layers, task_ids, call.routed)) is not None}
+            call.defer_contrastive = contrastive
+        return call
 
-    def _collect_aux_losses(self) -> dict[str, torch.Tensor]:
+    def _collect_aux_losses(self, call: MoRECall) -> dict[str, torch.Tensor]:
         """Mean over layers of the contrastive loss: deferred layers per group, the others' own `aux_loss`."""
-        stacked_e = self.__dict__.pop("_stacked_e", None)
         stored = []
-        if stacked_e is not None:
+        if call.pooled:
             for i, layers in enumerate(self._layer_groups()):
-                entries = [(j, layer._cl_input) for j, layer in enumerate(layers) if layer._cl_input is not None]
-                for layer in layers:
-                    layer._cl_input = None
+                entries = [(j, call.pooled[layer]) for j, layer in enumerate(layers) if layer in call.pooled]
                 if entries:
-                    stored.append((layers, entries, stacked_e.get(i)))
+                    stored.append((layers, entries, call.stacked_e.get(i)))
+            call.pooled.clear()
         values = []
         for _, layer in self.adapter_layers():
             if layer.aux_loss is not None:
@@ -277,15 +242,12 @@ class MoREModel(TaskAdapterModel):
             buckets.setdefault(entry[0].shape[0], []).append((j, entry))
         total = None
         for rows, entries in buckets.items():
-            H = F.normalize(torch.stack([h for _, (h, _) in entries]), dim=-1)            # (L, rows, d)
+            h = torch.stack([h for _, (h, _) in entries])                                    # (L, rows, d)
             if E is not None and len(entries) == len(layers):
                 e = E
             else:
                 e = torch.stack([layers[j]._parameters["task_embedding"] for j, _ in entries])
-            # = H . normalize(e)^T, dividing the (L, rows, T) logits by the norms instead of normalizing all of e
-            e = e.float()
-            norms = e.norm(dim=-1).clamp_min(1e-12).unsqueeze(1)                            # (L, 1, T)
-            logits = torch.bmm(H, e.transpose(1, 2)) / (norms * self.config.contrastive_temperature)  # (L, rows, T)
+            logits = contrastive_logits(h, e, self.config.contrastive_temperature)              # (L, rows, T)
             ids = entries[0][1][1]
             part = F.cross_entropy(logits.flatten(0, 1), ids.repeat(len(entries)), reduction="sum") / rows
             total = part if total is None else total + part
