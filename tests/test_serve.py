@@ -323,3 +323,119 @@ def test_uniform_rank_export_of_a_causal_lm_matches_more(tmp_path) -> None:
             torch.testing.assert_close(peft_model(input_ids=x).logits, m(input_ids=x, task_ids=[task] * 2).logits,
                                        atol=1e-4, rtol=1e-4)
     assert min(k for ranks in m.task_ranks().values() for k in ranks.values()) < 8   # padding was exercised
+
+
+def _accepted(run, t: int) -> list[tuple[int, dict]]:
+    """``_inputs`` cut to those the server takes whole (a causal prompt leaves room for the template and answer)."""
+    from morelora.serve import RequestError, parse_inputs
+
+    def takes(x: dict) -> bool:
+        try:
+            return bool(parse_inputs(run, t, [x]))
+        except RequestError:
+            return False
+
+    return [(i, x) for i, x in _inputs(run, t) if takes(x)]
+
+
+@pytest.fixture(scope="module")
+def causal_run(tmp_path_factory, tiny_llama):
+    """A LLaMA run (text-to-text through the causal LM) on a pair, a single-text and a choice task."""
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(tiny_llama, tmp_path_factory.mktemp("serve_causal") / "run", max_steps=2, save_steps=0)
+    cfg["method"]["target_modules"] = ["q_proj", "v_proj"]
+    cfg["data"]["max_eval_per_task"] = 8
+    cfg["model"]["max_length"] = 128
+    return train(RunConfig.from_dict(cfg))
+
+
+def test_completions_on_a_causal_run_give_the_offline_generations(causal_run) -> None:
+    """OpenAI-form completions mixed with /v1/predict requests of other tasks: each text is the greedy generation of
+    its prompt run alone, and it maps to the prediction in test_predictions.json."""
+    from morelora.metrics import predictions_from_text
+    from morelora.training.evaluate import predict_batch
+
+    run = load_run(causal_run)
+    assert run.kind == "causal"
+    offline = {t: v["predictions"] for t, v in
+               json.loads((causal_run / "test_predictions.json").read_text())["tasks"].items()}
+    sst2, rte = TASKS.index("sst2"), TASKS.index("rte")
+    prompts = [(i, x["text"]) for i, x in _accepted(run, sst2)]
+    pairs = _accepted(run, rte)
+    assert len(prompts) >= 6 and len(pairs) >= 4
+    collator = make_collator(run, train=False)
+
+    def alone(t: int, ex: dict) -> tuple:
+        with torch.no_grad():
+            return predict_batch(run, run.model, collator, [(t, ex)])[0]
+
+    def completion(url: str, batch: list[tuple[int, str]]) -> dict:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            r = http.post("/v1/completions", json={"model": "sst2", "prompt": [p for _, p in batch],
+                                                   "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    def predict(url: str, i: int, x: dict) -> dict:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            r = http.post("/v1/predict", json={"task": "rte", "inputs": [x]})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    with serving(run, ServeOptions(max_batch_size=8, max_wait_ms=30)) as url:
+        with ThreadPoolExecutor(4) as ex:
+            comp = [(b, ex.submit(completion, url, b)) for b in (prompts[0:1], prompts[1:3], prompts[3:6])]
+            pred = [(i, x, ex.submit(predict, url, i, x)) for i, x in pairs[:4]]
+            comp = [(b, f.result()) for b, f in comp]
+            pred = [(i, x, f.result()) for i, x, f in pred]
+        with httpx.Client(base_url=url, timeout=60) as http:
+            refused = http.post("/v1/completions", json={"model": "arc_easy", "prompt": "x"})
+            streamed = http.post("/v1/completions", json={"model": "sst2", "prompt": "x", "stream": True})
+    assert refused.status_code == 400 and "multiple choice: send the query and choices to POST /v1/predict" \
+        in refused.json()["error"]["message"]
+    assert streamed.status_code == 400 and "only stream=false and n=1" in streamed.json()["error"]["message"]
+    spec = run.specs[sst2]
+    for batch, body in comp:
+        assert body["object"] == "text_completion" and body["model"] == "sst2"
+        assert [c["index"] for c in body["choices"]] == list(range(len(batch)))
+        made = 0
+        for (i, prompt), choice in zip(batch, body["choices"]):
+            prediction, text = alone(sst2, {"text": prompt})
+            assert choice["text"] == text and choice["finish_reason"] == "stop"
+            assert predictions_from_text(spec, [text], [{"text": prompt}]) == [prediction] == [offline["sst2"][i]]
+            made += len(run.tokenizer(text, add_special_tokens=False)["input_ids"])
+        used = sum(len(run.tokenizer(p)["input_ids"]) for _, p in batch)
+        assert body["usage"] == {"prompt_tokens": used, "completion_tokens": made, "total_tokens": used + made}
+    for i, x, body in pred:
+        prediction, text = alone(rte, x)
+        assert body["outputs"] == [{"prediction": prediction, "text": text}]
+        assert prediction == offline["rte"][i]
+
+
+def test_causal_generations_do_not_depend_on_the_batch(causal_run) -> None:
+    """Prompts of two tasks in one left-padded generate call: each text equals its prompt generated alone."""
+    run = load_run(causal_run)
+    metrics = _Metrics()
+    sst2, rte = TASKS.index("sst2"), TASKS.index("rte")
+    mine = [(sst2, x) for _, x in _accepted(run, sst2)[:3]] + [(rte, x) for _, x in _accepted(run, rte)[:3]]
+
+    async def go():
+        batcher = Batcher(run, ServeOptions(max_batch_size=16, max_wait_ms=50), metrics)
+        futures = [asyncio.ensure_future(batcher.submit([f])) for f in mine]
+        await asyncio.sleep(0)
+        batcher.start()
+        out = await asyncio.gather(*futures)
+        await batcher.stop()
+        return out
+
+    results = asyncio.run(go())
+    assert metrics.batch_size._sum.get() == 6 and metrics.batch_tasks._sum.get() == 2   # one batch, 2 tasks
+    lengths = {len(run.tokenizer(x["text"], x.get("text_pair"))["input_ids"]) for _, x in mine}
+    assert len(lengths) > 1   # the prompts were padded to one length
+    collator = make_collator(run, train=False)
+    from morelora.training.evaluate import predict_batch
+
+    for (t, x), [(prediction, text)] in zip(mine, results):
+        with torch.no_grad():
+            assert predict_batch(run, run.model, collator, [(t, x)])[0] == (prediction, text)
