@@ -307,7 +307,7 @@ COMMANDS: list[Command] = [
     Command("fewshot", "add a new task to a trained MoRE run from K examples; compare with LoRA / fresh MoRE",
             "morelora.analysis.fewshot:configure", "morelora.analysis.fewshot:main"),
     Command("bench", "benchmark MoRE against PEFT LoRA, the baselines and the base model (ratios from one run)",
-            "morelora.bench:configure", "morelora.bench:run"),
+            "morelora.bench.suite:configure", "morelora.bench.suite:run"),
     Command("methods", "list every method: routing, mergeable, parameters per task for a config's model",
             _methods_args, _methods),
     Command("sweep", "train a config over values of one parameter x seeds -> sweep.json / .md / .png",
