@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from morelora.bench import SECTIONS, TARGETS, Case, format_report, main, median_ci, target_row
 
 
+@pytest.mark.slow
 def test_quick_suite_rows_are_well_formed(tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0

@@ -273,6 +273,7 @@ def test_summary_with_one_seed_reports_na(tmp_path):
 # ------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_and_resume(tmp_path, tiny_config, monkeypatch, capsys):
     from morelora import training
     from morelora.methods import METHODS
@@ -384,6 +385,7 @@ def test_config_rows_bad_input(tmp_path, tiny_config, capsys, extra, message):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_compare_config_rows_end_to_end_and_moved_folder(tmp_path, tiny_config, capsys):
     full = _variant(tiny_config, "full")
     hard = _variant(tiny_config, "no_ste", method={"routing": "hard"})
