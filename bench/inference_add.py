@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from morelora import bench as b
+from morelora.bench import harness as b
 from morelora.tuners.base import TaskAdapterLayer, per_example
 from morelora.tuners.more.layer import MoRELinear
 
@@ -47,14 +47,14 @@ def _wrapped(fn: Callable[[], None], *, inplace: bool = True, truncate: bool = F
 
 def run(model: str, repeats: int) -> None:
     env = b.Env(torch.device("cpu"), torch.float32)
-    base, kind, targets, vocab = b._load_base(model, env)
+    base, kind, targets, vocab = b.load_base(model, env)
     case = b.Case(model, 8, 64, repeats)
-    ids = b._ids(case, vocab, env.device)
-    v = {"base": b.Variant("base", b._shared_copy(base), kind).finish(env),
-         "peft-lora": b._peft(base, kind, targets, 8, env),
-         "peft-mixed-8": b._peft(base, kind, targets, 8, env, n_adapters=8, batch=8),
-         "more": b._more(base, kind, targets, 8, 8, 8, env),
-         "more-mixed": b._more(base, kind, targets, 8, 8, 8, env, mixed=True)}
+    ids = b.random_input_ids(case, vocab, env.device)
+    v = {"base": b.Variant("base", b.shared_copy(base), kind).finish(env),
+         "peft-lora": b.peft_variant(base, kind, targets, 8, env),
+         "peft-mixed-8": b.peft_variant(base, kind, targets, 8, env, n_adapters=8, batch=8),
+         "more": b.more_variant(base, kind, targets, 8, 8, 8, env),
+         "more-mixed": b.more_variant(base, kind, targets, 8, 8, 8, env, mixed=True)}
     fns = {name: (lambda x=x: x.infer(ids)) for name, x in v.items()}
     for name in ("more", "more-mixed"):
         fns[f"{name} (out of place)"] = _wrapped(fns[name], inplace=False)
@@ -65,7 +65,7 @@ def run(model: str, repeats: int) -> None:
     fns["more (prototype: first K ranks)"] = _wrapped(fns["more"], truncate=True)
     for x in v.values():
         x.model.eval()
-    times, _ = b._time_rounds(fns, repeats, env)
+    times, _ = b.time_rounds(fns, repeats, env)
     med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     print(f"\n{model} 8x64, inference, {repeats} rounds, CPU clock (mean rank of task 0 over layers "
           f"{sum(ks) / len(ks):.2f} of 8)\n")
@@ -76,11 +76,11 @@ def run(model: str, repeats: int) -> None:
     for a, c in (("more", "more (out of place)"), ("more-mixed", "more-mixed (out of place)"),
                  ("more", "peft-lora"), ("more (out of place)", "peft-lora"),
                  ("more (prototype: first K ranks)", "more"), ("more-mixed", "more")):
-        pr = b._paired(times, a, c)
-        lo, hi = b._median_ci(pr)
+        pr = b.paired_ratios(times, a, c)
+        lo, hi = b.median_ci(pr)
         print(f"| {a} / {c} | {statistics.median(pr):.3f} | {lo:.3f}-{hi:.3f} |")
     for a in ("more-mixed", "more-mixed (out of place)"):
-        value, _, (lo, hi) = b._added(times, a, "peft-mixed-8", "base")
+        value, _, (lo, hi) = b.added_time(times, a, "peft-mixed-8", "base")
         print(f"| added: ({a} - base) / (peft-mixed-8 - base) | {value:.3f} | {lo:.3f}-{hi:.3f} |")
 
 

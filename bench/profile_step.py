@@ -14,7 +14,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from morelora import bench as b
+from morelora.bench import harness as b
 
 
 def main() -> None:
@@ -27,13 +27,13 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     env = b.Env(torch.device("cpu"), torch.float32)
-    base, kind, targets, vocab = b._load_base(a.model, env)
-    ids = b._ids(b.Case(a.model, 8, 64, 1), vocab, env.device)
-    variants = {"base": b.Variant("base", b._shared_copy(base), kind).finish(env),
-                "peft-lora": b._peft(base, kind, targets, 8, env),
-                "more": b._more(base, kind, targets, 8, 8, 8, env)}
+    base, kind, targets, vocab = b.load_base(a.model, env)
+    ids = b.random_input_ids(b.Case(a.model, 8, 64, 1), vocab, env.device)
+    variants = {"base": b.Variant("base", b.shared_copy(base), kind).finish(env),
+                "peft-lora": b.peft_variant(base, kind, targets, 8, env),
+                "more": b.more_variant(base, kind, targets, 8, 8, 8, env)}
     for name in a.baselines:
-        v = b._baseline(name, base, kind, targets, 8, 8, 8, variants["more"].params, env)
+        v = b.baseline_variant(name, base, kind, targets, 8, 8, 8, variants["more"].params, env)
         if not isinstance(v, str):
             variants[name] = v
     for name, v in variants.items():

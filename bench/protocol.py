@@ -63,7 +63,7 @@ def method_config() -> dict[str, dict[str, Any]]:
 
 
 def _runs(labels: list[str], seeds: int) -> list[Any]:
-    from morelora.compare import plan_runs
+    from morelora.experiments.compare import plan_runs
 
     return plan_runs(CONFIG, labels, seeds, OUT, method_config=method_config(), verbose=False)
 
@@ -155,14 +155,14 @@ def release(run: Any) -> None:
 # ------------------------------------------------------------------------------------------------ commands
 def _finished(run: Any) -> bool:
     """Trained, evaluated and its test predictions written (compare's own status of a run)."""
-    from morelora.compare import _complete, run_status
+    from morelora.experiments.runs import is_complete, run_status
 
-    return bool(_complete(run_status(run)))
+    return bool(is_complete(run_status(run)))
 
 
 def run_worker(poll_s: float = 60.0) -> None:
     """Train the protocol's runs in order until none is left; wait while the next ones are claimed elsewhere."""
-    from morelora.compare import execute
+    from morelora.experiments.runs import execute
 
     while True:
         todo = [(r, wait) for r, wait in ordered_runs() if wait is not None or not _finished(r)]
@@ -221,7 +221,7 @@ def params() -> None:
 
 def report(baseline: str = "lora") -> None:
     """`morelora compare` over the winners whose seeds have all finished (the baseline's row first)."""
-    from morelora.compare import compare
+    from morelora.experiments.compare import compare
 
     winners = {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
     labels = [_label(m, w) for m, w in winners.items() if w is not None

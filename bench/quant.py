@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from morelora import bench as b
 from morelora import build_method
+from morelora.bench import harness as b
 from morelora.config import QuantizationConfig, load_config
 from morelora.quantization import bnb_config, prepare_quantized
 
@@ -45,7 +45,7 @@ def load(path: str, kind: str, q: QuantizationConfig | None) -> torch.nn.Module:
 def step_times(name: str, steps: int) -> dict[str, tuple[float, float]]:
     """{storage: (base MiB, median step seconds)} for model `name`."""
     env = b.Env(torch.device("cpu"), torch.float32)
-    base, kind, targets, vocab = b._load_base(name, env)
+    base, kind, targets, vocab = b.load_base(name, env)
     with tempfile.TemporaryDirectory() as d:
         base.save_pretrained(d)
         models = {}
@@ -56,7 +56,7 @@ def step_times(name: str, steps: int) -> dict[str, tuple[float, float]]:
             more = build_method("more", m, TASKS, r=8, lora_alpha=16, target_modules=list(targets)).train()
             opt = torch.optim.AdamW([p for p in more.parameters() if p.requires_grad], lr=1e-4)
             models[label] = (mib, more, opt, [])
-    ids = b._ids(b.Case(name, 8, 64, 1), vocab, torch.device("cpu"))
+    ids = b.random_input_ids(b.Case(name, 8, 64, 1), vocab, torch.device("cpu"))
     task_ids = torch.arange(8) % len(TASKS)
     for i in range(steps + 2):                                  # two warm-up steps, then round-robin timing
         for _, more, opt, times in models.values():
@@ -87,7 +87,7 @@ def demo_run(steps: int, eval_n: int, quantized: bool, out: Path) -> Path:
 
 def paired_difference(quantized: Path, full: Path) -> dict:
     """4-bit minus float32 average score: paired bootstrap over the test examples, CI and MDE (one seed each)."""
-    from morelora.compare import TaskPredictions, combined_test, paired_bootstrap
+    from morelora.experiments.statistics import TaskPredictions, combined_test, paired_bootstrap
 
     def predictions(run: Path) -> dict[str, TaskPredictions]:
         tasks = json.loads((run / "test_predictions.json").read_text())["tasks"]

@@ -1,6 +1,7 @@
 """Run the MoRE benchmarks: ``python bench/run_bench.py [--suite quick|default|full] [--json rows.json]``.
 
-A thin wrapper around `morelora.bench.main`; see docs/BENCHMARKS.md for the recorded figures.
+A thin wrapper around `morelora.bench.main`, the same as ``morelora bench``; see docs/BENCHMARKS.md for the recorded
+figures.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import yaml
 
 from morelora.analysis import mean_ci, short_layer_name
 from morelora.analysis.plots import plot_rank_heatmap, plot_run, rank_matrix, read_checkpoint
-from morelora.analysis.sweep import parse_values
 from morelora.cli import main as cli_main
 from morelora.config import RunConfig, load_config
+from morelora.experiments.sweep import parse_values
 from morelora.training import train
 from morelora.training.checkpoint import list_checkpoints
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-from morelora.bench import SECTIONS, TARGETS, Case, _median_ci, _target, format_report, main
+import pytest
+
+from morelora.bench import SECTIONS, TARGETS, Case, format_report, main, median_ci, target_row
 
 
+@pytest.mark.slow
 def test_quick_suite_rows_are_well_formed(tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
@@ -43,19 +46,19 @@ def test_median_ci_is_the_binomial_order_statistic_interval():
     assert binom.cdf(9, 30, 0.5) <= 0.025 < binom.cdf(10, 30, 0.5)
     xs = [1.0 + 0.01 * ((7 * i) % 30) for i in range(30)]   # 30 distinct values, shuffled
     s = sorted(xs)
-    assert _median_ci(xs) == (s[9], s[20])
-    assert _median_ci(xs[:4]) == (min(xs[:4]), max(xs[:4]))   # too few rounds for a 95 % interval
+    assert median_ci(xs) == (s[9], s[20])
+    assert median_ci(xs[:4]) == (min(xs[:4]), max(xs[:4]))   # too few rounds for a 95 % interval
 
 
 def test_target_status_and_decided():
     case = Case("m", 1, 1, 1)
     below = [0.90 + 0.001 * i for i in range(30)]             # all under the 1.05 limit
-    row = _target("train_vs_lora", case, 0.915, below, "d", "train")
+    row = target_row("train_vs_lora", case, 0.915, below, "d", "train")
     assert (row["status"], row["decided"]) == ("PASS", True)
     straddle = [0.95 + 0.01 * i for i in range(30)]          # median 1.095 over 1.05, CI reaches under it
-    row = _target("train_vs_lora", case, 1.095, straddle, "d", "train")
+    row = target_row("train_vs_lora", case, 1.095, straddle, "d", "train")
     assert (row["status"], row["decided"]) == ("MISS", False) and row["ci_low"] < 1.05 < row["ci_high"]
-    row = _target("vs_baseline", case, 1.0, [1.0] * 10, "d", "train")   # "faster" is strict
+    row = target_row("vs_baseline", case, 1.0, [1.0] * 10, "d", "train")   # "faster" is strict
     assert (row["status"], row["decided"]) == ("MISS", True)
 
 
@@ -65,13 +68,13 @@ def test_added_time_pairs_each_round_with_its_base():
     import random
     import statistics
 
-    from morelora.bench import _added
+    from morelora.bench import added_time
 
     rng = random.Random(0)
     base = [100 + 10 * rng.random() for _ in range(30)]          # drift of +-5 ms between rounds
     a = [z + 5 + rng.gauss(0, 0.2) for z in base]
     b = [z + 20 + rng.gauss(0, 0.2) for z in base]
-    value, per_round, (lo, hi) = _added({"a": a, "b": b, "z": base}, "a", "b", "z")
+    value, per_round, (lo, hi) = added_time({"a": a, "b": b, "z": base}, "a", "b", "z")
     want = statistics.median(x - z for x, z in zip(a, base)) / statistics.median(y - z for y, z in zip(b, base))
     assert math.isclose(value, want, rel_tol=1e-12)
     assert lo <= 0.25 <= hi and hi - lo < 0.03 and len(per_round) == 30

@@ -11,17 +11,16 @@ import pytest
 import yaml
 
 from morelora.cli import main
-from morelora.compare import (
-    CompareError,
+from morelora.config import ConfigError
+from morelora.experiments.compare import CompareError, plan_runs
+from morelora.experiments.statistics import (
     TaskPredictions,
     bootstrap_p_value,
     combined_test,
     paired_bootstrap,
     paired_ttest,
-    plan_runs,
     t_interval,
 )
-from morelora.config import ConfigError
 
 # ------------------------------------------------------------------------------------------- statistics
 
@@ -197,7 +196,7 @@ def tiny_config(tmp_path, tiny_bert, run_config):
 def test_plan_runs_method_options(tmp_path, tiny_config):
     methods = tmp_path / "methods.yaml"
     methods.write_text("more_r2: {name: more, r: 2}\n")
-    from morelora.compare import load_method_config
+    from morelora.experiments.compare import load_method_config
 
     per = load_method_config(methods, ["methods.more.lora_alpha=4"])
     runs = plan_runs(tiny_config, "more,more_r2", 2, tmp_path / "c", ["train.seed=5"], per, verbose=False)
@@ -225,8 +224,9 @@ def test_bad_input_is_one_line_error(tmp_path, tiny_config, capsys, args, messag
 
 
 def test_summary_with_one_seed_reports_na(tmp_path):
-    from morelora.compare import PREDICTIONS_NAME, CompareRun, markdown, plot, summarize
     from morelora.config import RunConfig
+    from morelora.experiments.report import markdown, plot, summarize
+    from morelora.experiments.runs import PREDICTIONS_NAME, PlannedRun
 
     refs = [0, 1, 1, 0]
     runs = []
@@ -242,7 +242,7 @@ def test_summary_with_one_seed_reports_na(tmp_path):
         (run_dir / PREDICTIONS_NAME).write_text(json.dumps({"tasks": {"a": task_preds, "b": task_preds}}))
         cfg = RunConfig.from_dict({"model": {"name_or_path": "x"}, "tasks": ["a", "b"], "method": {"name": label},
                                    "train": {"output_dir": str(run_dir)}})
-        runs.append(CompareRun(label, 0, cfg))
+        runs.append(PlannedRun(label, 0, cfg))
     summary = summarize(runs, baseline="lora", n_resamples=100)
     assert summary["methods"]["more"]["average"]["mean"] == 0.75
     assert summary["tests"]["more"]["diff_average"] == pytest.approx(0.25)
@@ -273,6 +273,7 @@ def test_summary_with_one_seed_reports_na(tmp_path):
 # ------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_and_resume(tmp_path, tiny_config, monkeypatch, capsys):
     from morelora import training
     from morelora.methods import METHODS
@@ -351,8 +352,8 @@ def _variant(tiny_config, name, **blocks):
 
 
 def test_plan_config_runs_keeps_each_config(tmp_path, tiny_config):
-    from morelora.compare import plan_config_runs
     from morelora.config import load_config
+    from morelora.experiments.compare import plan_config_runs
 
     full = _variant(tiny_config, "full")
     hard = _variant(tiny_config, "no_ste", method={"routing": "hard"}, data={"sampling": "uniform"})
@@ -384,6 +385,7 @@ def test_config_rows_bad_input(tmp_path, tiny_config, capsys, extra, message):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_compare_config_rows_end_to_end_and_moved_folder(tmp_path, tiny_config, capsys):
     full = _variant(tiny_config, "full")
     hard = _variant(tiny_config, "no_ste", method={"routing": "hard"})
@@ -407,7 +409,7 @@ def test_compare_config_rows_end_to_end_and_moved_folder(tmp_path, tiny_config, 
 
 def test_method_config_run_keys_per_label(tmp_path, tiny_config):
     """Dotted keys in a label's entry set that label's run config (a learning-rate sweep as rows)."""
-    from morelora.compare import load_method_config
+    from morelora.experiments.compare import load_method_config
 
     methods = tmp_path / "methods.yaml"
     methods.write_text("more_fast: {name: more, r: 2, train.lr: 5.0e-3, train.warmup_steps: 1}\n")
@@ -429,7 +431,7 @@ def test_method_config_run_keys_per_label(tmp_path, tiny_config):
 
 
 def test_plan_status_and_hours_table(tmp_path, tiny_config, monkeypatch, capsys):
-    from morelora.compare import PREDICTIONS_NAME
+    from morelora.experiments.runs import PREDICTIONS_NAME
     from morelora.training import trainer
     from morelora.training.checkpoint import ADAPTER_DIR, STATE_NAME
 

@@ -128,3 +128,57 @@ def test_dotted_keys_create_mappings_and_name_the_non_mapping_prefix():
         set_dotted(raw, "train.lr.x", 1)
     with pytest.raises(ConfigError, match=r"bad override 'train.lr.x=1': train.lr is not a mapping"):
         apply_overrides(raw, ["train.lr.x=1"])
+
+
+# ------------------------------------------------------------------------------------------------ base: key
+
+
+def test_base_key_deep_merges_the_child_over_its_base_chain(tmp_path: Path) -> None:
+    from morelora.config import read_config_file
+
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "root.yaml").write_text(
+        "tasks: [sst2, rte]\nmethod: {name: more, r: 8, target_modules: [query, value]}\n"
+        "train: {lr: 1.0e-3, max_steps: 100, output_dir: runs/root}\n")
+    (tmp_path / "common" / "mid.yaml").write_text(
+        "base: root.yaml\nmethod: {r: 4}\ntrain: {max_steps: 50}\n")
+    (tmp_path / "child.yaml").write_text(
+        "base: common/mid.yaml\nmethod: {routing: hard, target_modules: [query]}\ntrain: {output_dir: runs/child}\n")
+    expected = {
+        "tasks": ["sst2", "rte"],
+        "method": {"name": "more", "r": 4, "target_modules": ["query"], "routing": "hard"},
+        "train": {"lr": 1.0e-3, "max_steps": 50, "output_dir": "runs/child"},
+    }
+    assert read_config_file(tmp_path / "child.yaml") == expected
+    cfg = load_config(tmp_path / "child.yaml", ["train.max_steps=7"])
+    assert cfg.method == expected["method"] and cfg.train.max_steps == 7 and cfg.train.lr == 1.0e-3
+    assert "base" not in yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+
+
+def test_base_key_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: base config not found: .*missing\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntasks: [sst2]\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"base configs form a cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="base: expected the path of a config file"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_ablation_variants_are_their_base_plus_one_switch() -> None:
+    """Each ablation file holds its base, its switch and its run folder: nothing else can drift."""
+    folder = REPO / "configs" / "ablations"
+    for path in sorted(folder.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if path.stem == "full":
+            assert raw["base"] == "../compare_offline.yaml"
+            continue
+        assert raw["base"] == "full.yaml" and raw["train"] == {"output_dir": f"runs/ablations/{path.stem}"}
+        switch = {k: v for k, v in raw.items() if k not in ("base", "train")}
+        assert len(switch) == 1 and len(next(iter(switch.values()))) == 1, path.name

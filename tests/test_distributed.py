@@ -33,6 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @needs_launcher
 def test_two_processes_match_one_process_with_double_batch(tmp_path: Path, tiny_bert: str, run_config) -> None:
     # heads at the adapter's rate: a multiple-choice head's bias shifts every choice alike, so its gradient is

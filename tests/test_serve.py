@@ -244,6 +244,7 @@ def _start(run_dir: Path, port: int, *extra: str) -> subprocess.Popen:
             time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_kill_9_restart_and_sigterm_drain(run, run_dir, offline) -> None:
     port = _free_port()
     proc = _start(run_dir, port)

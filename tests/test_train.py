@@ -131,6 +131,7 @@ def _launch(args: list[str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path: Path, tiny_bert: str, run_config) -> None:
     cfg = run_config(tiny_bert, tmp_path / "unused", max_steps=150, save_steps=10, logging_steps=5)
     cfg["method"]["lora_dropout"] = 0.1  # randomness that the resumed RNG state must reproduce
@@ -262,6 +263,7 @@ def _separable_sentiment(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("encoding", "pooling"), [("cross", "cls"), ("cross", "mean"), ("siamese", "cls"),
                                                    ("siamese", "mean")])
 def test_defaults_learn_a_separable_task_in_every_setup(tmp_path: Path, encoding: str, pooling: str) -> None:

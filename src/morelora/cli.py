@@ -299,7 +299,7 @@ COMMANDS: list[Command] = [
     Command("serve", "serve every task of a run from one model over HTTP (mixed-task batches)", _serve_args,
             _serve),
     Command("compare", "train and evaluate methods x seeds, compare them with CIs and paired tests",
-            "morelora.compare:configure_parser", "morelora.compare:run_command"),
+            "morelora.experiments.compare:configure_parser", "morelora.experiments.compare:run_command"),
     Command("plot", "plot what the router learned (embeddings, ranks, training curves) -> RUN_DIR/plots/",
             "morelora.analysis.plots:configure", "morelora.analysis.plots:main"),
     Command("curves", "validation curves of several runs side by side, and where each stops rising",
@@ -307,11 +307,11 @@ COMMANDS: list[Command] = [
     Command("fewshot", "add a new task to a trained MoRE run from K examples; compare with LoRA / fresh MoRE",
             "morelora.analysis.fewshot:configure", "morelora.analysis.fewshot:main"),
     Command("bench", "benchmark MoRE against PEFT LoRA, the baselines and the base model (ratios from one run)",
-            "morelora.bench:configure", "morelora.bench:run"),
+            "morelora.bench.suite:configure", "morelora.bench.suite:run"),
     Command("methods", "list every method: routing, mergeable, parameters per task for a config's model",
             _methods_args, _methods),
     Command("sweep", "train a config over values of one parameter x seeds -> sweep.json / .md / .png",
-            "morelora.analysis.sweep:configure", "morelora.analysis.sweep:main"),
+            "morelora.experiments.sweep:configure", "morelora.experiments.sweep:main"),
 ]
 
 

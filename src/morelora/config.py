@@ -10,6 +10,14 @@ A run config has five blocks::
 
 Every block except ``method`` is checked here: an unknown key or a value of the wrong type raises
 :class:`ConfigError` naming the key. ``method`` options are checked by ``build_method``.
+
+A config file may start from another one: ``base: full.yaml`` (a path relative to the file) loads that file
+first (itself possibly with a ``base``) and merges this file's keys over it, mapping by mapping (a list or a
+value replaces the base's). One ablation is then its base plus the line it changes::
+
+    base: full.yaml
+    method: {routing: hard}
+    train: {output_dir: runs/ablations/no_ste}
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ __all__ = [
     "bundled_minilm_path",
     "config_diff",
     "load_config",
+    "merge_configs",
+    "read_config_file",
     "read_yaml_mapping",
     "set_dotted",
 ]
@@ -220,8 +230,39 @@ class RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config (or start from the defaults) and apply ``key=value`` overrides."""
-    raw = read_yaml_mapping(path, "config file", "a mapping at the top level") if path is not None else {}
+    raw = read_config_file(path) if path is not None else {}
     return RunConfig.from_dict(apply_overrides(raw, overrides))
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a config file with its ``base:`` chain resolved (module docstring); the ``base`` key itself
+    is gone. A missing base file or a chain that comes back to a file raises :class:`ConfigError`."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "config file", "a mapping at the top level")
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base: expected the path of a config file, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base config not found: {base_path}")
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"{path}: base configs form a cycle: {cycle}")
+    return merge_configs(read_config_file(base_path, chain), raw)
+
+
+def merge_configs(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key, any other value (lists included) replaces the base's."""
+    out = _deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_configs(out[key], value)
+        else:
+            out[key] = _deepcopy(value)
+    return out
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str,

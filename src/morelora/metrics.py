@@ -23,6 +23,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from morelora.data.tasks import Example, TaskSpec
+from morelora.experiments.statistics import bootstrap_tail
 
 
 def _correlation(fn: Callable) -> Callable[[Sequence, Sequence, TaskSpec], float]:
@@ -149,7 +150,8 @@ def reference_gap(spec: TaskSpec, predictions: Sequence, train: Sequence[Example
     Test examples are resampled with replacement (``n_resamples`` times); on each resample both the model's
     and the trivial predictor's score are computed. Returns ``diff`` (observed score - reference score), the
     percentile ``confidence`` interval ``low`` / ``high`` of the difference, and the one-sided bootstrap
-    ``p`` of "no better than the reference": ``(#{diff* <= 0} + 1) / (n_resamples + 1)``.
+    ``p`` of "no better than the reference": ``(#{diff* <= 0} + 1) / (n_resamples + 1)``
+    (:func:`morelora.experiments.statistics.bootstrap_tail`, the tail of compare's two-sided p).
     """
     refs, preds = references(spec, test), list(predictions)
     n, main = len(refs), spec.main_metric
@@ -174,4 +176,4 @@ def reference_gap(spec: TaskSpec, predictions: Sequence, train: Sequence[Example
     alpha = (1.0 - confidence) / 2
     return {"diff": float(observed), "low": float(np.quantile(diffs, alpha)),
             "high": float(np.quantile(diffs, 1.0 - alpha)),
-            "p": float((np.count_nonzero(diffs <= 0) + 1) / (n_resamples + 1))}
+            "p": bootstrap_tail(diffs)}

@@ -29,7 +29,6 @@ Outputs in DIR
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import re
 from collections.abc import Sequence
@@ -39,28 +38,21 @@ from typing import Any
 
 import yaml
 
-from morelora.analysis import format_mean_ci, mean_ci
+from morelora.config import ConfigError
+from morelora.experiments.runs import PlannedRun, execute
+from morelora.experiments.statistics import format_mean_ci, mean_ci
 
 __all__ = ["SweepRun", "configure", "main", "parse_values", "plan_sweep", "summarize", "sweep"]
 
-#: Train keys that do not change a run's result: a finished run is reused when only these differ.
+
 @dataclass
-class SweepRun:
-    """One (value, seed) run of a sweep."""
+class SweepRun(PlannedRun):
+    """One (value, seed) run of a sweep; ``label`` is the value's folder name, e.g. ``"method.r=8"``."""
 
-    label: str  # folder name of the value, e.g. "method.r=8"
-    value: Any
-    seed: int
-    cfg: Any  # RunConfig
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.cfg.train.output_dir)
+    value: Any = None
 
 
 def _error(message: str) -> Exception:
-    from morelora.config import ConfigError
-
     return ConfigError(message)
 
 
@@ -154,31 +146,8 @@ def plan_sweep(config: str | Path, param: str, values: Sequence[Any], seeds: int
             if i == 0:
                 config_class = get_method(cfg.method_name).model_class.config_class
                 config_class.from_dict({**cfg.method_options, "tasks": cfg.tasks})
-            runs.append(SweepRun(label, value, seed, cfg))
+            runs.append(SweepRun(label, seed, cfg, value=value))
     return runs
-
-
-def execute(runs: Sequence[SweepRun]) -> list[str]:
-    """Train every unfinished run (resuming where possible); returns ``"trained"``/``"resumed"``/``"skipped"``."""
-    from morelora.training import train
-
-    status = []
-    for n, run in enumerate(runs, 1):
-        where = f"sweep: run {n}/{len(runs)}: {run.label} seed {run.seed}"
-        if (run.run_dir / "eval.json").is_file():
-            from morelora.compare import check_finished_run
-            from morelora.config import ConfigError
-
-            check_finished_run(run.run_dir, run.cfg, error=ConfigError)
-            print(f"{where}: done, skipping {run.run_dir}", flush=True)
-            status.append("skipped")
-            continue
-        resume = (run.run_dir / "config.yaml").is_file()
-        print(f"{where}: {'resuming' if resume else 'training'} -> {run.run_dir}", flush=True)
-        train(run.cfg, resume=resume)
-        status.append("resumed" if resume else "trained")
-        gc.collect()
-    return status
 
 
 def _mean_rank(run_dir: Path) -> float | None:
@@ -289,7 +258,7 @@ def sweep(config: str | Path, param: str, values: str | Sequence[Any], seeds: in
         values = parse_values(param, values)
     out = Path(output_dir or f"runs/sweep-{Path(config).stem}-{re.sub(r'[^A-Za-z0-9._-]+', '_', param)}")
     runs = plan_sweep(config, param, values, seeds, out, overrides)
-    status = execute(runs)
+    status = execute(runs, "sweep", predictions=False, error=ConfigError, done="skipping")
     rows = summarize(param, runs)
     title = f"{Path(config).stem}: sweep over {param} ({seeds} seed{'s' if seeds > 1 else ''})"
     result = {"config": str(config), "param": param, "values": list(values), "seeds": seeds,
