@@ -2,8 +2,8 @@
 
 Batched routing (training): a layer's router is a handful of tiny ops (gate, softmax, argmax, STE, scale, index by
 task) and the contrastive loss another handful; run per layer they cost more than the layer's matmuls on small
-models (docs/BENCHMARKS.md, "Why the hot path looks as it does", batched routing). So before the base forward the model groups its layers by
-`(in_features, r)` and computes every group's coefficients in one `baddbmm` + softmax + argmax + STE — for the
+models (docs/BENCHMARKS.md, "Why the hot path looks as it does"). So before the base forward the model groups its
+layers by `(in_features, r)` and computes every group's coefficients in one `baddbmm` + softmax + argmax + STE — for the
 batch's B task rows when B < T (so the cost follows the batch, not the number of tasks), else as an `(L, T, r)`
 table indexed once with the task ids — and hands each layer its `(B, r)` rows through the call's state
 (`MoRECall.routed`). Layers leave their pooled input there instead of computing the contrastive loss, and the model
