@@ -371,10 +371,24 @@ def test_busy_machine_gets_fewer_threads(monkeypatch, capsys) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 2.0, 1.0))
+    monkeypatch.setattr(cli, "_other_runnable", lambda: 3)
     cli._fit_threads()
     assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
-    assert capsys.readouterr().out == ("morelora: the machine is busy (load average 2.6 on 4 CPUs): using 1 torch "
-                                       "thread(s); set OMP_NUM_THREADS to choose\n")
+    assert capsys.readouterr().out == ("morelora: the machine is busy (load average 2.6 on 4 CPUs, 3 other "
+                                       "process(es) running): using 1 torch thread(s); set OMP_NUM_THREADS to choose\n")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(cli, "_other_runnable", lambda: 0)   # the average still counts work that has ended
+    cli._fit_threads()
+    assert "OMP_NUM_THREADS" not in os.environ and capsys.readouterr().out == ""
+    monkeypatch.setattr(cli, "_other_runnable", lambda: 1)   # one other process now: busy = min(2.6, 1)
+    cli._fit_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "3" and "using 3 torch thread(s)" in capsys.readouterr().out
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(cli, "_other_runnable", lambda: None)   # no /proc/loadavg: the average alone
+    cli._fit_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "1" and capsys.readouterr().out == (
+        "morelora: the machine is busy (load average 2.6 on 4 CPUs): using 1 torch thread(s); set OMP_NUM_THREADS "
+        "to choose\n")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
     cli._fit_threads()
     assert os.environ["OMP_NUM_THREADS"] == "3" and capsys.readouterr().out == ""
@@ -382,6 +396,13 @@ def test_busy_machine_gets_fewer_threads(monkeypatch, capsys) -> None:
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))  # idle: torch's default stays
     cli._fit_threads()
     assert "OMP_NUM_THREADS" not in os.environ and capsys.readouterr().out == ""
+
+
+def test_runnable_count_is_read_from_the_proc_loadavg_format() -> None:
+    from morelora.cli import parse_runnable
+
+    assert parse_runnable("4.13 4.16 4.60 5/97 6271\n") == 4
+    assert parse_runnable("0.00 0.01 0.05 1/80 12") == 0
 
 
 def test_summary_says_which_tasks_are_below_their_reference(tmp_path: Path, capsys) -> None:

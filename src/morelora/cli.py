@@ -345,20 +345,39 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 _COMPUTE = ("train", "eval", "compare", "sweep", "fewshot", "export", "merge", "methods")
 
 
-def _fit_threads() -> None:
-    """Without OMP_NUM_THREADS, use only the CPUs that other processes leave free (1-minute load average).
+def _other_runnable() -> int | None:
+    """Processes (threads) runnable right now besides this one, from /proc/loadavg; None where it does not exist."""
+    try:
+        return parse_runnable(Path("/proc/loadavg").read_text())
+    except (OSError, ValueError, IndexError):
+        return None
 
-    Several multi-threaded torch processes on few cores run up to ten times slower than one thread each; on an
-    idle machine this changes nothing. Runs before torch is imported (which reads OMP_NUM_THREADS)."""
+
+def parse_runnable(loadavg: str) -> int:
+    """``"0.61 0.55 0.43 3/97 6271"`` (the /proc/loadavg format) -> 2: the runnable count less this process."""
+    return max(0, int(loadavg.split()[3].split("/")[0]) - 1)
+
+
+def _fit_threads() -> None:
+    """Without OMP_NUM_THREADS, use only the CPUs that other processes leave free.
+
+    Busy CPUs: the 1-minute load average, capped by the processes runnable right now (the average lags: just after
+    a `pip install` it still counts the install on an idle machine). Several multi-threaded torch processes on few
+    cores run up to ten times slower than one thread each; on an idle machine this changes nothing. Runs before
+    torch is imported (which reads OMP_NUM_THREADS)."""
     cpus = os.cpu_count() or 1
     if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
         return
-    free = max(1, cpus - round(os.getloadavg()[0]))
+    load = os.getloadavg()[0]
+    now = _other_runnable()
+    busy = load if now is None else min(load, now)
+    free = max(1, cpus - round(busy))
     if free < cpus:
         os.environ["OMP_NUM_THREADS"] = str(free)
         if "torch" in sys.modules:  # imported already (main() called from Python)
             sys.modules["torch"].set_num_threads(free)
-        print(f"morelora: the machine is busy (load average {os.getloadavg()[0]:.1f} on {cpus} CPUs): using {free} "
+        running = "" if now is None else f", {now} other process(es) running"
+        print(f"morelora: the machine is busy (load average {load:.1f} on {cpus} CPUs{running}): using {free} "
               "torch thread(s); set OMP_NUM_THREADS to choose", flush=True)
 
 
