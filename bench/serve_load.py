@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
     for other, values in ratios(rounds).items():
         print(f"more-mixed / {other + ':':<11} median {statistics.median(values):.2f}x, rounds "
               f"{min(values):.2f}-{max(values):.2f}x   (target {targets[other]})")
+    added = {name: [1000 / saturation(r)[name] - 1000 / saturation(r)["base"] for r in rounds]
+             for name in ("more-mixed", "more-1task", "peft-mixed")}
+    print("time per request added to the frozen base's, at saturation: " + ", ".join(
+        f"{name} {statistics.median(v):+.2f} ms (rounds {min(v):+.2f} to {max(v):+.2f})" for name, v in added.items()))
     tail = [r["p99_ms"] / r["p50_ms"] for r in open_rounds]
     print(f"more-mixed open loop at 80 % of saturation: p99 / p50 median {statistics.median(tail):.2f}, rounds "
           f"{min(tail):.2f}-{max(tail):.2f}   (target <= 3); achieved / offered req/s "

@@ -43,6 +43,9 @@ def test_load_script_rounds_and_ratios(tmp_path: Path, capsys) -> None:
         assert line, printed
         assert float(line.group(1)) == round(statistics.median(per_round), 2)
         assert (float(line.group(2)), float(line.group(3))) == (round(min(per_round), 2), round(max(per_round), 2))
+    base = [1000 / max(r["base"][c]["rps"] for c in ("1", "2")) for r in saved["rounds"]]
+    peft = [1000 / max(r["peft-mixed"][c]["rps"] for c in ("1", "2")) - b for r, b in zip(saved["rounds"], base)]
+    assert f"peft-mixed {statistics.median(peft):+.2f} ms (rounds {min(peft):+.2f} to {max(peft):+.2f})" in printed
     for name in names:
         assert re.search(rf"^\| {name} \| [\d.]+ req/s, \d+ / \d+ ms \| [\d.]+ req/s", printed, re.M), name
     assert "p99 / p50 median" in printed and "(target <= 3)" in printed
