@@ -111,20 +111,24 @@ def test_concurrent_clients_get_offline_predictions(run, offline) -> None:
                                            atol=1e-5, rtol=1e-5)
 
 
-def test_requests_of_three_tasks_share_one_forward_pass(run, offline) -> None:
-    metrics = _Metrics()
+def _queued_then_run(run, requests: list[list[tuple[int, dict]]], metrics: _Metrics) -> list:
+    """Every request queued before the batcher's worker starts (so they can share a batch), then their answers."""
 
     async def go():
         batcher = Batcher(run, ServeOptions(max_batch_size=16, max_wait_ms=50), metrics)
-        jobs = [batcher.submit([(t, x) for _, x in _inputs(run, t)[:2]]) for t in range(3)]
-        futures = [asyncio.ensure_future(j) for j in jobs]
-        await asyncio.sleep(0)           # all three queued before the worker looks
+        futures = [asyncio.ensure_future(batcher.submit(r)) for r in requests]
+        await asyncio.sleep(0)           # all queued before the worker looks
         batcher.start()
         out = await asyncio.gather(*futures)
         await batcher.stop()
         return out
 
-    results = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_requests_of_three_tasks_share_one_forward_pass(run, offline) -> None:
+    metrics = _Metrics()
+    results = _queued_then_run(run, [[(t, x) for _, x in _inputs(run, t)[:2]] for t in range(3)], metrics)
     assert metrics.batch_size._sum.get() == 6 and metrics.batch_tasks._sum.get() == 3   # one batch, 3 tasks
     for t, answers in enumerate(results):
         for (i, x), (pred, logits) in zip(_inputs(run, t)[:2], answers):
@@ -420,17 +424,7 @@ def test_causal_generations_do_not_depend_on_the_batch(causal_run) -> None:
     metrics = _Metrics()
     sst2, rte = TASKS.index("sst2"), TASKS.index("rte")
     mine = [(sst2, x) for _, x in _accepted(run, sst2)[:3]] + [(rte, x) for _, x in _accepted(run, rte)[:3]]
-
-    async def go():
-        batcher = Batcher(run, ServeOptions(max_batch_size=16, max_wait_ms=50), metrics)
-        futures = [asyncio.ensure_future(batcher.submit([f])) for f in mine]
-        await asyncio.sleep(0)
-        batcher.start()
-        out = await asyncio.gather(*futures)
-        await batcher.stop()
-        return out
-
-    results = asyncio.run(go())
+    results = _queued_then_run(run, [[f] for f in mine], metrics)
     assert metrics.batch_size._sum.get() == 6 and metrics.batch_tasks._sum.get() == 2   # one batch, 2 tasks
     lengths = {len(run.tokenizer(x["text"], x.get("text_pair"))["input_ids"]) for _, x in mine}
     assert len(lengths) > 1   # the prompts were padded to one length
