@@ -3,6 +3,7 @@
     python bench/protocol.py run      # one worker; start two (OMP_NUM_THREADS=1 each) to use two cores
     python bench/protocol.py status   # what is done, running and left; each method's sweep and its winner
     python bench/protocol.py report   # the table: `morelora compare` over every finished winner's seeds
+    python bench/protocol.py report --ablations   # each ablation of MoRE against MoRE (results in OUT/ablations)
     python bench/protocol.py params   # adapter parameters of every row on the protocol's model
 
 Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shared by every run) and the
@@ -13,6 +14,11 @@ Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shar
 2. winner: the learning rate with the best final *validation* average (test is never read for a choice);
 3. seeds: the winner's label trained with the other seeds, so that the winner's sweep run is its first seed
    (without the validation curve: ``train.eval_steps`` is bookkeeping, so the runs still form one comparison).
+
+After every row: the paper's ablations under the protocol. Each file of ``configs/ablations/`` but ``full.yaml``
+is the comparison setup plus one switch; here that switch is applied to ``more`` at *its* winning learning rate
+(label ``ablation_<file>``, the same seeds, no validation curve), and ``report --ablations`` compares each
+against ``more``'s own seeds (the ``full`` row).
 
 Runs are ordinary ``morelora compare`` runs in ``runs/protocol/<label>/seed<s>`` (resumable: an unfinished run
 continues from its newest checkpoint; a finished one is reused). Workers take runs in the protocol's order
@@ -33,6 +39,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "protocol" / "protocol.yaml"
+ABLATIONS = ROOT / "configs" / "ablations"
 OUT = Path(os.environ.get("MORELORA_PROTOCOL_DIR", ROOT / "runs" / "protocol"))
 
 PROTOCOL: dict[str, Any] = {
@@ -62,10 +69,37 @@ def method_config() -> dict[str, dict[str, Any]]:
             for m, opts in PROTOCOL["methods"].items() for lr in PROTOCOL["lrs"]}
 
 
-def _runs(labels: list[str], seeds: int) -> list[Any]:
+def ablations() -> dict[str, dict[str, Any]]:
+    """``{"ablation_<file>": switch}`` for every file of configs/ablations but full.yaml: its ``method:`` keys as
+    method options, any other block's keys dotted (``data.sampling``); ``base:`` and ``train:`` (the run folder)
+    are the comparison setup's, not the switch."""
+    import yaml
+
+    out = {}
+    for path in sorted(ABLATIONS.glob("*.yaml")):
+        if path.stem == "full":
+            continue
+        switch: dict[str, Any] = {}
+        for block, values in (yaml.safe_load(path.read_text()) or {}).items():
+            if block in ("base", "train"):
+                continue
+            if block == "method":
+                switch.update(values)
+            else:
+                switch.update({f"{block}.{k}": v for k, v in values.items()})
+        out[f"ablation_{path.stem}"] = switch
+    return out
+
+
+def ablation_config(lr: str) -> dict[str, dict[str, Any]]:
+    """``{label: options}`` of the ablation rows: MoRE at learning rate ``lr`` plus each file's switch."""
+    return {label: {"name": "more", **switch, "train.lr": float(lr)} for label, switch in ablations().items()}
+
+
+def _runs(labels: list[str], seeds: int, extra: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     from morelora.experiments.compare import plan_runs
 
-    return plan_runs(CONFIG, labels, seeds, OUT, method_config=method_config(), verbose=False)
+    return plan_runs(CONFIG, labels, seeds, OUT, method_config={**method_config(), **(extra or {})}, verbose=False)
 
 
 def final_validation(run_dir: Path) -> float | None:
@@ -100,7 +134,19 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
                 for r in _runs([_label(m, winner)], PROTOCOL["seeds"])[1:]:
                     r.cfg.train.eval_steps = 0   # the curve was for the choice: the other seeds skip it
                     out.append((r, None))
-    return out
+    return out + ablation_runs()
+
+
+def ablation_runs() -> list[tuple[Any, str | None]]:
+    """The ablation rows' runs (all seeds), or one entry waiting for MoRE's sweep."""
+    winner = sweep("more")["winner"]
+    if winner is None:
+        return [(None, "more (the ablations)")]
+    extra = ablation_config(winner)
+    runs = _runs(list(extra), PROTOCOL["seeds"], extra)
+    for r in runs:
+        r.cfg.train.eval_steps = 0   # the learning rate is MoRE's: no choice to make on validation
+    return [(r, None) for r in runs]
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -219,10 +265,13 @@ def params() -> None:
               f"trainable (with heads) {counts['trainable']:>9,}")
 
 
-def report(baseline: str = "lora") -> None:
-    """`morelora compare` over the winners whose seeds have all finished (the baseline's row first)."""
+def report(baseline: str = "lora", with_ablations: bool = False) -> None:
+    """`morelora compare` over the winners whose seeds have all finished (the baseline's row first); with
+    ``with_ablations``, the finished ablation rows against MoRE's winner instead (OUT/ablations/results.*)."""
     from morelora.experiments.compare import compare
 
+    if with_ablations:
+        return report_ablations()
     winners = {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
     labels = [_label(m, w) for m, w in winners.items() if w is not None
               and all((r.run_dir / "eval.json").is_file() for r in _runs([_label(m, w)], PROTOCOL["seeds"]))]
@@ -237,12 +286,38 @@ def report(baseline: str = "lora") -> None:
     compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, method_config=str(mc), baseline=base)
 
 
+def report_ablations() -> None:
+    """Each finished ablation row (all seeds) against MoRE's winner, paired over seeds and test examples."""
+    from morelora.experiments.report import markdown, plot, summarize
+
+    winner = sweep("more")["winner"]
+    full = _runs([_label("more", winner)], PROTOCOL["seeds"]) if winner else []
+    if not full or not all(_finished(r) for r in full):
+        raise SystemExit("protocol: more's seeds are not all finished yet; see `bench/protocol.py status`")
+    extra = ablation_config(winner)
+    rows = [_runs([label], PROTOCOL["seeds"], extra) for label in extra]
+    done = [r for runs in rows if all(_finished(x) for x in runs) for r in runs]
+    if not done:
+        raise SystemExit("protocol: no ablation row has all its seeds finished yet")
+    summary = summarize(full + done, baseline=full[0].label)
+    out = OUT / "ablations"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"protocol ablations of MoRE (lr {winner}) against {full[0].label}"
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = markdown(summary, title)
+    (out / "results.md").write_text(md)
+    plot(summary, out / "results.png", title)
+    print(md)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["run", "status", "report", "params"])
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
+    p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
     args = p.parse_args()
-    {"run": lambda: run_worker(args.poll), "status": status, "report": report, "params": params}[args.command]()
+    {"run": lambda: run_worker(args.poll), "status": status, "report": lambda: report(with_ablations=args.ablations),
+     "params": params}[args.command]()
 
 
 if __name__ == "__main__":

@@ -71,3 +71,76 @@ def test_claims_exclude_live_workers_and_take_over_dead_ones(protocol):
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     p.release(run)
     assert not lock.exists()
+
+
+def test_ablations_are_more_at_its_winning_lr_plus_each_files_switch(protocol):
+    """Each configs/ablations file differs from full.yaml in its switch alone; its protocol row differs from MoRE's
+    winner in exactly those keys (and the bookkeeping of seed, folder and curve), and waits for MoRE's sweep."""
+    from morelora.config import config_diff, load_config
+
+    p = protocol
+    assert p.ordered_runs()[-1] == (None, "more (the ablations)")
+    for lr, val in [("3e-4", 0.50), ("1e-3", 0.52), ("3e-3", 0.58)]:
+        _finish(p.OUT / f"more_lr{lr}" / "seed0", val)
+    rows = [r for r, w in p.ordered_runs() if w is None and r.label.startswith("ablation_")]
+    files = sorted(f.stem for f in (ROOT / "configs" / "ablations").glob("*.yaml") if f.stem != "full")
+    assert len(files) == 8 and sorted({r.label for r in rows}) == [f"ablation_{f}" for f in files]
+    assert sorted({r.seed for r in rows}) == [0, 1, 2, 3, 4] and len(rows) == 40
+    more = {r.seed: r.cfg for r, w in p.ordered_runs() if w is None and r.label == "more_lr3e-3"}
+    full = load_config(ROOT / "configs" / "ablations" / "full.yaml")
+    bookkeeping = {"train.output_dir", "train.eval_steps"}
+    for r in rows:
+        switch = config_diff(full, load_config(ROOT / "configs" / "ablations" / f"{r.label[9:]}.yaml"))
+        switch = [k for k in switch if k != "train.output_dir"]
+        assert len(switch) == 1, (r.label, switch)
+        got = [k for k in config_diff(more[r.seed], r.cfg) if k not in bookkeeping]
+        assert got == switch, (r.label, got, switch)
+        assert r.cfg.train.lr == pytest.approx(3e-3) and r.cfg.train.eval_steps == 0
+    hard = next(r for r in rows if r.label == "ablation_no_ste")
+    assert hard.cfg.method["routing"] == "hard" and hard.cfg.method["name"] == "more"
+
+
+def _finish_with_predictions(run, correct: list[list[bool]]) -> None:
+    """``run`` finished for real bookkeeping: its config, eval.json and test predictions (1 = right answer)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.cfg.dump(run.run_dir / "config.yaml")
+    tasks = {}
+    for t, right in zip(run.cfg.tasks, correct):
+        refs = [i % 2 for i in range(len(right))]
+        tasks[t] = {"main_metric": "accuracy", "num_labels": 2, "references": refs,
+                    "predictions": [r if ok else 1 - r for r, ok in zip(refs, right)]}
+    scores = {t: sum(c) / len(c) for t, c in zip(run.cfg.tasks, correct)}
+    (run.run_dir / "eval.json").write_text(json.dumps({
+        "average": sum(scores.values()) / len(scores), "train": {"steps": run.cfg.train.max_steps},
+        "tasks": {t: {"score": s, "main_metric": "accuracy"} for t, s in scores.items()}}))
+    (run.run_dir / "test_predictions.json").write_text(json.dumps({"split": "test", "tasks": tasks}))
+
+
+def test_ablation_report_pairs_finished_rows_with_mores_seeds(protocol, capsys):
+    import random
+
+    p = protocol
+    for (run, _), val in zip(p.ordered_runs()[:3], [0.50, 0.58, 0.52]):
+        _finish(run.run_dir, val, steps=run.cfg.train.max_steps)
+        run.cfg.dump(run.run_dir / "config.yaml")
+    with pytest.raises(SystemExit, match="more's seeds are not all finished"):
+        p.report(with_ablations=True)
+    rng = random.Random(0)
+    more = [r for r, w in p.ordered_runs() if w is None and r.label == "more_lr1e-3"]
+    hard = [r for r, w in p.ordered_runs() if w is None and r.label == "ablation_no_ste"]
+    n = 40
+    for run in more:
+        _finish_with_predictions(run, [[rng.random() < 0.7 for _ in range(n)] for _ in run.cfg.tasks])
+    with pytest.raises(SystemExit, match="no ablation row has all its seeds finished"):
+        p.report(with_ablations=True)
+    for run in hard:
+        _finish_with_predictions(run, [[rng.random() < 0.5 for _ in range(n)] for _ in run.cfg.tasks])
+    capsys.readouterr()
+    p.report(with_ablations=True)
+    printed = capsys.readouterr().out
+    saved = json.loads((p.OUT / "ablations" / "results.json").read_text())
+    assert list(saved["methods"]) == ["more_lr1e-3", "ablation_no_ste"] and "ablation_no_ste" in printed
+    want = sum(json.loads((r.run_dir / "eval.json").read_text())["average"] for r in hard) / 5 - sum(
+        json.loads((r.run_dir / "eval.json").read_text())["average"] for r in more) / 5
+    assert saved["tests"]["ablation_no_ste"]["diff_average"] == pytest.approx(want)
+    assert saved["tests"]["ablation_no_ste"]["baseline"] == "more_lr1e-3"
