@@ -288,7 +288,7 @@ def report(baseline: str = "lora", with_ablations: bool = False) -> None:
 
 def report_ablations() -> None:
     """Each finished ablation row (all seeds) against MoRE's winner, paired over seeds and test examples."""
-    from morelora.experiments.report import markdown, plot, summarize
+    from morelora.experiments.report import summarize, write_report
 
     winner = sweep("more")["winner"]
     full = _runs([_label("more", winner)], PROTOCOL["seeds"]) if winner else []
@@ -300,14 +300,7 @@ def report_ablations() -> None:
     if not done:
         raise SystemExit("protocol: no ablation row has all its seeds finished yet")
     summary = summarize(full + done, baseline=full[0].label)
-    out = OUT / "ablations"
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"protocol ablations of MoRE (lr {winner}) against {full[0].label}"
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    md = markdown(summary, title)
-    (out / "results.md").write_text(md)
-    plot(summary, out / "results.png", title)
-    print(md)
+    print(write_report(summary, OUT / "ablations", f"protocol ablations of MoRE (lr {winner}) against {full[0].label}"))
 
 
 def main() -> None:

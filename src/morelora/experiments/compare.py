@@ -55,7 +55,7 @@ from typing import Any
 
 from morelora.config import apply_overrides, load_config, read_yaml_mapping
 from morelora.experiments.plan import PLAN_STEPS, plan
-from morelora.experiments.report import markdown, plot, summarize
+from morelora.experiments.report import summarize, write_report
 from morelora.experiments.runs import CompareError, PlannedRun, execute
 
 __all__ = [
@@ -242,12 +242,7 @@ def compare(config: str | Path | Sequence[str | Path] | None, methods: str | Seq
         title = f"{name}: {', '.join(summary['methods'])}"
         summary = {"config": str(config) if config else None, "overrides": list(overrides),
                    "method_config": str(method_config) if method_config else None, **summary}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        md = markdown(summary, title)
-        (out / "results.md").write_text(md, encoding="utf-8")
-        plot(summary, out / "results.png", title)
-        print(md)
+        print(write_report(summary, out, title))
         print(f"-> {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
     return out
 

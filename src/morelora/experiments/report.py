@@ -277,3 +277,14 @@ def plot(summary: dict[str, Any], path: str | Path, title: str = "Comparison") -
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def write_report(summary: dict[str, Any], out: str | Path, title: str) -> str:
+    """``results.json``, ``results.md`` and ``results.png`` of ``summary`` in ``out``; returns the markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    md = markdown(summary, title)
+    (out / "results.md").write_text(md, encoding="utf-8")
+    plot(summary, out / "results.png", title)
+    return md
