@@ -81,6 +81,60 @@ def test_small_helpers() -> None:
     assert parse_values("method.target_modules", "[query];[query,value]") == [["query"], ["query", "value"]]
 
 
+# ------------------------------------------------------------------------------------------ update norms
+
+
+def test_update_norms_of_a_more_run_equal_its_merged_weights_and_the_equation(tiny_run: Path) -> None:
+    from safetensors.torch import load_file
+
+    from morelora.analysis import load_trained_model
+    from morelora.analysis.updates import run_update_norms
+
+    norms = run_update_norms(tiny_run)
+    model = load_trained_model(tiny_run).model
+    w0 = {n: layer.base_layer.weight.detach().clone() for n, layer in model.adapter_layers()}
+    for task in model.tasks:   # independent: what merging the task puts into the base weights
+        model.merge_task(task)
+        for n, layer in model.adapter_layers():
+            assert norms[task][n] == pytest.approx(float((layer.base_layer.weight - w0[n]).norm()), rel=1e-4)
+        model.unmerge()
+    # and from the saved tensors by METHOD.md's equation: (alpha / r) B[:, :k] diag(s)^2 A[:k], s_i = i / r
+    ckpt = list_checkpoints(tiny_run)[-1][1] / "adapter"
+    state = load_file(str(ckpt / "adapter_model.safetensors"))
+    ranks = json.loads((ckpt / "adapter_config.json").read_text())["task_ranks"]
+    name = model.adapted_names[0]
+    s = torch.arange(1, 5) / 4
+    for task in model.tasks:
+        k = ranks[task][name]
+        dw = 2.0 * (state[f"{name}.lora_B"][:, :k] * s[:k] ** 2) @ state[f"{name}.lora_A"][:k]
+        assert norms[task][name] == pytest.approx(float(dw.norm()), rel=1e-5)
+    assert all(v > 0 for per in norms.values() for v in per.values())
+
+
+def test_update_norms_of_peft_lora_relative_norms_and_token_routed_methods() -> None:
+    from _tiny import tiny_bert
+
+    import morelora
+    from morelora.analysis.updates import relative_update_norms, task_update_norms
+
+    tasks = ["a", "b"]
+    lora = morelora.build_method("lora", tiny_bert(), tasks, r=4, lora_alpha=8, init_lora_weights=False)
+    norms = task_update_norms(lora)
+    before = {n: m.weight.detach().clone() for n, m in tiny_bert().named_modules() if hasattr(m, "weight")}
+    merged = dict(lora.merge_and_unload("a").named_modules())   # PEFT's merge
+    for name, value in norms["a"].items():
+        assert value == pytest.approx(float((merged[name].weight - before[name]).norm()), rel=1e-4)
+    assert norms["a"] == norms["b"]   # one adapter for every task
+
+    half = {t: {m: v / 2 for m, v in per.items()} for t, per in norms.items()}
+    assert relative_update_norms(half, norms) == pytest.approx({"a": 0.5, "b": 0.5})
+    with pytest.raises(ValueError, match="no module in common"):
+        relative_update_norms({"a": {"x": 1.0}}, {"a": {"y": 1.0}})
+    molora = morelora.build_method("molora", tiny_bert(), tasks)
+    with pytest.raises(morelora.MoreLoraError, match="routed per token"):
+        task_update_norms(molora)
+
+
 # ---------------------------------------------------------------------------------------------- fewshot
 
 
