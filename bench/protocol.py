@@ -4,7 +4,9 @@
     python bench/protocol.py status   # what is done, running and left; each method's sweep and its winner
     python bench/protocol.py report   # the table: `morelora compare` over every finished winner's seeds
     python bench/protocol.py report --ablations   # each ablation of MoRE against MoRE (results in OUT/ablations)
+    python bench/protocol.py report --interim     # while it runs: the seeds finished so far (OUT/interim)
     python bench/protocol.py params   # adapter parameters of every row on the protocol's model
+    python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms
 
 Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shared by every run) and the
 ``PROTOCOL`` block below (methods, learning rates, seeds, order). For every method:
@@ -15,7 +17,8 @@ Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shar
 3. seeds: the winner's label trained with the other seeds, so that the winner's sweep run is its first seed
    (without the validation curve: ``train.eval_steps`` is bookkeeping, so the runs still form one comparison).
 
-After every row: the paper's ablations under the protocol. Each file of ``configs/ablations/`` but ``full.yaml``
+After the rows: the paper's ablations under the protocol (those in ``early_ablations`` right after MoRE's and
+LoRA's seeds). Each file of ``configs/ablations/`` but ``full.yaml``
 is the comparison setup plus one switch; here that switch is applied to ``more`` at *its* winning learning rate
 (label ``ablation_<file>``, the same seeds, no validation curve), and ``report --ablations`` compares each
 against ``more``'s own seeds (the ``full`` row).
@@ -56,6 +59,10 @@ PROTOCOL: dict[str, Any] = {
     "groups": [["more", "lora"], ["lora_r16", "multilora", "moelora", "hydralora"]],
     "lrs": ["3e-4", "1e-3", "3e-3"],
     "seeds": 5,
+    # ablation rows run right after the first group's seeds, before the other rows: the diagnosis of MoRE against
+    # LoRA (`diagnose`; docs/RESULTS.md) found MoRE's task updates a fraction of LoRA's, and the rank scaling
+    # s_i^2 (1/64 on rank 1) is the first suspect
+    "early_ablations": ["ablation_no_rank_scaling"],
 }
 
 
@@ -121,29 +128,37 @@ def sweep(method: str) -> dict[str, Any]:
 
 
 def ordered_runs() -> list[tuple[Any, str | None]]:
-    """Every run of the protocol in order, with the method whose sweep must finish first (None: no wait)."""
+    """Every run of the protocol in order, with the method whose sweep must finish first (None: no wait).
+
+    Per group: the sweeps, then the winners' seeds interleaved (seed 1 of every method, then seed 2, ...), so
+    that the paired comparison grows one complete seed at a time; after the first group, the ablations named in
+    ``early_ablations``; the other ablations last."""
     out: list[tuple[Any, str | None]] = []
-    for group in PROTOCOL["groups"]:
+    for i, group in enumerate(PROTOCOL["groups"]):
+        seeded, waiting = [], []
         for m in group:
             out += [(r, None) for r in _runs([_label(m, lr) for lr in PROTOCOL["lrs"]], 1)]
-        for m in group:
             winner = sweep(m)["winner"]
             if winner is None:
-                out.append((None, m))   # its seeds: known once the sweep has a winner
-            else:
-                for r in _runs([_label(m, winner)], PROTOCOL["seeds"])[1:]:
-                    r.cfg.train.eval_steps = 0   # the curve was for the choice: the other seeds skip it
-                    out.append((r, None))
-    return out + ablation_runs()
+                waiting.append((None, m))   # its seeds: known once the sweep has a winner
+                continue
+            runs = _runs([_label(m, winner)], PROTOCOL["seeds"])[1:]
+            for r in runs:
+                r.cfg.train.eval_steps = 0   # the curve was for the choice: the other seeds skip it
+            seeded.append([(r, None) for r in runs])
+        out += [run for same_seed in zip(*seeded) for run in same_seed] + waiting
+        if i == 0:
+            out += ablation_runs(PROTOCOL["early_ablations"], wait_line=False)
+    return out + ablation_runs([a for a in ablations() if a not in PROTOCOL["early_ablations"]])
 
 
-def ablation_runs() -> list[tuple[Any, str | None]]:
-    """The ablation rows' runs (all seeds), or one entry waiting for MoRE's sweep."""
+def ablation_runs(labels: list[str], wait_line: bool = True) -> list[tuple[Any, str | None]]:
+    """The runs (all seeds) of the ablation rows ``labels``, or one entry waiting for MoRE's sweep."""
     winner = sweep("more")["winner"]
     if winner is None:
-        return [(None, "more (the ablations)")]
-    extra = ablation_config(winner)
-    runs = _runs(list(extra), PROTOCOL["seeds"], extra)
+        return [(None, "more (the ablations)")] if wait_line else []
+    extra = {label: options for label, options in ablation_config(winner).items() if label in labels}
+    runs = _runs(list(extra), PROTOCOL["seeds"], extra) if extra else []
     for r in runs:
         r.cfg.train.eval_steps = 0   # the learning rate is MoRE's: no choice to make on validation
     return [(r, None) for r in runs]
@@ -265,13 +280,16 @@ def params() -> None:
               f"trainable (with heads) {counts['trainable']:>9,}")
 
 
-def report(baseline: str = "lora", with_ablations: bool = False) -> None:
+def report(baseline: str = "lora", with_ablations: bool = False, interim: bool = False) -> None:
     """`morelora compare` over the winners whose seeds have all finished (the baseline's row first); with
-    ``with_ablations``, the finished ablation rows against MoRE's winner instead (OUT/ablations/results.*)."""
+    ``with_ablations``, the finished ablation rows against MoRE's winner instead (OUT/ablations/results.*);
+    with ``interim``, the seeds finished so far (`report_interim`)."""
     from morelora.experiments.compare import compare
 
     if with_ablations:
         return report_ablations()
+    if interim:
+        return report_interim()
     winners = {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
     labels = [_label(m, w) for m, w in winners.items() if w is not None
               and all((r.run_dir / "eval.json").is_file() for r in _runs([_label(m, w)], PROTOCOL["seeds"]))]
@@ -284,6 +302,26 @@ def report(baseline: str = "lora", with_ablations: bool = False) -> None:
 
     mc.write_text(yaml.safe_dump({lab: method_config()[lab] for lab in labels}, sort_keys=False))
     compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, method_config=str(mc), baseline=base)
+
+
+def report_interim() -> None:
+    """The rows whose sweep has a winner, over the seeds every one of them has finished (``lora``'s row first),
+    while the grid is still running: OUT/interim/results.* (a progress figure, not the protocol's table)."""
+    from morelora.experiments.report import summarize, write_report
+
+    winners = {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
+    rows = {m: _runs([_label(m, w)], PROTOCOL["seeds"]) for m, w in winners.items() if w is not None}
+    if "lora" not in rows:
+        raise SystemExit("protocol: lora's learning-rate sweep is not finished yet; see `bench/protocol.py status`")
+    seeds = [s for s in range(PROTOCOL["seeds"]) if all(_finished(runs[s]) for runs in rows.values())]
+    if not seeds:
+        raise SystemExit("protocol: no seed is finished for every swept method yet")
+    order = ["lora"] + [m for m in rows if m != "lora"]
+    runs = [rows[m][s] for m in order for s in seeds]
+    summary = summarize(runs, baseline=rows["lora"][0].label)
+    title = (f"protocol, interim: {len(order)} rows x seeds {', '.join(map(str, seeds))} "
+             f"(of {PROTOCOL['seeds']}), against {rows['lora'][0].label}")
+    print(write_report(summary, OUT / "interim", title))
 
 
 def report_ablations() -> None:
@@ -303,14 +341,66 @@ def report_ablations() -> None:
     print(write_report(summary, OUT / "ablations", f"protocol ablations of MoRE (lr {winner}) against {full[0].label}"))
 
 
+def diagnose() -> dict[str, Any]:
+    """Where MoRE's adaptation differs from LoRA's, per task, on every MoRE run with a finished LoRA run of the same
+    seed: the rank each task uses (mean over layers), how decided its router is (top probability and its margin
+    over the second), and ``||dW_t||`` against LoRA's (`relative_update_norms`). -> OUT/diagnosis.json"""
+    import numpy as np
+
+    from morelora.analysis import load_trained_model
+    from morelora.analysis.updates import relative_update_norms, task_update_norms
+    from morelora.training.build import build_tasks, load_data
+
+    lora_w = sweep("lora")["winner"]
+    if lora_w is None:
+        raise SystemExit("protocol: lora's learning-rate sweep is not finished yet")
+    lora = {r.seed: r for r in _runs([_label("lora", lora_w)], PROTOCOL["seeds"]) if _finished(r)}
+    more = [r for lr in PROTOCOL["lrs"] for r in _runs([_label("more", lr)], PROTOCOL["seeds"])
+            if _finished(r) and r.seed in lora]
+    cfg = more[0].cfg if more else None
+    if cfg is None:
+        raise SystemExit("protocol: no finished MoRE run has a finished LoRA run of the same seed yet")
+    specs = build_tasks(cfg)
+    sizes = {s.name: len(d["train"]) for s, d in zip(specs, load_data(cfg, specs))}
+    ref_norms = {seed: task_update_norms(load_trained_model(r.run_dir).model) for seed, r in lora.items()}
+    out: dict[str, Any] = {"train_examples": sizes, "lora": _label("lora", lora_w), "runs": []}
+    for r in more:
+        model = load_trained_model(r.run_dir).model
+        probs = {name: layer.router_probs().detach() for name, layer in model.adapter_layers()}
+        top2 = {name: p.topk(2, -1).values for name, p in probs.items()}
+        ranks = model.task_ranks()
+        rel = relative_update_norms(task_update_norms(model), ref_norms[r.seed])
+        test = json.loads((r.run_dir / "eval.json").read_text())["tasks"]
+        ref_test = json.loads((lora[r.seed].run_dir / "eval.json").read_text())["tasks"]
+        out["runs"].append({"label": r.label, "seed": r.seed, "tasks": {t: {
+            "mean_rank": float(np.mean(list(ranks[t].values()))),
+            "router_top_p": float(np.mean([v[i, 0] for v in top2.values()])),
+            "router_margin": float(np.mean([v[i, 0] - v[i, 1] for v in top2.values()])),
+            "update_norm_vs_lora": rel[t],
+            "test_minus_lora": test[t]["score"] - ref_test[t]["score"]} for i, t in enumerate(model.tasks)}})
+    (OUT / "diagnosis.json").write_text(json.dumps(out, indent=1))
+    print(f"{'run':<22}{'task':<15}{'train n':>8}{'mean k':>8}{'top p':>7}{'margin':>8}{'|dW|/LoRA':>10}"
+          f"{'test - LoRA':>12}")
+    for run in out["runs"]:
+        for t, d in run["tasks"].items():
+            print(f"{run['label'] + ' s' + str(run['seed']):<22}{t:<15}{sizes[t]:>8}{d['mean_rank']:>8.2f}"
+                  f"{d['router_top_p']:>7.3f}{d['router_margin']:>8.3f}{d['update_norm_vs_lora']:>10.3f}"
+                  f"{100 * d['test_minus_lora']:>+12.2f}")
+    print(f"-> {OUT / 'diagnosis.json'}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["run", "status", "report", "params"])
+    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose"])
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
     p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
+    p.add_argument("--interim", action="store_true",
+                   help="report: the swept rows over the seeds each has finished so far (OUT/interim)")
     args = p.parse_args()
-    {"run": lambda: run_worker(args.poll), "status": status, "report": lambda: report(with_ablations=args.ablations),
-     "params": params}[args.command]()
+    {"run": lambda: run_worker(args.poll), "status": status,
+     "report": lambda: report(with_ablations=args.ablations, interim=args.interim),
+     "params": params, "diagnose": diagnose}[args.command]()
 
 
 if __name__ == "__main__":

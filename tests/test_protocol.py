@@ -144,3 +144,85 @@ def test_ablation_report_pairs_finished_rows_with_mores_seeds(protocol, capsys):
         json.loads((r.run_dir / "eval.json").read_text())["average"] for r in more) / 5
     assert saved["tests"]["ablation_no_ste"]["diff_average"] == pytest.approx(want)
     assert saved["tests"]["ablation_no_ste"]["baseline"] == "more_lr1e-3"
+
+
+def test_seeds_interleave_and_the_early_ablation_comes_before_the_other_rows(protocol):
+    p = protocol
+    for m in ("more", "lora"):
+        for lr, val in [("3e-4", 0.50), ("1e-3", 0.58), ("3e-3", 0.52)]:
+            _finish(p.OUT / f"{m}_lr{lr}" / "seed0", val)
+    todo = [(r.label, r.seed) for r, w in p.ordered_runs() if w is None and not (r.run_dir / "eval.json").exists()]
+    assert todo[:8] == [(lab, s) for s in (1, 2, 3, 4) for lab in ("more_lr1e-3", "lora_lr1e-3")]
+    assert todo[8:13] == [("ablation_no_rank_scaling", s) for s in range(5)]
+    assert todo[13] == ("lora_r16_lr3e-4", 0)
+    labels = [lab for lab, _ in todo]
+    assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo))
+    assert labels.index("ablation_no_ste") > labels.index("hydralora_lr3e-3")
+
+
+def test_interim_report_pairs_the_seeds_both_rows_have_finished(protocol, capsys):
+    import random
+
+    p = protocol
+    with pytest.raises(SystemExit, match="lora's learning-rate sweep is not finished"):
+        p.report(interim=True)
+    for (run, _), val in zip(p.ordered_runs()[:6], [0.50, 0.58, 0.52, 0.50, 0.52, 0.58]):
+        _finish(run.run_dir, val, steps=run.cfg.train.max_steps)
+    rng = random.Random(1)
+    winners = {"more": "more_lr1e-3", "lora": "lora_lr3e-3"}
+    runs = {m: [r for r, w in p.ordered_runs() if w is None and r.label == lab] for m, lab in winners.items()}
+    assert [r.seed for r in runs["more"]] == [0, 1, 2, 3, 4]
+    for m, seeds, rate in [("more", [0, 1, 2], 0.7), ("lora", [0, 1, 3], 0.6)]:   # seeds 0 and 1 in common
+        for s in seeds:
+            run = runs[m][s]
+            _finish_with_predictions(run, [[rng.random() < rate for _ in range(30)] for _ in run.cfg.tasks])
+    capsys.readouterr()
+    p.report(interim=True)
+    printed = capsys.readouterr().out
+    saved = json.loads((p.OUT / "interim" / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and list(saved["methods"]) == ["lora_lr3e-3", "more_lr1e-3"]
+    assert "seeds 0, 1 (of 5)" in printed
+
+    def avg(run):
+        return json.loads((run.run_dir / "eval.json").read_text())["average"]
+    want = sum(avg(runs["more"][s]) - avg(runs["lora"][s]) for s in (0, 1)) / 2
+    assert saved["tests"]["more_lr1e-3"]["diff_average"] == pytest.approx(want)
+    assert saved["tests"]["more_lr1e-3"]["combined"]["mde"] > 0
+
+
+def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
+    """`diagnose` on a trained MoRE and LoRA pair: the ranks of the checkpoint, the update norms' ratio, the test
+    difference of the two eval.json files."""
+    import yaml
+    from conftest import tiny_run_config
+
+    from morelora.analysis.updates import relative_update_norms, run_update_norms
+    from morelora.experiments.runs import execute
+
+    p = protocol
+    cfg = tiny_run_config(tiny_bert, tmp_path / "unused", eval_steps=6, lr=5e-3)
+    cfg["tasks"], cfg["data"] = ["rte", "sst2"], {"max_train_per_task": 16, "max_eval_per_task": 8}
+    p.CONFIG = tmp_path / "tiny.yaml"
+    p.CONFIG.write_text(yaml.safe_dump(cfg))
+    for run, _ in p.ordered_runs()[:6]:
+        if run.label in ("more_lr1e-3", "lora_lr1e-3"):
+            execute([run])
+        else:   # a losing sweep run: its validation score only
+            _finish(run.run_dir, -1.0, steps=run.cfg.train.max_steps)
+            run.cfg.dump(run.run_dir / "config.yaml")
+            (run.run_dir / "test_predictions.json").unlink()
+    capsys.readouterr()
+    out = p.diagnose()
+    printed = capsys.readouterr().out
+    more, lora = p.OUT / "more_lr1e-3" / "seed0", p.OUT / "lora_lr1e-3" / "seed0"
+    assert out["train_examples"] == {"rte": 16, "sst2": 16} and [r["label"] for r in out["runs"]] == ["more_lr1e-3"]
+    ckpt = sorted(more.glob("checkpoint-*"))[-1] / "adapter" / "adapter_config.json"
+    ranks = json.loads(ckpt.read_text())["task_ranks"]
+    rel = relative_update_norms(run_update_norms(more), run_update_norms(lora))
+    tests = [json.loads((d / "eval.json").read_text())["tasks"] for d in (more, lora)]
+    for t, d in out["runs"][0]["tasks"].items():
+        assert d["mean_rank"] == pytest.approx(sum(ranks[t].values()) / len(ranks[t]))
+        assert d["update_norm_vs_lora"] == pytest.approx(rel[t]) and 0 < d["update_norm_vs_lora"]
+        assert d["test_minus_lora"] == pytest.approx(tests[0][t]["score"] - tests[1][t]["score"])
+        assert 1 / 4 <= d["router_top_p"] <= 1 and 0 <= d["router_margin"] <= d["router_top_p"]
+    assert "more_lr1e-3 s0" in printed and "|dW|/LoRA" in printed
