@@ -732,6 +732,12 @@ class TaskAdapterModel(nn.Module):
     def on_step_end(self, step: int) -> None:
         """Called by the trainer after every optimizer step (rank re-allocation in ALoRA / AdaLoRA)."""
 
+    def routing_state(self) -> dict[str, dict[str, int]] | None:
+        """The per-task routing choices to record during training, ``{task: {module: value}}``; None when the
+        method has none (the default). The trainer logs them to ``routing.jsonl``: reading them must not change
+        the model, its train / eval mode or the RNG."""
+        return None
+
     # -- PEFT export
     def export_lora(self, task: str | int, save_directory: str | os.PathLike,
                     base_model_name_or_path: str | None = None, uniform_rank: bool = False) -> Path:

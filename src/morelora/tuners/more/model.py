@@ -107,6 +107,10 @@ class MoREModel(TaskAdapterModel):
         per_layer = {name: layer.task_ranks() for name, layer in self.adapter_layers()}
         return {task: {name: ranks[t] for name, ranks in per_layer.items()} for t, task in enumerate(self.tasks)}
 
+    def routing_state(self) -> dict[str, dict[str, int]]:
+        """The router's choices: `task_ranks()`."""
+        return self.task_ranks()
+
     def after_weights_changed(self) -> None:
         for _, layer in self.adapter_layers():
             layer.clear_cache()
