@@ -115,6 +115,85 @@ def test_incomplete_checkpoints_are_ignored(encoder_run: Path, tmp_path: Path) -
     assert latest_checkpoint(run_dir).name == "checkpoint-6"
 
 
+# ------------------------------------------------------------------------------------------ routing.jsonl
+
+
+def _routing(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
+
+
+def _routing_config(tiny_bert: str, out: Path, run_config) -> dict:
+    """6 steps logged every step, checkpoints at 2, 4, 6, dropout on (a consumer of the RNG stream); near-zero
+    router logits, so that the routing moves within the 6 steps."""
+    cfg = run_config(tiny_bert, out, logging_steps=1, save_steps=2, lr=2e-2)
+    cfg["tasks"] = ["rte", "sst2"]
+    cfg["data"] = {"max_train_per_task": 16, "max_eval_per_task": 4}
+    cfg["method"].update(lora_dropout=0.1, use_task_embeddings=False, task_embedding_std=1e-3)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def routed_run(tmp_path_factory, tiny_bert) -> Path:
+    from conftest import tiny_run_config
+
+    return train(RunConfig.from_dict(_routing_config(tiny_bert, tmp_path_factory.mktemp("routed") / "r",
+                                                     tiny_run_config)))
+
+
+def test_routing_log_has_a_row_per_logging_step_ending_at_the_final_ranks(routed_run: Path) -> None:
+    from morelora.analysis import load_trained_model
+
+    rows = _routing(routed_run)
+    assert [r["step"] for r in rows] == [r["step"] for r in _rows(routed_run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    model = load_trained_model(routed_run).model   # from checkpoint-6, not from the log
+    assert all(set(r) == {"step", "task_ranks"} and list(r["task_ranks"]) == ["rte", "sst2"] for r in rows)
+    assert all(list(r["task_ranks"]["rte"]) == list(model.adapted_names) for r in rows)
+    assert rows[-1]["task_ranks"] == model.task_ranks()
+    assert rows[0]["task_ranks"] != rows[-1]["task_ranks"]   # the routing moved: the last row is not the first
+
+
+def test_routing_log_does_not_change_training(routed_run: Path, tmp_path: Path, tiny_bert: str, run_config,
+                                              monkeypatch) -> None:
+    from morelora.tuners.more import MoREModel
+
+    monkeypatch.setattr(MoREModel, "routing_state", lambda self: None)
+    silent = train(RunConfig.from_dict(_routing_config(tiny_bert, tmp_path / "silent", run_config)))
+    assert not (silent / "routing.jsonl").exists()
+    for step in (2, 4, 6):
+        a, b = _adapter(routed_run / f"checkpoint-{step}"), _adapter(silent / f"checkpoint-{step}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+    losses = [[r["loss"] for r in _rows(d) if "loss" in r] for d in (routed_run, silent)]
+    assert losses[0] == losses[1]
+
+
+def test_resume_truncates_the_routing_log(routed_run: Path, tmp_path: Path, tiny_bert: str, run_config) -> None:
+    """A run killed after step 5 (checkpoints 2 and 4 kept, a row cut short) resumes from step 4: routing.jsonl
+    holds each step once, as the uninterrupted run wrote it; killed before its first checkpoint, it starts over."""
+    import shutil
+
+    cfg = _routing_config(tiny_bert, tmp_path / "unused", run_config)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    for name, kept in (("killed", [2, 4]), ("early", [])):
+        killed = shutil.copytree(routed_run, tmp_path / name)
+        for step in {2, 4, 6} - set(kept):
+            shutil.rmtree(killed / f"checkpoint-{step}")
+        (killed / "eval.json").unlink()
+        with open(killed / "routing.jsonl", "a") as f:
+            f.write('{"step": 7, "task_ranks": {"rte"')     # the kill cut this row
+        run = train(RunConfig.from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(killed)}}), resume=True)
+        assert [r["step"] for r in _routing(run)] == [1, 2, 3, 4, 5, 6], name
+        assert _routing(run) == _routing(routed_run), name
+
+
+def test_methods_without_routing_write_no_routing_log(tmp_path: Path, tiny_bert: str, run_config) -> None:
+    cfg = run_config(tiny_bert, tmp_path / "lora", max_steps=2, logging_steps=1, save_steps=0)
+    cfg["tasks"], cfg["data"]["max_eval_per_task"] = ["sst2"], 4
+    cfg["method"] = {"name": "lora", "r": 4}
+    run_dir = train(RunConfig.from_dict(cfg))
+    assert [r["step"] for r in _rows(run_dir) if "loss" in r] == [1, 2]
+    assert not (run_dir / "routing.jsonl").exists()
+
+
 def test_save_total_limit_prunes(tmp_path: Path, tiny_bert: str, run_config) -> None:
     cfg = run_config(tiny_bert, tmp_path / "r", max_steps=4, save_steps=1, save_total_limit=2)
     cfg["tasks"] = ["sst2"]
@@ -167,6 +246,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path: Path, tiny_bert:
     ra, rb = _rows(killed), _rows(straight)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(5, 151, 5))
     assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
+    assert [r["step"] for r in _routing(killed)] == list(range(5, 151, 5))   # each logging step once
+    assert _routing(killed) == _routing(straight)
     ea, eb = (json.loads((d / "eval.json").read_text()) for d in (killed, straight))
     assert {t: r["score"] for t, r in ea["tasks"].items()} == {t: r["score"] for t, r in eb["tasks"].items()}
 

@@ -1,6 +1,7 @@
 """Run folders and atomic checkpoints.
 
-A run folder holds ``config.yaml``, ``metrics.jsonl``, ``eval.json`` and ``checkpoint-<step>/`` folders.
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``routing.jsonl`` (methods with routing choices),
+``eval.json`` and ``checkpoint-<step>/`` folders.
 A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed with ``os.replace`` once complete (the
 last file written is ``trainer_state.json``), so a folder named ``checkpoint-<step>`` is always whole and
 a ``.tmp`` folder left by a killed run is never picked up.
@@ -20,6 +21,8 @@ from typing import Any
 
 __all__ = [
     "ADAPTER_DIR",
+    "LOG_FILES",
+    "ROUTING_FILE",
     "STATE_NAME",
     "RunError",
     "check_new_run_dir",
@@ -35,6 +38,10 @@ __all__ = [
 ]
 
 ADAPTER_DIR = "adapter"
+#: the router's choices at every logging step (`TaskAdapterModel.routing_state`), one JSON row per step
+ROUTING_FILE = "routing.jsonl"
+#: the run folder's logs with one row per step: cut back to the resumed step (`truncate_metrics`)
+LOG_FILES = ("metrics.jsonl", ROUTING_FILE)
 STATE_NAME = "trainer_state.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -126,7 +133,8 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` lines logged after ``step`` (written before a kill, redone on resume)."""
+    """Drop the lines of a log with a ``step`` key (``metrics.jsonl``, ``routing.jsonl``) logged after ``step``
+    (written before a kill, redone on resume)."""
     if not path.exists():
         return
     kept = []

@@ -2,7 +2,7 @@
 
 The trainer is method-agnostic: it trains the run :func:`morelora.training.build.build_run` assembles and only
 uses the interface every method shares (forward with ``task_ids``, ``aux_losses``, ``save_pretrained`` /
-``load_adapter``, ``parameter_counts``, ``generate``).
+``load_adapter``, ``parameter_counts``, ``generate``, ``routing_state``).
 
 Data order and several processes
 --------------------------------
@@ -95,6 +95,7 @@ def train(cfg: RunConfig, resume: bool = False, checkpoint: str | Path | None = 
         ckpt.record_provenance(run_dir, "resume" if resume else "start", state.step)
     batches = _batches(sampler, make_collator(run, train=True), run, accelerator)
     logger = _MetricsLogger(run_dir, accelerator)
+    routing = _RoutingLogger(run_dir, accelerator)
     tracker = _LossTracker()
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
@@ -110,6 +111,7 @@ def train(cfg: RunConfig, resume: bool = False, checkpoint: str | Path | None = 
             row = tracker.pop(accelerator, state, lr=scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
             logger.log(row)
+            routing.log(run.model, state.step)
         if (tc.save_steps and state.step % tc.save_steps == 0) or state.step == tc.max_steps:
             _save_checkpoint(accelerator, run_dir, state, tc.save_total_limit)
         if tc.eval_steps and (state.step % tc.eval_steps == 0 or state.step == tc.max_steps):
@@ -359,6 +361,23 @@ class _MetricsLogger:
             self.tb.close()
 
 
+class _RoutingLogger:
+    """``routing.jsonl`` (main process): ``{"step", "task_ranks"}`` rows of the method's ``routing_state()``,
+    nothing for methods without one. Read without autograd and with the CPU RNG restored: training is unchanged."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator) -> None:
+        self.main = accelerator.is_main_process
+        self.path = run_dir / ckpt.ROUTING_FILE
+
+    def log(self, model: Any, step: int) -> None:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            choices = model.routing_state()   # on every process: sharded parameters may need all of them
+        if choices is None or not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "task_ranks": choices}) + "\n")
+
+
 def _register_checkpointing(accelerator: Accelerator, sampler: MultiTaskSampler) -> None:
     """Checkpoints hold the adapter (not accelerate's copy of the frozen model) plus the sampler state."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -402,7 +421,7 @@ def _resume(accelerator: Accelerator, run_dir: Path, checkpoint: Path | None = N
     candidates = [checkpoint] if checkpoint is not None else [p for _, p in reversed(ckpt.list_checkpoints(run_dir))]
     if not candidates:
         if accelerator.is_main_process:
-            ckpt.truncate_metrics(run_dir / "metrics.jsonl", 0)
+            _truncate_logs(run_dir, 0)
         return TrainState(num_processes=accelerator.num_processes)
     for path in candidates:
         try:
@@ -422,10 +441,16 @@ def _resume(accelerator: Accelerator, run_dir: Path, checkpoint: Path | None = N
                           f"{accelerator.num_processes}: the data order changes")
         state.num_processes = accelerator.num_processes
     if accelerator.is_main_process:
-        ckpt.truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        _truncate_logs(run_dir, state.step)
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {path} (step {state.step})")
     return state
+
+
+def _truncate_logs(run_dir: Path, step: int) -> None:
+    """Drop the log rows after ``step``: the resumed run writes them again."""
+    for name in ckpt.LOG_FILES:
+        ckpt.truncate_metrics(run_dir / name, step)
 
 
 def _evaluate_during_training(run: Run, accelerator: Accelerator, logger: _MetricsLogger, step: int) -> None:
