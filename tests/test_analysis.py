@@ -10,7 +10,16 @@ import torch
 import yaml
 
 from morelora.analysis import mean_ci, short_layer_name
-from morelora.analysis.plots import plot_rank_heatmap, plot_run, rank_matrix, read_checkpoint
+from morelora.analysis.plots import (
+    evenly_spaced,
+    plot_rank_heatmap,
+    plot_rank_history,
+    plot_run,
+    rank_matrix,
+    rank_switches,
+    read_checkpoint,
+    read_routing,
+)
 from morelora.cli import main as cli_main
 from morelora.config import RunConfig, load_config
 from morelora.experiments.sweep import parse_values
@@ -50,7 +59,7 @@ def test_plot_run_writes_pngs_and_the_rank_heatmap_matches_the_model(tiny_run: P
 
     assert cli_main(["plot", str(tiny_run)]) == 0
     expected = {"task_embeddings_pca", "task_similarity", "ranks", "rank_history", "rank_history_panels",
-                "training_curves"}
+                "rank_switches", "training_curves"}
     for name in expected:
         path = tiny_run / "plots" / f"{name}.png"
         assert path.is_file() and path.stat().st_size > 5000, name
@@ -68,6 +77,51 @@ def test_plot_run_writes_pngs_and_the_rank_heatmap_matches_the_model(tiny_run: P
 
     written = plot_run(tiny_run, out_dir=tmp_path / "again")  # same data, another folder
     assert set(written) == expected
+    # the rank history is the routing log's (one entry per logging step), which ends at the final ranks
+    history = read_routing(tiny_run)
+    assert [s for s, _ in history] == [2, 4, 6] and history[-1][1] == truth
+
+
+def test_rank_history_falls_back_to_the_checkpoints_without_a_routing_log(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "old", ignore=shutil.ignore_patterns("plots"))
+    (run_dir / "routing.jsonl").unlink()       # a run trained before the trainer wrote it
+    written = plot_run(run_dir)
+    assert {"rank_history", "rank_history_panels"} <= set(written) and "rank_switches" not in written
+
+
+#: a hand-written routing.jsonl: task a changes 2 of its 4 layers at step 20, task b 1 of 4 at step 30
+_ROUTING = [(10, {"a": [1, 2, 3, 4], "b": [4, 4, 4, 4]}),
+            (20, {"a": [1, 2, 4, 1], "b": [4, 4, 4, 4]}),
+            (30, {"a": [1, 2, 4, 1], "b": [1, 4, 4, 4]})]
+
+
+def test_rank_history_and_switches_from_a_routing_log(tmp_path: Path) -> None:
+    modules = [f"encoder.layer.{i // 2}.attention.self.{('query', 'value')[i % 2]}" for i in range(4)]
+    rows = [{"step": s, "task_ranks": {t: dict(zip(modules, k)) for t, k in ranks.items()}} for s, ranks in _ROUTING]
+    (tmp_path / "routing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "ta')
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n"
+                                                    for s, _ in _ROUTING))
+    history = read_routing(tmp_path)               # the row cut by a kill is skipped
+    assert history == [(r["step"], r["task_ranks"]) for r in rows]
+
+    steps, fractions = rank_switches(history)
+    assert steps == [20, 30]
+    assert {t: f.tolist() for t, f in fractions.items()} == {"a": [0.5, 0.0], "b": [0.0, 0.25]}
+    means = plot_rank_history(history, tmp_path / "h.png")
+    assert means.tolist() == [[2.5, 4.0], [2.0, 4.0], [2.0, 3.25]]
+
+    written = plot_run(tmp_path)                   # no checkpoint: the routing log and the metrics only
+    assert set(written) == {"rank_history", "rank_history_panels", "rank_switches", "training_curves"}
+    for path in written.values():
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000, path
+
+
+def test_evenly_spaced_keeps_the_last() -> None:
+    assert evenly_spaced(list(range(100)), 6) == [0, 20, 40, 59, 79, 99]
+    assert evenly_spaced(list(range(4)), 6) == [0, 1, 2, 3]
+    assert evenly_spaced(list(range(7)), 1) == [6]
 
 
 def test_small_helpers() -> None:

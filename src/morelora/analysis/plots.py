@@ -8,7 +8,9 @@ Everything is read from the run folder's files (no model is built):
 * ``checkpoint-<step>/adapter/adapter_config.json`` — ``task_ranks`` (``{task: {module: k}}``), what
   ``MoREModel.task_ranks()`` returned when the checkpoint was written;
 * ``metrics.jsonl`` — training rows (``loss``, ``task_loss``, auxiliary losses, per-task losses if logged)
-  and evaluation rows (``split``, ``eval_<task>``, ``eval_average``).
+  and evaluation rows (``split``, ``eval_<task>``, ``eval_average``);
+* ``routing.jsonl`` — ``{"step", "task_ranks"}`` at every logging step (the router's choices over the whole
+  training; MoRE runs trained since the trainer wrote it).
 
 Files written (those whose data the run lacks are skipped):
 
@@ -17,8 +19,12 @@ Files written (those whose data the run lacks are skipped):
 ``task_embeddings_tsne.png`` the same by t-SNE (only with at least ``TSNE_MIN_TASKS`` tasks)
 ``task_similarity.png``      cosine similarity of the tasks' embeddings, averaged over layers
 ``ranks.png``                heatmap tasks x layers of the rank k each task uses (annotated)
-``rank_history.png``         mean rank (over layers) per task vs training step, one point per checkpoint
-``rank_history_panels.png``  one ranks heatmap per checkpoint (at most ``MAX_HISTORY_PANELS``)
+``rank_history.png``         mean rank (over layers) per task vs training step: one point per ``routing.jsonl``
+                             row, or without that file one per kept checkpoint
+``rank_history_panels.png``  ranks heatmaps at up to ``MAX_HISTORY_PANELS`` of those steps, evenly spaced, the
+                             last included
+``rank_switches.png``        per task, the fraction of adapted layers whose rank changed since the previous
+                             ``routing.jsonl`` row, vs step (does the routing settle?)
 ``training_curves.png``      loss / task loss, auxiliary losses, per-task losses, validation scores vs step
 ==========================  ==================================================================================
 """
@@ -38,16 +44,20 @@ from morelora.analysis import short_layer_name
 
 __all__ = [
     "configure",
+    "evenly_spaced",
     "main",
     "plot_rank_heatmap",
     "plot_rank_history",
+    "plot_rank_switches",
     "plot_run",
     "plot_task_embeddings",
     "plot_task_similarity",
     "plot_training_curves",
     "rank_matrix",
+    "rank_switches",
     "read_checkpoint",
     "read_metrics",
+    "read_routing",
 ]
 
 TSNE_MIN_TASKS = 5
@@ -59,9 +69,25 @@ _PER_TASK_LOSS = re.compile(r"^(?:task_loss|loss)[_/:](?P<task>.+)$")
 # ------------------------------------------------------------------------------------------- reading
 
 
+#: ``[(step, {task: {module: rank k}}), ...]``, oldest first
+RankHistory = list[tuple[int, dict[str, dict[str, int]]]]
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``RUN_DIR/metrics.jsonl`` (missing file: ``[]``; a cut last line is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    return _read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def read_routing(run_dir: str | Path) -> RankHistory:
+    """The rank history in ``RUN_DIR/routing.jsonl``, one entry per logging step (missing file: ``[]``)."""
+    from morelora.training.checkpoint import ROUTING_FILE
+
+    return [(int(r["step"]), r["task_ranks"]) for r in _read_jsonl(Path(run_dir) / ROUTING_FILE)
+            if r.get("task_ranks")]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (missing file: ``[]``; a line cut by a kill is skipped)."""
     if not path.exists():
         return []
     rows = []
@@ -108,6 +134,25 @@ def rank_matrix(task_ranks: dict[str, dict[str, int]]) -> tuple[list[str], list[
     k = np.array([[int(task_ranks[t][m]) for m in modules] for t in tasks], dtype=np.int64).reshape(len(tasks),
                                                                                                    len(modules))
     return tasks, modules, k
+
+
+def rank_switches(history: RankHistory) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Per task of the last entry, the fraction of adapted layers whose rank differs from the previous entry.
+
+    Returns ``(steps, {task: fractions})`` for the entries after the first (NaN where the task has no layer in
+    both entries)."""
+    pairs = list(zip(history, history[1:]))
+    tasks = list(history[-1][1]) if history else []
+    fractions = {t: np.array([_changed(prev.get(t), cur.get(t)) for (_, prev), (_, cur) in pairs], dtype=np.float64)
+                 for t in tasks}
+    return [step for _, (step, _) in pairs], fractions
+
+
+def _changed(before: dict[str, int] | None, after: dict[str, int] | None) -> float:
+    """The fraction of the modules in both whose value differs (NaN when no module is in both)."""
+    before, after = before or {}, after or {}
+    common = [m for m in after if m in before]
+    return sum(before[m] != after[m] for m in common) / len(common) if common else math.nan
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -257,11 +302,12 @@ def plot_rank_heatmap(task_ranks: dict[str, dict[str, int]], path: str | Path, r
     return k
 
 
-def plot_rank_history(history: list[tuple[int, dict[str, dict[str, int]]]], path: str | Path,
-                      panels_path: str | Path | None = None, r: int | None = None) -> np.ndarray:
-    """Mean rank per task vs step (one point per checkpoint) and, optionally, one heatmap per checkpoint.
+def plot_rank_history(history: RankHistory, path: str | Path, panels_path: str | Path | None = None,
+                      r: int | None = None, per: str = "checkpoint") -> np.ndarray:
+    """Mean rank per task vs step and, optionally, ranks heatmaps at up to ``MAX_HISTORY_PANELS`` of the steps.
 
-    ``history`` is ``[(step, task_ranks), ...]`` oldest first. Returns the (checkpoints, T) mean ranks.
+    ``history`` is ``[(step, task_ranks), ...]`` oldest first; ``per`` names what one entry is (a "checkpoint",
+    a "logging step"). Returns the (entries, T) mean ranks.
     """
     steps = [s for s, _ in history]
     tasks = list(history[-1][1])
@@ -271,32 +317,65 @@ def plot_rank_history(history: list[tuple[int, dict[str, dict[str, int]]]], path
     fig = _figure(7.5, 4.2)
     ax = fig.subplots()
     for t, (task, color) in enumerate(zip(tasks, _task_colors(len(tasks)))):
-        ax.plot(steps, means[:, t], marker="o", color=color, label=task)
-    ax.set_xlabel("training step (checkpoint)")
+        ax.plot(steps, means[:, t], marker="o" if len(steps) < 30 else None, color=color, label=task)
+    ax.set_xlabel(f"training step ({per})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("mean rank k over layers")
     ax.set_ylim(0.5, r + 0.5)
-    ax.set_title(f"how the rank picks moved during training ({len(steps)} checkpoints kept, r = {r})", fontsize=10)
+    ax.set_title(f"how the rank picks moved during training ({len(steps)} {per}s, r = {r})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncols=2 if len(tasks) > 6 else 1, loc="best", title="task")
     _save(fig, Path(path))
     if panels_path is not None:
-        chosen = history if len(history) <= MAX_HISTORY_PANELS else [
-            history[round(i)] for i in np.linspace(0, len(history) - 1, MAX_HISTORY_PANELS)]
-        _, modules, _ = rank_matrix(history[-1][1])
-        fig = _figure(max(6.0, 0.22 * len(modules) + 2.5), (0.3 * len(tasks) + 0.9) * len(chosen) + 1.5)
-        axes = fig.subplots(len(chosen), 1, squeeze=False)[:, 0]
-        for i, (step, ranks) in enumerate(chosen):
-            _, _, k = rank_matrix({t: ranks[t] for t in tasks if t in ranks})
-            im = _rank_heatmap(axes[i], k, [t for t in tasks if t in ranks], modules, r,
-                               annotate=len(modules) <= 48, xlabels=i == len(chosen) - 1)
-            axes[i].set_title(f"step {step}", fontsize=9, loc="left")
-        axes[-1].set_xlabel("adapted layer")
-        fig.colorbar(im, ax=list(axes), label="rank k", shrink=min(0.8, 3.0 / len(chosen)), pad=0.01,
-                     ticks=range(1, r + 1))
-        fig.suptitle("rank each task uses per layer, at each kept checkpoint", fontsize=10)
-        _save(fig, Path(panels_path))
+        _plot_rank_panels(history, Path(panels_path), tasks, r, per)
     return means
+
+
+def evenly_spaced(items: list[Any], k: int) -> list[Any]:
+    """At most ``k`` of ``items``, evenly spaced, the last always included (and the first when ``k`` > 1)."""
+    if len(items) <= k:
+        return list(items)
+    if k <= 1:
+        return list(items[-1:])
+    return [items[round(i)] for i in np.linspace(0, len(items) - 1, k)]
+
+
+def _plot_rank_panels(history: RankHistory, path: Path, tasks: list[str], r: int, per: str) -> None:
+    """One ranks heatmap per chosen step (`evenly_spaced`, ``MAX_HISTORY_PANELS``), stacked."""
+    chosen = evenly_spaced(history, MAX_HISTORY_PANELS)
+    _, modules, _ = rank_matrix(history[-1][1])
+    fig = _figure(max(6.0, 0.22 * len(modules) + 2.5), (0.3 * len(tasks) + 0.9) * len(chosen) + 1.5)
+    axes = fig.subplots(len(chosen), 1, squeeze=False)[:, 0]
+    for i, (step, ranks) in enumerate(chosen):
+        _, _, k = rank_matrix({t: ranks[t] for t in tasks if t in ranks})
+        im = _rank_heatmap(axes[i], k, [t for t in tasks if t in ranks], modules, r,
+                           annotate=len(modules) <= 48, xlabels=i == len(chosen) - 1)
+        axes[i].set_title(f"step {step}", fontsize=9, loc="left")
+    axes[-1].set_xlabel("adapted layer")
+    fig.colorbar(im, ax=list(axes), label="rank k", shrink=min(0.8, 3.0 / len(chosen)), pad=0.01,
+                 ticks=range(1, r + 1))
+    fig.suptitle(f"rank each task uses per layer, at {len(chosen)} of the {len(history)} {per}s", fontsize=10)
+    _save(fig, path)
+
+
+def plot_rank_switches(history: RankHistory, path: str | Path) -> dict[str, np.ndarray]:
+    """Per task, the fraction of adapted layers whose rank changed since the previous entry, vs step.
+
+    Returns :func:`rank_switches`' fractions."""
+    steps, fractions = rank_switches(history)
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
+    for (task, values), color in zip(fractions.items(), _task_colors(len(fractions))):
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, color=color, label=task)
+    ax.set_xlabel("training step (logging step)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("fraction of layers whose rank changed")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title("routing changes since the previous logged step (0 = settled)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncols=2 if len(fractions) > 6 else 1, loc="best", title="task")
+    _save(fig, Path(path))
+    return fractions
 
 
 def plot_training_curves(metrics: list[dict[str, Any]], path: str | Path, tasks: list[str] | None = None) -> list[str]:
@@ -365,7 +444,7 @@ def plot_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     """Write every plot the run folder has data for into ``out_dir`` (default ``RUN_DIR/plots``).
 
     The embeddings and the ranks heatmap come from ``checkpoint`` (default: the newest complete one); the
-    rank history from every kept checkpoint. Returns ``{plot name: path}``.
+    rank history from ``routing.jsonl``, or without it from every kept checkpoint. Returns ``{plot name: path}``.
     """
     from morelora.training.checkpoint import RunError, list_checkpoints
 
@@ -378,7 +457,7 @@ def plot_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     metrics = read_metrics(run_dir)
     if not ckpts and not metrics:
         raise RunError(f"{run_dir} has neither a complete checkpoint nor metrics.jsonl: nothing to plot")
-    tasks = None
+    tasks, r = None, None
     if ckpts:
         final = read_checkpoint(Path(checkpoint) if checkpoint else ckpts[-1][1])
         tasks, ranks, r, tables = final["tasks"], final["task_ranks"], final["r"], final["tables"]
@@ -396,14 +475,25 @@ def plot_run(run_dir: str | Path, checkpoint: str | Path | None = None,
             written["ranks"] = out / "ranks.png"
             step = re.sub(r"^checkpoint-", "", Path(checkpoint).name if checkpoint else ckpts[-1][1].name)
             plot_rank_heatmap(ranks, written["ranks"], r, title=f", step {step}")
-            history = [(s, read_checkpoint(p)["task_ranks"]) for s, p in ckpts]
-            history = [(s, h) for s, h in history if h]
-            if history:
-                written["rank_history"] = out / "rank_history.png"
-                written["rank_history_panels"] = out / "rank_history_panels.png"
-                plot_rank_history(history, written["rank_history"], written["rank_history_panels"], r)
+    written |= _plot_rank_histories(run_dir, ckpts, out, r)
     if metrics and plot_training_curves(metrics, out / "training_curves.png", tasks):
         written["training_curves"] = out / "training_curves.png"
+    return written
+
+
+def _plot_rank_histories(run_dir: Path, ckpts: list[tuple[int, Path]], out: Path, r: int | None) -> dict[str, Path]:
+    """The rank history and its panels from ``routing.jsonl`` (plus the rank switches), else from the checkpoints."""
+    history, per = read_routing(run_dir), "logging step"
+    if not history:
+        history = [(s, h) for s, p in ckpts if (h := read_checkpoint(p)["task_ranks"])]
+        per = "checkpoint"
+    if not history:
+        return {}
+    written = {name: out / f"{name}.png" for name in ("rank_history", "rank_history_panels")}
+    plot_rank_history(history, written["rank_history"], written["rank_history_panels"], r, per)
+    if per == "logging step" and len(history) >= 2:
+        written["rank_switches"] = out / "rank_switches.png"
+        plot_rank_switches(history, written["rank_switches"])
     return written
 
 
