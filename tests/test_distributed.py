@@ -67,6 +67,8 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path: Path, tiny_
     rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (ddp, one)]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [2, 4, 6]
     assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-4)
+    routing = [json.loads(x) for x in (ddp / "routing.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in routing] == [2, 4, 6]  # written by the main process only
 
     ea, eb = (json.loads((d / "eval.json").read_text()) for d in (ddp, one))
     assert ea["tasks"].keys() == eb["tasks"].keys()
