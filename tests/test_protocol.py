@@ -153,10 +153,11 @@ def test_seeds_interleave_and_the_early_ablation_comes_before_the_other_rows(pro
             _finish(p.OUT / f"{m}_lr{lr}" / "seed0", val)
     todo = [(r.label, r.seed) for r, w in p.ordered_runs() if w is None and not (r.run_dir / "eval.json").exists()]
     assert todo[:8] == [(lab, s) for s in (1, 2, 3, 4) for lab in ("more_lr1e-3", "lora_lr1e-3")]
-    assert todo[8:13] == [("ablation_no_rank_scaling", s) for s in range(5)]
-    assert todo[13] == ("lora_r16_lr3e-4", 0)
+    early = p.PROTOCOL["early_ablations"]
+    assert todo[8:8 + 5 * len(early)] == [(lab, s) for lab in sorted(early) for s in range(5)]
+    assert todo[8 + 5 * len(early)] == ("lora_r16_lr3e-4", 0)
     labels = [lab for lab, _ in todo]
-    assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo))
+    assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo)) == 8 + 4 * 3 + 40
     assert labels.index("ablation_no_ste") > labels.index("hydralora_lr3e-3")
 
 
