@@ -1,5 +1,6 @@
 """Correctness fixes of 2026-12-01 (docs/METHOD.md, "Correctness fixes"): task-id checks on every device,
-bit-exact merge/unmerge, gradient checkpointing for every method, adapter configs checked on load."""
+bit-exact merge/unmerge, gradient checkpointing for every method, adapter configs checked on load; and
+`disable_adapter()` (the frozen base model) for every method."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 import torch
-from _tiny import ids, tiny_bert, tiny_llama
+from _tiny import ids, nontrivial_options, tiny_bert, tiny_llama
 
 import morelora
 from morelora import MoreLoraError
@@ -230,3 +231,77 @@ def test_per_task_heads_follow_the_task_names(tmp_path):
     for t in names:
         got, want = other.base_model.heads[other.tasks.index(t)], m.base_model.heads[names.index(t)]
         assert torch.equal(got.weight, want.weight), t
+
+
+# ------------------------------------------------------------------------ disable_adapter, every method
+def _grad_flags(m) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(morelora.METHODS))
+def test_disable_adapter_runs_the_base_model_for_every_method(name):
+    x, task_ids = ids(3, 5), ["a", "c", "b"]
+    for family, make in (("bert", tiny_bert), ("llama", tiny_llama)):
+        base = make()   # an independent copy of the base model (same seed, same weights)
+        m = morelora.build_method(name, make(), TASKS, **nontrivial_options(name)).eval()
+        # a non-default flag: PEFT's own switch (enable_adapters(True), the LoRA method's) would set it True
+        next(p for p in m.parameters() if p.requires_grad).requires_grad_(False)
+        flags = _grad_flags(m)
+        with torch.no_grad():
+            want = base(input_ids=x).logits
+            adapted = m(input_ids=x, task_ids=task_ids).logits
+            assert not torch.equal(adapted, want), f"{name}/{family}: the adapter changes nothing: the test is void"
+            with m.disable_adapter():
+                assert m.adapter_disabled
+                torch.testing.assert_close(m(input_ids=x, task_ids=task_ids).logits, want, atol=0, rtol=0)
+                with m.disable_adapter():   # nested: still the base model, and still after the inner block
+                    torch.testing.assert_close(m(input_ids=x, task_ids=task_ids).logits, want, atol=0, rtol=0)
+                torch.testing.assert_close(m(input_ids=x, task_ids=task_ids).logits, want, atol=0, rtol=0)
+                if family == "llama":
+                    torch.testing.assert_close(
+                        m.generate(input_ids=x, task_ids=task_ids, max_new_tokens=3, do_sample=False),
+                        base.generate(input_ids=x, max_new_tokens=3, do_sample=False), atol=0, rtol=0)
+            assert not m.adapter_disabled
+            assert torch.equal(m(input_ids=x, task_ids=task_ids).logits, adapted), f"{name}/{family}: not restored"
+            with pytest.raises(RuntimeError, match="in the block"):
+                with m.disable_adapter():
+                    raise RuntimeError("in the block")
+            assert torch.equal(m(input_ids=x, task_ids=task_ids).logits, adapted), f"{name}/{family}: after a raise"
+        assert _grad_flags(m) == flags, f"{name}/{family}: requires_grad flags changed"
+        assert "adapter_disabled" not in json.dumps(sorted(m.state_dict()))
+
+        # training mode with autograd: the base model's dropout draws (seeded alike), no auxiliary loss, and on the
+        # encoder the gradients reach the task head only
+        m.train(), base.train()
+        labels = x if family == "llama" else torch.tensor([0, 2, 1])
+        torch.manual_seed(3)
+        want = base(input_ids=x, labels=labels)
+        with m.disable_adapter():
+            torch.manual_seed(3)
+            out = m(input_ids=x, labels=labels, task_ids=task_ids)
+        torch.testing.assert_close(out.logits, want.logits, atol=0, rtol=0, msg=f"{name}/{family}: train mode")
+        torch.testing.assert_close(out.loss, want.loss, atol=0, rtol=0)
+        assert m.aux_losses == {} and m.call_state is None
+        if family == "bert":
+            out.loss.backward()
+            got = sorted(n for n, p in m.named_parameters() if p.grad is not None)
+            assert got and all(".classifier." in f".{n}" for n in got), f"{name}: gradients of {got}"
+        assert _grad_flags(m) == flags, f"{name}/{family}: requires_grad flags changed (train mode)"
+
+
+@pytest.mark.parametrize("name", ["more", "lora"])
+def test_disable_adapter_refused_while_a_task_is_merged(name):
+    m = morelora.build_method(name, tiny_bert(), TASKS, **nontrivial_options(name)).eval()
+    m.merge_task("b")
+    with pytest.raises(MoreLoraError, match=r"task 'b' is merged into the base weights, which then contain the "
+                                            r"adapter: call model.unmerge\(\) before disable_adapter\(\)"):
+        with m.disable_adapter():
+            pass
+    assert not m.adapter_disabled and m.merged_task == 1
+    m.unmerge()
+    with m.disable_adapter():
+        with pytest.raises(MoreLoraError, match=r"cannot merge a task inside disable_adapter\(\)"):
+            m.merge_task("b")
+        with pytest.raises(MoreLoraError, match=r"cannot merge and unload inside disable_adapter\(\)"):
+            m.merge_and_unload("b")
+    assert m.merged_task is None

@@ -112,6 +112,10 @@ class TaskAdapterLayer(nn.Module):
     #: inference (autograd off) adds `low_rank_parts` into the base output in place; False: `result + adapter_forward`
     #: (set it False when a forward hook on `base_layer` keeps that output: in place, it would see the sum)
     inplace_inference_add: ClassVar[bool] = True
+    #: True inside the model's `disable_adapter()`: the layer returns its base layer's output alone. Set on the
+    #: instance by the model and removed after, so this class default is what layers (and old pickles) have
+    #: otherwise; a plain attribute, never in a state dict
+    adapter_disabled: bool = False
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int) -> None:
         super().__init__()
@@ -154,7 +158,7 @@ class TaskAdapterLayer(nn.Module):
     # -- shared
     def forward(self, x: torch.Tensor, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged_task is not None:
+        if self.merged_task is not None or self.adapter_disabled:
             return result
         task_ids = self.layer_task_ids(x.shape[0], task_ids)
         if self.inplace_inference_add and not torch.is_grad_enabled() and result.is_contiguous():
@@ -325,6 +329,8 @@ class TaskAdapterModel(nn.Module):
     aux_loss_weights: ClassVar[dict[str, str]] = {}
     #: the state handed to the layers for the call in progress (`_task_ids_handed_to_layers`); None outside calls
     call_state: CallState | None = None
+    #: True inside `disable_adapter()` (set on the instance for the block only)
+    adapter_disabled: bool = False
 
     def __init__(self, model: nn.Module, config: TaskAdapterConfig) -> None:
         super().__init__()
@@ -480,10 +486,12 @@ class TaskAdapterModel(nn.Module):
         if self._base_takes_task_ids:
             kwargs["task_ids"] = ids
         self._keep_call_state_for_checkpointing()
-        call = self._new_call_state(ids, kwargs)
+        disabled = self.adapter_disabled
+        # adapter disabled: a plain state, without the method's per-call work (routing, a sampled rank: RNG draws)
+        call = CallState(ids) if disabled else self._new_call_state(ids, kwargs)
         with self._task_ids_handed_to_layers(ids, call):
             out = self.base_model(*args, **kwargs)
-        self.aux_losses = self._collect_aux_losses(call)
+        self.aux_losses = {} if disabled else self._collect_aux_losses(call)
         loss = getattr(out, "loss", None)
         self.task_loss = None if loss is None else loss.detach()
         if loss is not None and kwargs.get("labels") is not None:
@@ -536,6 +544,49 @@ class TaskAdapterModel(nn.Module):
         with self._task_ids_handed_to_layers(ids):
             return self.base_model.generate(*args, **kwargs)
 
+    # -- the base model alone
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model computes the frozen base model: every adapter layer returns its base layer's
+        output alone (task heads / `modules_to_save` are not adapter layers: they still apply). Everything is as
+        before on exit, also when the block raises. PEFT's `PeftModel.disable_adapter()`:
+
+        >>> with model.disable_adapter():
+        ...     base_logits = model(**batch, task_ids=ids).logits     # task ids still pick the task heads
+
+        A nested block changes nothing (the outermost one restores). Refused while a task is merged (its weights
+        contain the adapter: `unmerge()` first); merging is refused inside the block.
+        """
+        if self.adapter_disabled:
+            yield
+            return
+        merged = self.merged_task
+        if merged is not None:
+            raise MoreLoraError(f"task {self.tasks[merged]!r} is merged into the base weights, which then contain "
+                                "the adapter: call model.unmerge() before disable_adapter()")
+        with self._adapter_layers_disabled():
+            self.__dict__["adapter_disabled"] = True
+            try:
+                yield
+            finally:
+                self.__dict__.pop("adapter_disabled", None)
+
+    @contextlib.contextmanager
+    def _adapter_layers_disabled(self) -> Iterator[None]:
+        """Every adapter layer returns its base layer's output inside (`TaskAdapterLayer.adapter_disabled`)."""
+        states = [layer.__dict__ for _, layer in self.adapter_layers()]
+        try:
+            for state in states:
+                state["adapter_disabled"] = True
+            yield
+        finally:
+            for state in states:
+                state.pop("adapter_disabled", None)
+
+    def _refuse_while_disabled(self, action: str) -> None:
+        if self.adapter_disabled:
+            raise MoreLoraError(f"cannot {action} inside disable_adapter(): leave the block first")
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -569,6 +620,7 @@ class TaskAdapterModel(nn.Module):
     def merge_task(self, task: str | int) -> None:
         """Fold task `task`'s change into the frozen weights: W0 + dW_t (no task_ids needed after)."""
         t = self.task_index(task)
+        self._refuse_while_disabled("merge a task")
         refuse_quantized_merge(self.adapter_layers())
         if self.merged_task is not None:
             raise MoreLoraError(
@@ -585,6 +637,7 @@ class TaskAdapterModel(nn.Module):
     def merge_and_unload(self, task: str | int) -> nn.Module:
         """The base model with task `task` merged and the adapter layers removed."""
         t = self.task_index(task)
+        self._refuse_while_disabled("merge and unload")
         refuse_quantized_merge(self.adapter_layers())
         self.unmerge()
         for name, layer in list(self.adapter_layers()):

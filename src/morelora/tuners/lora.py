@@ -95,6 +95,25 @@ class SingleLoRAModel(TaskAdapterModel):
     def _collect_aux_losses(self, call: CallState | None) -> dict[str, torch.Tensor]:
         return {}
 
+    # -- disable_adapter: PEFT's own switch
+    @contextlib.contextmanager
+    def _adapter_layers_disabled(self) -> Iterator[None]:
+        """PEFT's `enable_adapters(False)` on every LoRA layer inside; after it `enable_adapters(True)` on those that
+        were enabled, and every adapter parameter's `requires_grad` as it was (PEFT's switch sets it: False when
+        disabling, True for the active adapter when enabling, whatever it was before)."""
+        layers = [layer for _, layer in self.adapter_layers() if not layer.disable_adapters]
+        flags = [(p, p.requires_grad) for layer in layers
+                 for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+        try:
+            for layer in layers:
+                layer.enable_adapters(False)
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
     # -- merging: PEFT's merge / unmerge
     @property
     def merged_task(self) -> int | None:
@@ -103,6 +122,7 @@ class SingleLoRAModel(TaskAdapterModel):
     def merge_task(self, task: str | int) -> None:
         """Fold the adapter into the frozen weights (the change is the same for every task)."""
         t = self.task_index(task)
+        self._refuse_while_disabled("merge a task")
         refuse_quantized_merge(self.adapter_layers())   # PEFT would re-round the packed weights
         if self._merged is not None:
             raise MoreLoraError(f"task {self.tasks[self._merged]!r} is already merged; call model.unmerge() "
@@ -126,6 +146,7 @@ class SingleLoRAModel(TaskAdapterModel):
 
     def merge_and_unload(self, task: str | int) -> nn.Module:
         self.task_index(task)
+        self._refuse_while_disabled("merge and unload")
         refuse_quantized_merge(self.adapter_layers())
         self.unmerge()
         for name, layer in list(self.adapter_layers()):

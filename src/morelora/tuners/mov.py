@@ -63,6 +63,8 @@ class MoVLinear(TokenRoutedLayer):
         return route(self.router_probs(x), self.top_k) @ self.ia3_l.float()
 
     def forward(self, x: torch.Tensor, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any):
+        if self.adapter_disabled:   # the model's disable_adapter()
+            return self.base_layer(x, *args, **kwargs)
         if task_ids is None and (self.call_state is None or self.call_state.task_ids is None):
             raise MoreLoraError("task_ids are required: pass task_ids=... (one task index or name per example)")
         result = self.base_layer(x, *args, **kwargs)
