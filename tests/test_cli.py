@@ -73,6 +73,54 @@ def test_eval_command(cli_run, capsys) -> None:
     assert json.loads((run_dir / "eval_validation.json").read_text())["split"] == "validation"
 
 
+def test_eval_no_adapter(cli_run, tmp_path: Path, capsys) -> None:
+    """`--no-adapter` scores the checkpoint's frozen base + trained task heads, beside (never over) the run's eval."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from morelora.training import checkpoint as ckpt
+    from morelora.training import load_run
+    from morelora.training.evaluate import evaluate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_run[1], run_dir)
+    # a large adapter (random lora_B), so that disabling it changes the predictions
+    weights = ckpt.latest_checkpoint(run_dir) / ckpt.ADAPTER_DIR / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) * 3 if k.endswith(".lora_B") else v
+             for k, v in load_file(weights).items()}
+    save_file(state, weights, metadata={"format": "pt"})
+    (run_dir / "eval_validation.json").write_text("{}\n")   # what an earlier `eval --split validation` wrote
+    kept = {n: (run_dir / n).read_bytes() for n in ("eval.json", "test_predictions.json", "eval_validation.json")}
+
+    assert main(["eval", str(run_dir), "--split", "validation", "--no-adapter"]) == 0
+    out = capsys.readouterr().out
+    assert ("adapter disabled: the frozen base model with the run's trained task heads (morelora eval --no-adapter); "
+            "compare with the run's own eval for what the adapter adds") in out.splitlines()
+    path = run_dir / "eval_validation_no_adapter.json"
+    got = json.loads(path.read_text())
+    assert got["adapter"] == "disabled" and got["split"] == "validation" and f"-> {path}" in out
+
+    def scores(run) -> dict:
+        result = evaluate(run, "validation", 16)
+        return {t: r["metrics"] for t, r in result["tasks"].items()}
+
+    # independently: the same checkpoint with every lora_B zeroed (MoRE then adds nothing to any layer)
+    run = load_run(run_dir)
+    with torch.no_grad():
+        for name, p in run.model.named_parameters():
+            if name.endswith(".lora_B"):
+                p.zero_()
+    want = scores(run)
+    assert {t: r["metrics"] for t, r in got["tasks"].items()} == want
+    assert scores(load_run(run_dir)) != want, "the adapter changes no score: the comparison is void"
+
+    assert main(["eval", str(run_dir), "--no-adapter"]) == 0   # the test split
+    assert json.loads((run_dir / "eval_no_adapter.json").read_text())["adapter"] == "disabled"
+    assert {n: (run_dir / n).read_bytes() for n in kept} == kept   # the run's own evaluations untouched
+
+
 def test_export_and_merge(cli_run, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -362,6 +410,8 @@ def test_help_is_fast_and_subcommand_help_is_complete(capsys) -> None:
     assert "--suite {default,full,quick}" in help_of("bench") and "--threads THREADS" in help_of("bench")
     assert "--task TASK the run's task to merge into the base model" in help_of("merge")
     assert "--split {test,validation,train} split to score" in help_of("eval")
+    assert "--no-adapter score with the adapter disabled: what the frozen base model plus the run's trained " \
+        "task heads achieve without it" in help_of("eval")
     assert "--checkpoint DIR continue from this checkpoint folder of the run" in help_of("train")
 
 

@@ -85,13 +85,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="split to score (default: test -> eval.json; others -> eval_<split>.json)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: train.eval_batch_size)")
+    p.add_argument("--no-adapter", action="store_true",
+                   help="score with the adapter disabled: what the frozen base model plus the run's trained task "
+                   "heads achieve without it (-> eval_no_adapter.json / eval_<split>_no_adapter.json)")
 
 
 def _eval(args: argparse.Namespace) -> None:
     from morelora.training import evaluate_run
 
     path = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, no_adapter=args.no_adapter)
     _print_summary(path)
 
 
@@ -101,6 +104,9 @@ def _print_summary(path: Path) -> None:
     if not PartialState().is_main_process or not path.exists():
         return
     result = json.loads(path.read_text())
+    if result.get("adapter") == "disabled":
+        print("adapter disabled: the frozen base model with the run's trained task heads (morelora eval "
+              "--no-adapter); compare with the run's own eval for what the adapter adds")
     below = []
     for task, r in result["tasks"].items():
         gap = r.get("vs_reference")

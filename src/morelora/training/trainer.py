@@ -21,6 +21,7 @@ complete one with the same data order. Under FSDP / DeepSpeed accelerate also st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -484,20 +485,28 @@ def _write_json(path: Path, data: dict[str, Any], indent: int | None = 2) -> Non
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Path | None = None,
-                 batch_size: int | None = None) -> Path:
+                 batch_size: int | None = None, no_adapter: bool = False) -> Path:
     """Evaluate a run's checkpoint on ``split`` -> ``eval.json`` (+ ``test_predictions.json``) for the test
-    split, ``eval_<split>.json`` otherwise. Returns the path of the written file."""
+    split, ``eval_<split>.json`` otherwise. Returns the path of the written file.
+
+    ``no_adapter``: score the checkpoint with its adapter disabled (``model.disable_adapter()``: the frozen base
+    model with the run's trained task heads), what the heads alone achieve -> ``eval_no_adapter.json`` /
+    ``eval_<split>_no_adapter.json`` (marked ``"adapter": "disabled"``; no predictions file), beside the others."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, checkpoint)
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     accelerator = Accelerator(mixed_precision=run.cfg.train.mixed_precision)
     run.model.to(accelerator.device)
-    result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator, keep_predictions=True,
-                      progress=True)
+    with run.model.disable_adapter() if no_adapter else contextlib.nullcontext():
+        result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator,
+                          keep_predictions=True, progress=True)
     predictions = {"split": split, "checkpoint": path.name, "tasks": result.pop("predictions")}
-    out = run_dir / ("eval.json" if split == "test" else f"eval_{split}.json")
+    suffix = "_no_adapter" if no_adapter else ""
+    out = run_dir / (f"eval{suffix}.json" if split == "test" else f"eval_{split}{suffix}.json")
+    if no_adapter:
+        result["adapter"] = "disabled"
     if accelerator.is_main_process:
-        if split == "test":
+        if split == "test" and not no_adapter:
             _write_json(run_dir / "test_predictions.json", predictions, indent=None)
         _write_eval(out, result, run, TrainState.read(path))
     accelerator.wait_for_everyone()
