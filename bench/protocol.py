@@ -62,8 +62,9 @@ PROTOCOL: dict[str, Any] = {
     # ablation rows run right after the first group's seeds, before the other rows: the diagnosis of MoRE against
     # LoRA (`diagnose`; docs/RESULTS.md) found MoRE's task updates a fraction of LoRA's in norm (the rank scaling
     # s_i^2 is 1/64 on rank 1) and in rank (3-4 of 8, also on the largest task, where MoRE loses most; the
-    # one-hot STE only reinforces the chosen expert, the prefix-mask STE also scores the higher ranks)
-    "early_ablations": ["ablation_no_rank_scaling", "ablation_prefix_mask_ste"],
+    # one-hot STE only reinforces the chosen expert, the prefix-mask STE also scores the higher ranks), and the
+    # routing keeps switching (the contrastive loss, 1.4 -> 0.7 over a run, moves the task embeddings the gate reads)
+    "early_ablations": ["ablation_no_rank_scaling", "ablation_prefix_mask_ste", "ablation_no_contrastive"],
 }
 
 
