@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -44,6 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "protocol" / "protocol.yaml"
 ABLATIONS = ROOT / "configs" / "ablations"
 OUT = Path(os.environ.get("MORELORA_PROTOCOL_DIR", ROOT / "runs" / "protocol"))
+# config overrides for every run of the grid, e.g. the same protocol at a longer budget on a GPU, in its own folder:
+#   MORELORA_PROTOCOL_DIR=runs/protocol-gpu MORELORA_PROTOCOL_SET="train.max_steps=4500 train.warmup_steps=225
+#   train.eval_steps=1125 train.mixed_precision=bf16" python bench/protocol.py run
+SET = shlex.split(os.environ.get("MORELORA_PROTOCOL_SET", ""))
 
 PROTOCOL: dict[str, Any] = {
     # method label -> method options (the shared ``method:`` block of protocol.yaml fills in the rest)
@@ -108,7 +113,8 @@ def ablation_config(lr: str) -> dict[str, dict[str, Any]]:
 def _runs(labels: list[str], seeds: int, extra: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     from morelora.experiments.compare import plan_runs
 
-    return plan_runs(CONFIG, labels, seeds, OUT, method_config={**method_config(), **(extra or {})}, verbose=False)
+    return plan_runs(CONFIG, labels, seeds, OUT, overrides=SET, method_config={**method_config(), **(extra or {})},
+                     verbose=False)
 
 
 def final_validation(run_dir: Path) -> float | None:
@@ -303,7 +309,7 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
     import yaml
 
     mc.write_text(yaml.safe_dump({lab: method_config()[lab] for lab in labels}, sort_keys=False))
-    compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, method_config=str(mc), baseline=base)
+    compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, overrides=SET, method_config=str(mc), baseline=base)
 
 
 def report_interim() -> None:

@@ -227,3 +227,15 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
         assert d["test_minus_lora"] == pytest.approx(tests[0][t]["score"] - tests[1][t]["score"])
         assert 1 / 4 <= d["router_top_p"] <= 1 and 0 <= d["router_margin"] <= d["router_top_p"]
     assert "more_lr1e-3 s0" in printed and "|dW|/LoRA" in printed
+
+
+def test_protocol_set_overrides_every_run_of_the_grid(tmp_path, monkeypatch):
+    monkeypatch.setenv("MORELORA_PROTOCOL_DIR", str(tmp_path / "gpu"))
+    monkeypatch.setenv("MORELORA_PROTOCOL_SET", "train.max_steps=4500 train.warmup_steps=225")
+    spec = importlib.util.spec_from_file_location("protocol_set", ROOT / "bench" / "protocol.py")
+    p = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(p)
+    runs = [r for r, w in p.ordered_runs() if w is None]
+    assert runs and all(r.cfg.train.max_steps == 4500 and r.cfg.train.warmup_steps == 225 for r in runs)
+    assert all(str(r.run_dir).startswith(str(tmp_path / "gpu")) for r in runs)
+    assert runs[0].cfg.train.lr == pytest.approx(3e-4), "the sweep's own keys still apply"
