@@ -350,9 +350,10 @@ def report_ablations() -> None:
 
 
 def diagnose() -> dict[str, Any]:
-    """Where MoRE's adaptation differs from LoRA's, per task, on every MoRE run with a finished LoRA run of the same
-    seed: the rank each task uses (mean over layers), how decided its router is (top probability and its margin
-    over the second), and ``||dW_t||`` against LoRA's (`relative_update_norms`). -> OUT/diagnosis.json"""
+    """Where MoRE's adaptation differs from LoRA's, per task, on every MoRE run (sweep, seeds and ablation rows)
+    with a finished LoRA run of the same seed: the rank each task uses (mean over layers), how decided its router
+    is (top probability and its margin over the second), and ``||dW_t||`` against LoRA's
+    (`relative_update_norms`). -> OUT/diagnosis.json"""
     import numpy as np
 
     from morelora.analysis import load_trained_model
@@ -363,8 +364,11 @@ def diagnose() -> dict[str, Any]:
     if lora_w is None:
         raise SystemExit("protocol: lora's learning-rate sweep is not finished yet")
     lora = {r.seed: r for r in _runs([_label("lora", lora_w)], PROTOCOL["seeds"]) if _finished(r)}
-    more = [r for lr in PROTOCOL["lrs"] for r in _runs([_label("more", lr)], PROTOCOL["seeds"])
-            if _finished(r) and r.seed in lora]
+    more_w = sweep("more")["winner"]
+    extra = ablation_config(more_w) if more_w else {}
+    more = [r for lr in PROTOCOL["lrs"] for r in _runs([_label("more", lr)], PROTOCOL["seeds"])]
+    more += [r for label in extra for r in _runs([label], PROTOCOL["seeds"], extra)]   # MoRE's ablation rows
+    more = [r for r in more if _finished(r) and r.seed in lora]
     cfg = more[0].cfg if more else None
     if cfg is None:
         raise SystemExit("protocol: no finished MoRE run has a finished LoRA run of the same seed yet")

@@ -212,11 +212,16 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
             _finish(run.run_dir, -1.0, steps=run.cfg.train.max_steps)
             run.cfg.dump(run.run_dir / "config.yaml")
             (run.run_dir / "test_predictions.json").unlink()
+    ablation = next(r for r, _ in p.ordered_runs() if r is not None and r.label == "ablation_no_rank_scaling")
+    execute([ablation])
     capsys.readouterr()
     out = p.diagnose()
     printed = capsys.readouterr().out
     more, lora = p.OUT / "more_lr1e-3" / "seed0", p.OUT / "lora_lr1e-3" / "seed0"
-    assert out["train_examples"] == {"rte": 16, "sst2": 16} and [r["label"] for r in out["runs"]] == ["more_lr1e-3"]
+    assert out["train_examples"] == {"rte": 16, "sst2": 16}
+    assert [r["label"] for r in out["runs"]] == ["more_lr1e-3", "ablation_no_rank_scaling"]
+    no_scaling = relative_update_norms(run_update_norms(ablation.run_dir), run_update_norms(lora))
+    assert out["runs"][1]["tasks"]["rte"]["update_norm_vs_lora"] == pytest.approx(no_scaling["rte"])
     ckpt = sorted(more.glob("checkpoint-*"))[-1] / "adapter" / "adapter_config.json"
     ranks = json.loads(ckpt.read_text())["task_ranks"]
     rel = relative_update_norms(run_update_norms(more), run_update_norms(lora))
