@@ -499,8 +499,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Pat
     run.model.to(accelerator.device)
     with run.model.disable_adapter() if no_adapter else contextlib.nullcontext():
         result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator,
-                          keep_predictions=True, progress=True)
-    predictions = {"split": split, "checkpoint": path.name, "tasks": result.pop("predictions")}
+                          keep_predictions=not no_adapter, progress=True)
+    predictions = {"split": split, "checkpoint": path.name, "tasks": result.pop("predictions", None)}
     suffix = "_no_adapter" if no_adapter else ""
     out = run_dir / (f"eval{suffix}.json" if split == "test" else f"eval_{split}{suffix}.json")
     if no_adapter:
