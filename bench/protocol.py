@@ -140,7 +140,7 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
 
     Per group: the sweeps, then the winners' seeds interleaved (seed 1 of every method, then seed 2, ...), so
     that the paired comparison grows one complete seed at a time; after the first group, the ablations named in
-    ``early_ablations``; the other ablations last."""
+    ``early_ablations`` in their listed order (all seeds of one, then the next); the other ablations last."""
     out: list[tuple[Any, str | None]] = []
     for i, group in enumerate(PROTOCOL["groups"]):
         seeded, waiting = [], []
@@ -165,7 +165,8 @@ def ablation_runs(labels: list[str], wait_line: bool = True) -> list[tuple[Any, 
     winner = sweep("more")["winner"]
     if winner is None:
         return [(None, "more (the ablations)")] if wait_line else []
-    extra = {label: options for label, options in ablation_config(winner).items() if label in labels}
+    rows = ablation_config(winner)
+    extra = {label: rows[label] for label in labels}   # in the order given: the likeliest cause first
     runs = _runs(list(extra), PROTOCOL["seeds"], extra) if extra else []
     for r in runs:
         r.cfg.train.eval_steps = 0   # the learning rate is MoRE's: no choice to make on validation

@@ -154,7 +154,8 @@ def test_seeds_interleave_and_the_early_ablation_comes_before_the_other_rows(pro
     todo = [(r.label, r.seed) for r, w in p.ordered_runs() if w is None and not (r.run_dir / "eval.json").exists()]
     assert todo[:8] == [(lab, s) for s in (1, 2, 3, 4) for lab in ("more_lr1e-3", "lora_lr1e-3")]
     early = p.PROTOCOL["early_ablations"]
-    assert todo[8:8 + 5 * len(early)] == [(lab, s) for lab in sorted(early) for s in range(5)]
+    assert todo[8:8 + 5 * len(early)] == [(lab, s) for lab in early for s in range(5)]
+    assert early[0] == "ablation_no_rank_scaling" and early != sorted(early)   # the listed order, not A-Z
     assert todo[8 + 5 * len(early)] == ("lora_r16_lr3e-4", 0)
     labels = [lab for lab, _ in todo]
     assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo)) == 8 + 4 * 3 + 40
