@@ -135,6 +135,11 @@ def sweep(method: str) -> dict[str, Any]:
     return {"runs": scores, "winner": max(scores, key=lambda lr: scores[lr]) if done else None}
 
 
+def sweep_winners() -> dict[str, str | None]:
+    """``{method: its winning learning rate, or None while its sweep runs}`` for every row of the table."""
+    return {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
+
+
 def ordered_runs() -> list[tuple[Any, str | None]]:
     """Every run of the protocol in order, with the method whose sweep must finish first (None: no wait).
 
@@ -299,7 +304,7 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
         return report_ablations()
     if interim:
         return report_interim()
-    winners = {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
+    winners = sweep_winners()
     labels = [_label(m, w) for m, w in winners.items() if w is not None
               and all((r.run_dir / "eval.json").is_file() for r in _runs([_label(m, w)], PROTOCOL["seeds"]))]
     base = _label(baseline, winners[baseline]) if winners.get(baseline) else None
@@ -318,7 +323,7 @@ def report_interim() -> None:
     while the grid is still running: OUT/interim/results.* (a progress figure, not the protocol's table)."""
     from morelora.experiments.report import summarize, write_report
 
-    winners = {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
+    winners = sweep_winners()
     rows = {m: _runs([_label(m, w)], PROTOCOL["seeds"]) for m, w in winners.items() if w is not None}
     if "lora" not in rows:
         raise SystemExit("protocol: lora's learning-rate sweep is not finished yet; see `bench/protocol.py status`")
