@@ -275,7 +275,10 @@ def test_summary_with_one_seed_reports_na(tmp_path):
 
 @pytest.mark.slow
 def test_compare_end_to_end_and_resume(tmp_path, tiny_config, monkeypatch, capsys):
+    import scipy.stats
+
     from morelora import training
+    from morelora.experiments import report
     from morelora.methods import METHODS
 
     methods = tmp_path / "methods.yaml"
@@ -312,6 +315,15 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_config, monkeypatch, capsy
                  f"MDE vs {labels[1]}", "p (seeds + examples)"]:
         assert name in md
     assert (out / "results.png").stat().st_size > 10_000
+    # the difference plot's rows: the average's difference of the seed means, CI = diff -+ t(df) * se
+    rows = {(r["method"], r["row"]): r for r in report.difference_rows(results)}
+    assert set(rows) == {(labels[0], k) for k in ("average", "sst2", "rte")}
+    avg = rows[(labels[0], "average")]
+    means = [results["methods"][lab]["average"]["mean"] for lab in labels]
+    assert avg["diff"] == pytest.approx(100 * (means[0] - means[1]))
+    half = scipy.stats.t.ppf(0.975, c["df"]) * c["se"] if c["df"] else scipy.stats.norm.ppf(0.975) * c["se"]
+    assert (avg["ci_low"], avg["ci_high"]) == pytest.approx((avg["diff"] - 100 * half, avg["diff"] + 100 * half))
+    assert (out / "differences.png").stat().st_size > 10_000
 
     # a second invocation reuses finished runs; a run without eval.json resumes from its last checkpoint
     evals = sorted(out.glob("*/seed*/eval.json"))

@@ -1,5 +1,6 @@
-"""A comparison's summary and report: ``results.json`` (:func:`summarize`), ``results.md`` (:func:`markdown`) and
-``results.png`` (:func:`plot`), from the finished runs' ``eval.json`` and ``test_predictions.json``.
+"""A comparison's summary and report: ``results.json`` (:func:`summarize`), ``results.md`` (:func:`markdown`),
+``results.png`` (:func:`plot`) and, against a baseline, ``differences.png`` (:func:`plot_differences`), from
+the finished runs' ``eval.json`` and ``test_predictions.json``.
 
 The statistics are :mod:`morelora.experiments.statistics`'s.
 """
@@ -24,7 +25,7 @@ from morelora.experiments.statistics import (
     t_interval,
 )
 
-__all__ = ["load_predictions", "markdown", "plot", "summarize"]
+__all__ = ["difference_rows", "load_predictions", "markdown", "plot", "plot_differences", "summarize"]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -279,12 +280,72 @@ def plot(summary: dict[str, Any], path: str | Path, title: str = "Comparison") -
     return Path(path)
 
 
+def difference_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each method's difference to the baseline (x 100) on the average and per task, from the combined test:
+    ``{"method", "row", "diff", "ci_low", "ci_high", "mde", "p"}`` (rows without a combined test are left out)."""
+    out = []
+    for lab, test in summary.get("tests", {}).items():
+        rows = {"average": test.get("combined"), **(test.get("combined_tasks") or {})}
+        for row, c in rows.items():
+            if c:
+                out.append({"method": lab, "row": row, "p": c["p"],
+                            **{k: 100 * c[k] for k in ("diff", "ci_low", "ci_high", "mde")}})
+    return out
+
+
+def plot_differences(summary: dict[str, Any], path: str | Path, title: str = "Differences") -> Path | None:
+    """``differences.png``: each method minus the baseline per task and on the average, with its CI (combined test
+    over seeds and test examples) and, in grey, +-MDE: a true difference inside the grey band could have gone
+    unseen (80 % power). None when there is nothing to compare."""
+    rows = difference_rows(summary)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    names = ["average", *[t for t in summary["tasks"] if any(r["row"] == t for r in rows)]]
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    step = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.35 * len(names) * max(1, len(methods))))
+    for i, lab in enumerate(methods):
+        for j, name in enumerate(names):
+            r = next((r for r in rows if r["method"] == lab and r["row"] == name), None)
+            if r is None:
+                continue
+            y = j + 0.4 - step * (i + 0.5)
+            ax.fill_betweenx([y - step / 2.5, y + step / 2.5], -r["mde"], r["mde"], color="0.85", lw=0,
+                             label="+-MDE (80 % power)" if i == j == 0 else None)
+            ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["ci_low"]], [r["ci_high"] - r["diff"]]], fmt="o",
+                        color=cmap(i % cmap.N), capsize=3, label=lab if j == 0 else None)
+            p = "n/a" if r["p"] is None else f"{r['p']:.3f}"
+            ax.annotate(f"{r['diff']:+.2f} (p {p})", (r["ci_high"], y), xytext=(4, -3), textcoords="offset points",
+                        fontsize=7)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    base = next(iter(summary["tests"].values()))["baseline"]
+    conf = round(100 * summary["confidence"])
+    ax.set_xlabel(f"minus {base} (score x 100; {conf} % CI over seeds and test examples)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
 def write_report(summary: dict[str, Any], out: str | Path, title: str) -> str:
-    """``results.json``, ``results.md`` and ``results.png`` of ``summary`` in ``out``; returns the markdown."""
+    """``results.json``, ``results.md``, ``results.png`` (and ``differences.png`` against a baseline) of
+    ``summary`` in ``out``; returns the markdown."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     md = markdown(summary, title)
     (out / "results.md").write_text(md, encoding="utf-8")
     plot(summary, out / "results.png", title)
+    plot_differences(summary, out / "differences.png", title)
     return md
