@@ -408,9 +408,60 @@ def diagnose() -> dict[str, Any]:
     return out
 
 
+def power(method: str = "more", baseline: str = "lora", target: float = 0.01) -> dict[str, Any]:
+    """Where the noise of ``method`` - ``baseline`` on the test average comes from, and the MDE more seeds would
+    reach (`variance_components`, `project_mde`), from the seeds both winners have finished. -> OUT/power.json"""
+    import math
+
+    import numpy as np
+
+    from morelora.experiments.report import load_predictions
+    from morelora.experiments.statistics import DECOMPOSABLE, project_mde, seeds_for_mde, variance_components
+
+    rows = {}
+    for m in (method, baseline):
+        w = sweep(m)["winner"]
+        if w is None:
+            raise SystemExit(f"protocol: {m}'s learning-rate sweep is not finished yet")
+        rows[m] = {r.seed: r for r in _runs([_label(m, w)], PROTOCOL["seeds"]) if _finished(r)}
+    seeds = sorted(set(rows[method]) & set(rows[baseline]))
+    if len(seeds) < 2:
+        raise SystemExit(f"protocol: {method} and {baseline} have fewer than 2 finished seeds in common")
+    preds = {m: [load_predictions(rows[m][s].run_dir) for s in seeds] for m in rows}
+    diffs = {}
+    for t, first in preds[baseline][0].items():
+        if first["main_metric"] not in DECOMPOSABLE:
+            raise SystemExit(f"protocol: task {t}'s metric {first['main_metric']} is not a per-example mean")
+        refs = np.asarray(first["references"])
+        correct = {m: np.array([np.asarray(p[t]["predictions"]) == refs for p in preds[m]], float) for m in preds}
+        diffs[t] = correct[method] - correct[baseline]
+    comp = variance_components(diffs)
+    counts = sorted({len(seeds), 5, 8, 10, 12, 15, 20, 30, 50})
+    proj = {str(s): {"estimate": project_mde(comp, s), "as_reported": project_mde(comp, s, as_reported=True)}
+            for s in [*counts, math.inf]}
+    need = {k: seeds_for_mde(comp, target, as_reported=k == "as_reported") for k in ("estimate", "as_reported")}
+    out = {"method": _label(method, sweep(method)["winner"]), "baseline": _label(baseline, sweep(baseline)["winner"]),
+           "seeds": seeds, "components": comp, "projection": proj, "target_mde": target, "seeds_for_target": need}
+    (OUT / "power.json").write_text(json.dumps(out, indent=1))
+    pts = 100
+    print(f"{out['method']} - {out['baseline']}, seeds {', '.join(map(str, seeds))}: noise of the test average "
+          f"(x100 points, as SDs): examples' floor sqrt(E) {pts * math.sqrt(comp['examples_var']):.3f}, "
+          f"one seed's sqrt(V) {pts * math.sqrt(comp['seed_var']):.3f} "
+          f"(of which seed-by-example sqrt(W) {pts * math.sqrt(comp['interaction_var']):.3f})")
+    print(f"{'seeds per method':>16}{'SE':>8}{'MDE':>8}{'MDE as reported':>17}")
+    for s, p in proj.items():
+        print(f"{s:>16}{pts * p['estimate']['se']:>8.2f}{pts * p['estimate']['mde']:>8.2f}"
+              f"{pts * p['as_reported']['mde']:>17.2f}")
+    for k, n in need.items():
+        print(f"MDE <= {pts * target:.2f} ({k}): " + (f"{n} seeds per method" if n else "not reachable by seeds alone "
+              f"(the examples' floor is {pts * proj['inf'][k]['mde']:.2f})"))
+    print(f"-> {OUT / 'power.json'}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose"])
+    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose", "power"])
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
     p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
     p.add_argument("--interim", action="store_true",
@@ -418,7 +469,7 @@ def main() -> None:
     args = p.parse_args()
     {"run": lambda: run_worker(args.poll), "status": status,
      "report": lambda: report(with_ablations=args.ablations, interim=args.interim),
-     "params": params, "diagnose": diagnose}[args.command]()
+     "params": params, "diagnose": diagnose, "power": power}[args.command]()
 
 
 if __name__ == "__main__":

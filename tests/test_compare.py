@@ -179,6 +179,51 @@ def test_mde_has_80_percent_power_in_simulation(seed_sd):
     assert rates[0.0] <= 0.09
 
 
+def test_variance_components_project_the_true_variance_to_other_seed_counts():
+    """From 3 seeds of simulated binary predictions, E + V / S' predicts Var(Δ) of 3 and of 12 seeds (the
+    generating model's, derived as in the test above) and the combined test's SE² (as_reported)."""
+    from morelora.experiments.statistics import project_mde, seeds_for_mde, variance_components
+
+    s, n, k, seed_sd, example_sd, low, high = 3, 100, 4, 0.06, 0.06, 0.3, 0.6
+    m, var_pi, var_g, var_h = (low + high) / 2, (high - low) ** 2 / 12, example_sd ** 2, seed_sd ** 2
+    bernoulli = 2 * (m - m * m - var_pi - var_h) - var_g
+
+    def true_var(seeds):
+        return (2 * var_h / seeds + var_g / n + bernoulli / (n * seeds)) / k
+
+    reported = (2 * var_h + bernoulli / n) / (k * s) + (n - 1) / n ** 2 * (var_g + bernoulli / s) / k
+    rng, est = np.random.default_rng(1), {3: [], 12: [], "reported": []}
+    for _ in range(400):
+        a, b, seed_diffs = _simulated_comparison(rng, 0.0, s, n, k, seed_sd, example_sd, low, high)
+        refs = {t: np.asarray(a[t].references) for t in a}
+        diffs = {t: (np.asarray(a[t].predictions) == refs[t]).astype(float)
+                 - (np.asarray(b[t].predictions) == refs[t]) for t in a}
+        comp = variance_components(diffs)
+        assert comp["seeds"] == 3 and comp["seed_var"] == pytest.approx(np.var(seed_diffs, ddof=1))
+        for seeds in (3, 12):
+            est[seeds].append(project_mde(comp, seeds)["se"] ** 2)
+        est["reported"].append(project_mde(comp, s, as_reported=True)["se"] ** 2)
+    assert np.mean(est[3]) == pytest.approx(true_var(3), rel=0.1)
+    assert np.mean(est[12]) == pytest.approx(true_var(12), rel=0.1)
+    assert np.mean(est["reported"]) == pytest.approx(reported, rel=0.1)
+    # each component on its own (normal effects, the examples' large): E = σ²_e / (T n), V = σ²_u + σ²_w / n
+    e_sd, u_sd, w_sd, n, k = 0.3, 0.1, 0.7, 500, 2
+    comps = [variance_components({t: rng.normal(0, e_sd, (1, n)) + rng.normal(0, u_sd, (4, 1))
+                                  + rng.normal(0, w_sd, (4, n)) for t in "ab"}) for _ in range(200)]
+    assert np.mean([c["examples_var"] for c in comps]) == pytest.approx(e_sd ** 2 / (k * n), rel=0.05)
+    assert np.mean([c["interaction_var"] for c in comps]) == pytest.approx(w_sd ** 2 / (k * n), rel=0.05)
+    assert np.mean([c["seed_var"] for c in comps]) == pytest.approx((u_sd ** 2 + w_sd ** 2 / n) / k, rel=0.15)
+    assert np.mean([c["tasks"]["a"]["sigma2_u"] for c in comps]) == pytest.approx(u_sd ** 2, rel=0.15)
+    # the seeds a target MDE needs: the first count at or under it; none under the examples' floor
+    comp = {"examples_var": 1e-5, "seed_var": 4e-4, "interaction_var": 0.0}
+    need = seeds_for_mde(comp, 0.02)
+    assert project_mde(comp, need)["mde"] <= 0.02 < project_mde(comp, need - 1)["mde"]
+    floor = project_mde(comp, math.inf)["mde"]
+    assert floor == pytest.approx(2.8016 * math.sqrt(1e-5), rel=1e-4) and seeds_for_mde(comp, 0.9 * floor) is None
+    with pytest.raises(ValueError, match="S >= 2 seeds"):
+        variance_components({"a": np.zeros((1, 5))})
+
+
 # --------------------------------------------------------------------------------------------- planning
 
 

@@ -245,3 +245,50 @@ def test_protocol_set_overrides_every_run_of_the_grid(tmp_path, monkeypatch):
     assert runs and all(r.cfg.train.max_steps == 4500 and r.cfg.train.warmup_steps == 225 for r in runs)
     assert all(str(r.run_dir).startswith(str(tmp_path / "gpu")) for r in runs)
     assert runs[0].cfg.train.lr == pytest.approx(3e-4), "the sweep's own keys still apply"
+
+
+def test_power_splits_the_noise_and_projects_the_reported_mde(protocol, capsys):
+    """`power` reads the winners' predictions of the seeds both finished; its components are those of the
+    per-example differences built here, and its projection at those seeds is the interim report's MDE."""
+    import random
+
+    import numpy as np
+
+    from morelora.experiments.statistics import combined_test, variance_components
+
+    p = protocol
+    for (run, _), val in zip(p.ordered_runs()[:6], [0.50, 0.58, 0.52, 0.50, 0.52, 0.58]):
+        _finish(run.run_dir, val, steps=run.cfg.train.max_steps)
+        run.cfg.dump(run.run_dir / "config.yaml")
+    with pytest.raises(SystemExit, match="fewer than 2 finished seeds in common"):
+        p.power()
+    runs = {m: [r for r, w in p.ordered_runs() if w is None and r.label == lab]
+            for m, lab in {"more": "more_lr1e-3", "lora": "lora_lr3e-3"}.items()}
+    rng, correct = random.Random(2), {}
+    for m, seeds, rate in [("more", [0, 1, 2], 0.7), ("lora", [0, 1, 2, 3], 0.6)]:
+        for s in seeds:
+            correct[m, s] = [[rng.random() < rate + (0.25 * (i % 3 - 1) if m == "more" else 0) for i in range(40)]
+                             for _ in runs[m][s].cfg.tasks]   # MoRE's own easy and hard examples
+            _finish_with_predictions(runs[m][s], correct[m, s])
+    out = p.power()
+    tasks = runs["more"][0].cfg.tasks
+    want = variance_components({t: np.array([np.subtract(correct["more", s][j], correct["lora", s][j], dtype=float)
+                                             for s in (0, 1, 2)]) for j, t in enumerate(tasks)})
+    assert out["seeds"] == [0, 1, 2]
+    for k in ("seeds", "examples_var", "seed_var", "interaction_var"):
+        assert out["components"][k] == pytest.approx(want[k])
+    p.report(interim=True)
+    reported = json.loads((p.OUT / "interim" / "results.json").read_text())["tests"]["more_lr1e-3"]["combined"]
+    # as reported = the combined test with the bootstrap's variance at infinitely many resamples (ddof 0 there:
+    # n / (n - 1) apart), and with the report's 1000 resamples
+    pooled = [np.mean([np.subtract(correct["more", s][j], correct["lora", s][j], dtype=float) for s in (0, 1, 2)], 0)
+              for j in range(len(tasks))]
+    boot_var = sum(np.var(c) / len(c) for c in pooled) / len(tasks) ** 2
+    seed_diffs = [np.mean([np.mean(np.subtract(correct["more", s][j], correct["lora", s][j], dtype=float))
+                           for j in range(len(tasks))]) for s in (0, 1, 2)]
+    exact = combined_test(seed_diffs, boot_var)["mde"]
+    assert out["projection"]["3"]["as_reported"]["mde"] == pytest.approx(exact, rel=0.02)
+    assert out["projection"]["3"]["as_reported"]["mde"] == pytest.approx(reported["mde"], rel=0.1)
+    assert out["projection"]["3"]["estimate"]["mde"] < reported["mde"]   # without the twice-counted part
+    printed = capsys.readouterr().out
+    assert "more_lr1e-3 - lora_lr3e-3, seeds 0, 1, 2" in printed and "MDE <= 1.00 (estimate)" in printed

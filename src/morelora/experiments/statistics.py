@@ -27,6 +27,18 @@ Seeds and examples together (:func:`combined_test`)
     minimum detectable effect MDE = (t_{1-α/2,df} + t_{power,df}) SE, the smallest true difference the
     comparison detects with 80% power at two-sided α = 0.05 (2.80 SE for df = ∞; 5.36 SE for df = 2).
 
+Projecting the MDE to more seeds (:func:`variance_components`, :func:`project_mde`)
+    Per task, d_si = μ + e_i + u_s + w_si: e_i the example's own (seed-independent) difference, u_s the seed's
+    shift, w_si seed-by-example noise. A two-way ANOVA without replication of the S x n matrix d estimates
+    σ²_w = MS_residual and σ²_e = (MS_examples − MS_residual) / S. For the task average Δ of S seeds (over new
+    test sets and new seeds)
+
+        Var(Δ) = E + V / S,   E = Σ_t σ²_e,t / (T² n_t),   V = Var_seeds(D_s)
+
+    (E: the test examples' floor, which no number of seeds lowers; V: the between-seed variance of a seed's
+    task-average difference). The combined test's SE² above estimates E + (V + W) / S in expectation, with
+    W = Σ_t σ²_w,t / (T² n_t) the twice-counted part.
+
 Only numpy is imported with the module (scipy and the task metrics inside the functions): the CLI and
 ``morelora.metrics`` import it cheaply.
 """
@@ -44,7 +56,8 @@ import numpy as np
 from morelora.experiments.runs import CompareError
 
 __all__ = ["ALPHA", "CONFIDENCE", "POWER", "TaskPredictions", "bootstrap_p_value", "bootstrap_tail",
-           "combined_test", "format_mean_ci", "mean_ci", "paired_bootstrap", "paired_ttest", "t_interval"]
+           "combined_test", "format_mean_ci", "mean_ci", "paired_bootstrap", "paired_ttest", "project_mde",
+           "seeds_for_mde", "t_interval", "variance_components"]
 
 CONFIDENCE = 0.95
 #: Significance level and power of the minimum detectable effect (MDE).
@@ -217,3 +230,60 @@ def combined_test(seed_diffs: Sequence[float], bootstrap_var: float, alpha: floa
     return {"diff": diff, "se": se, "df": None if math.isinf(df) else df, "ci_low": diff - q * se,
             "ci_high": diff + q * se, "p": p, "mde": (q + float(stats.t.ppf(power, df))) * se,
             "examples_only": s < 2}
+
+
+# ------------------------------------------------------------------------------------------------ projection
+
+
+def variance_components(diffs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The noise of a paired comparison of the task average, split for projecting it to other seed counts.
+
+    ``diffs[t]``: an S x n_t array (S >= 2 seeds, paired by row) of the two methods' per-example score
+    differences on task t (correctness, for accuracy). Returns ``{"seeds": S, "examples_var": E, "seed_var": V,
+    "interaction_var": W, "tasks": {t: {"n", "sigma2_e", "sigma2_w", "sigma2_u"}}}`` (the model and the
+    estimators are in the module docstring). The per-task estimates are unbiased and so may come out below 0;
+    only E, their sum, is cut at 0 (cutting each would bias E upward)."""
+    arrays = {t: np.asarray(d, dtype=float) for t, d in diffs.items()}
+    seeds = {a.shape[0] for a in arrays.values()}
+    if len(seeds) != 1 or min(seeds) < 2 or any(a.ndim != 2 or a.shape[1] < 2 for a in arrays.values()):
+        raise ValueError("variance_components: every task needs the same S >= 2 seeds and >= 2 examples")
+    s, n_tasks = seeds.pop(), len(arrays)
+    tasks, e_var, w_var = {}, 0.0, 0.0
+    for t, d in arrays.items():
+        n = d.shape[1]
+        rows, cols, grand = d.mean(1, keepdims=True), d.mean(0, keepdims=True), d.mean()
+        ms_seed = n * float(((rows - grand) ** 2).sum()) / (s - 1)
+        ms_ex = s * float(((cols - grand) ** 2).sum()) / (n - 1)
+        ms_res = float(((d - rows - cols + grand) ** 2).sum()) / ((s - 1) * (n - 1))
+        tasks[t] = {"n": n, "sigma2_e": (ms_ex - ms_res) / s, "sigma2_w": ms_res, "sigma2_u": (ms_seed - ms_res) / n}
+        e_var += tasks[t]["sigma2_e"] / (n_tasks ** 2 * n)
+        w_var += ms_res / (n_tasks ** 2 * n)
+    seed_avg = np.mean([d.mean(1) for d in arrays.values()], axis=0)   # D_s, the task-average difference
+    return {"seeds": s, "examples_var": max(0.0, e_var), "seed_var": float(seed_avg.var(ddof=1)),
+            "interaction_var": w_var, "tasks": tasks}
+
+
+def project_mde(components: dict[str, Any], seeds: float, alpha: float = ALPHA, power: float = POWER,
+                as_reported: bool = False) -> dict[str, Any]:
+    """``{"se", "df", "mde"}`` of the task average with ``seeds`` seeds per method (``math.inf``: the floor),
+    from :func:`variance_components`: SE² = E + V / S; ``as_reported``: what :func:`combined_test` would report
+    (its bootstrap term at infinitely many resamples, E not cut at 0),
+    E + (V + W) / S. ``df`` (Welch-Satterthwaite, the seed term with S - 1) None stands for ∞."""
+    from scipy import stats
+
+    finite = not math.isinf(seeds)
+    seed_term = components["seed_var"] / seeds if finite else 0.0
+    known = components["examples_var"] + (components["interaction_var"] / seeds if as_reported and finite else 0.0)
+    var = known + seed_term   # as in combined_test, the examples' part (the bootstrap's) counts as known
+    df = var ** 2 / (seed_term ** 2 / (seeds - 1)) if seed_term > 0 and seeds > 1 else math.inf
+    se = math.sqrt(var)
+    mde = (float(stats.t.ppf(1 - alpha / 2, df)) + float(stats.t.ppf(power, df))) * se
+    return {"se": se, "df": None if math.isinf(df) else df, "mde": mde}
+
+
+def seeds_for_mde(components: dict[str, Any], target: float, max_seeds: int = 1000, **kw: Any) -> int | None:
+    """The fewest seeds per method (>= 2) whose projected MDE is at most ``target``; None when even
+    ``max_seeds`` (or the floor E) does not reach it. ``kw``: :func:`project_mde`'s."""
+    if project_mde(components, math.inf, **kw)["mde"] > target:
+        return None
+    return next((s for s in range(2, max_seeds + 1) if project_mde(components, s, **kw)["mde"] <= target), None)
