@@ -297,11 +297,11 @@ def params() -> None:
 def report(baseline: str = "lora", with_ablations: bool = False, interim: bool = False) -> None:
     """`morelora compare` over the winners whose seeds have all finished (the baseline's row first); with
     ``with_ablations``, the finished ablation rows against MoRE's winner instead (OUT/ablations/results.*);
-    with ``interim``, the seeds finished so far (`report_interim`)."""
+    with ``interim``, the seeds finished so far (`report_interim`; with ablations too: `report_ablations`)."""
     from morelora.experiments.compare import compare
 
     if with_ablations:
-        return report_ablations()
+        return report_ablations(interim=interim)
     if interim:
         return report_interim()
     winners = sweep_winners()
@@ -338,8 +338,10 @@ def report_interim() -> None:
     print(write_report(summary, OUT / "interim", title))
 
 
-def report_ablations() -> None:
-    """Each finished ablation row (all seeds) against MoRE's winner, paired over seeds and test examples."""
+def report_ablations(interim: bool = False) -> None:
+    """Each finished ablation row (all seeds) against MoRE's winner, paired over seeds and test examples; with
+    ``interim``, every row with 2 or more finished seeds, over the seeds all of them and MoRE have finished
+    (OUT/ablations_interim: a progress figure)."""
     from morelora.experiments.report import summarize, write_report
 
     winner = sweep("more")["winner"]
@@ -348,11 +350,22 @@ def report_ablations() -> None:
         raise SystemExit("protocol: more's seeds are not all finished yet; see `bench/protocol.py status`")
     extra = ablation_config(winner)
     rows = [_runs([label], PROTOCOL["seeds"], extra) for label in extra]
-    done = [r for runs in rows if all(_finished(x) for x in runs) for r in runs]
+    if interim:
+        rows = [runs for runs in rows if sum(_finished(x) for x in runs) >= 2]
+        seeds = [s for s in range(PROTOCOL["seeds"]) if all(_finished(runs[s]) for runs in rows)]
+        if not rows or len(seeds) < 2:
+            raise SystemExit("protocol: no ablation row has 2 finished seeds in common with the others yet")
+        full = [full[s] for s in seeds]
+        done = [runs[s] for runs in rows for s in seeds]
+    else:
+        done = [r for runs in rows if all(_finished(x) for x in runs) for r in runs]
     if not done:
         raise SystemExit("protocol: no ablation row has all its seeds finished yet")
     summary = summarize(full + done, baseline=full[0].label)
-    print(write_report(summary, OUT / "ablations", f"protocol ablations of MoRE (lr {winner}) against {full[0].label}"))
+    title = f"protocol ablations of MoRE (lr {winner}) against {full[0].label}"
+    if interim:
+        title += f", interim: seeds {', '.join(str(r.seed) for r in full)} (of {PROTOCOL['seeds']})"
+    print(write_report(summary, OUT / ("ablations_interim" if interim else "ablations"), title))
 
 
 def diagnose() -> dict[str, Any]:
@@ -465,7 +478,8 @@ def main() -> None:
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
     p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
     p.add_argument("--interim", action="store_true",
-                   help="report: the swept rows over the seeds each has finished so far (OUT/interim)")
+                   help="report: the swept rows (with --ablations: the ablation rows) over the seeds finished so far "
+                        "(OUT/interim, OUT/ablations_interim)")
     args = p.parse_args()
     {"run": lambda: run_worker(args.poll), "status": status,
      "report": lambda: report(with_ablations=args.ablations, interim=args.interim),

@@ -131,6 +131,23 @@ def test_ablation_report_pairs_finished_rows_with_mores_seeds(protocol, capsys):
     n = 40
     for run in more:
         _finish_with_predictions(run, [[rng.random() < 0.7 for _ in range(n)] for _ in run.cfg.tasks])
+    with pytest.raises(SystemExit, match="no ablation row has 2 finished seeds"):
+        p.report(with_ablations=True, interim=True)
+    # interim: the rows with >= 2 finished seeds, over the seeds they (and MoRE) share
+    runs = [r for r, w in p.ordered_runs() if w is None]
+    part = [r for r in runs if r.label == "ablation_no_rank_scaling" and r.seed in (0, 1, 3)]
+    one = [r for r in runs if r.label == "ablation_no_contrastive" and r.seed == 0]
+    for run in part + one:
+        _finish_with_predictions(run, [[rng.random() < 0.6 for _ in range(n)] for _ in run.cfg.tasks])
+    capsys.readouterr()
+    p.report(with_ablations=True, interim=True)
+    assert "interim: seeds 0, 1, 3 (of 5)" in capsys.readouterr().out
+    saved = json.loads((p.OUT / "ablations_interim" / "results.json").read_text())
+    assert list(saved["methods"]) == ["more_lr1e-3", "ablation_no_rank_scaling"] and saved["seeds"] == [0, 1, 3]
+    avg = {lab: [json.loads((r.run_dir / "eval.json").read_text())["average"] for r in runs]
+           for lab, runs in [("part", part), ("more", [more[s] for s in (0, 1, 3)])]}
+    assert saved["tests"]["ablation_no_rank_scaling"]["diff_average"] == pytest.approx(
+        sum(avg["part"]) / 3 - sum(avg["more"]) / 3)
     with pytest.raises(SystemExit, match="no ablation row has all its seeds finished"):
         p.report(with_ablations=True)
     for run in hard:
