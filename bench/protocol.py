@@ -426,10 +426,14 @@ def power(method: str = "more", baseline: str = "lora", target: float = 0.01) ->
     reach (`variance_components`, `project_mde`), from the seeds both winners have finished. -> OUT/power.json"""
     import math
 
-    import numpy as np
-
     from morelora.experiments.report import load_predictions
-    from morelora.experiments.statistics import DECOMPOSABLE, project_mde, seeds_for_mde, variance_components
+    from morelora.experiments.statistics import (
+        DECOMPOSABLE,
+        TaskPredictions,
+        project_mde,
+        seeds_for_mde,
+        variance_components,
+    )
 
     rows = {}
     for m in (method, baseline):
@@ -445,8 +449,8 @@ def power(method: str = "more", baseline: str = "lora", target: float = 0.01) ->
     for t, first in preds[baseline][0].items():
         if first["main_metric"] not in DECOMPOSABLE:
             raise SystemExit(f"protocol: task {t}'s metric {first['main_metric']} is not a per-example mean")
-        refs = np.asarray(first["references"])
-        correct = {m: np.array([np.asarray(p[t]["predictions"]) == refs for p in preds[m]], float) for m in preds}
+        correct = {m: TaskPredictions([p[t]["predictions"] for p in preds[m]], first["references"],
+                                      first["main_metric"]).correct() for m in preds}
         diffs[t] = correct[method] - correct[baseline]
     comp = variance_components(diffs)
     counts = sorted({len(seeds), 5, 8, 10, 12, 15, 20, 30, 50})

@@ -145,16 +145,22 @@ class TaskPredictions:
     metric: str = "accuracy"
     num_labels: int | None = None
 
+    def correct(self) -> np.ndarray:
+        """Seeds x examples per-example scores (1.0 right, 0.0 wrong) of a per-example metric (``DECOMPOSABLE``)."""
+        if self.metric not in DECOMPOSABLE:
+            raise ValueError(f"metric {self.metric!r} is not a mean of per-example scores")
+        refs = np.asarray(self.references, dtype=object)
+        rows = []
+        for p in self.predictions:
+            p = np.asarray(p, dtype=object)
+            rows.append(np.array([str(a).strip() == str(b).strip() for a, b in zip(p, refs)], float)
+                        if self.metric == "exact_match" else (p == refs).astype(float))
+        return np.array(rows)
+
     def score(self, idx: np.ndarray) -> np.ndarray:
         """Main-metric score, averaged over seeds, of each resample (row) of example indices ``idx``."""
         if self.metric in DECOMPOSABLE:
-            refs = np.asarray(self.references, dtype=object)
-            rows = []
-            for p in self.predictions:
-                p = np.asarray(p, dtype=object)
-                rows.append(np.array([str(a).strip() == str(b).strip() for a, b in zip(p, refs)], float)
-                            if self.metric == "exact_match" else (p == refs).astype(float))
-            correct = np.mean(rows, axis=0)  # per-example correctness pooled over seeds
+            correct = self.correct().mean(axis=0)  # per-example correctness pooled over seeds
             return correct[idx].mean(axis=-1)
         from morelora.metrics import METRICS
 
