@@ -5,8 +5,10 @@
     python bench/protocol.py report   # the table: `morelora compare` over every finished winner's seeds
     python bench/protocol.py report --ablations   # each ablation of MoRE against MoRE (results in OUT/ablations)
     python bench/protocol.py report --interim     # while it runs: the seeds finished so far (OUT/interim)
+    python bench/protocol.py report --ablations --interim [--against-lora]   # the ablations' seeds so far
     python bench/protocol.py params   # adapter parameters of every row on the protocol's model
     python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms
+    python bench/protocol.py power    # MoRE - LoRA's noise split; the MDE more seeds would reach
 
 Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shared by every run) and the
 ``PROTOCOL`` block below (methods, learning rates, seeds, order). For every method:
@@ -294,14 +296,15 @@ def params() -> None:
               f"trainable (with heads) {counts['trainable']:>9,}")
 
 
-def report(baseline: str = "lora", with_ablations: bool = False, interim: bool = False) -> None:
+def report(baseline: str = "lora", with_ablations: bool = False, interim: bool = False,
+           against_lora: bool = False) -> None:
     """`morelora compare` over the winners whose seeds have all finished (the baseline's row first); with
     ``with_ablations``, the finished ablation rows against MoRE's winner instead (OUT/ablations/results.*);
     with ``interim``, the seeds finished so far (`report_interim`; with ablations too: `report_ablations`)."""
     from morelora.experiments.compare import compare
 
     if with_ablations:
-        return report_ablations(interim=interim)
+        return report_ablations(interim=interim, against_lora=against_lora)
     if interim:
         return report_interim()
     winners = sweep_winners()
@@ -338,10 +341,11 @@ def report_interim() -> None:
     print(write_report(summary, OUT / "interim", title))
 
 
-def report_ablations(interim: bool = False) -> None:
+def report_ablations(interim: bool = False, against_lora: bool = False) -> None:
     """Each finished ablation row (all seeds) against MoRE's winner, paired over seeds and test examples; with
     ``interim``, every row with 2 or more finished seeds, over the seeds all of them and MoRE have finished
-    (OUT/ablations_interim: a progress figure)."""
+    (OUT/ablations_interim: a progress figure); with ``against_lora``, MoRE and those rows against LoRA's
+    winner instead (same seeds; folder name + ``_vs_lora``)."""
     from morelora.experiments.report import summarize, write_report
 
     winner = sweep("more")["winner"]
@@ -350,6 +354,13 @@ def report_ablations(interim: bool = False) -> None:
         raise SystemExit("protocol: more's seeds are not all finished yet; see `bench/protocol.py status`")
     extra = ablation_config(winner)
     rows = [_runs([label], PROTOCOL["seeds"], extra) for label in extra]
+    if against_lora:
+        lora_w = sweep("lora")["winner"]
+        lora = _runs([_label("lora", lora_w)], PROTOCOL["seeds"]) if lora_w else []
+        if not lora or not all(_finished(r) for r in lora):
+            raise SystemExit("protocol: lora's seeds are not all finished yet; see `bench/protocol.py status`")
+        rows.insert(0, full)
+        full = lora
     if interim:
         rows = [runs for runs in rows if sum(_finished(x) for x in runs) >= 2]
         seeds = [s for s in range(PROTOCOL["seeds"]) if all(_finished(runs[s]) for runs in rows)]
@@ -365,7 +376,8 @@ def report_ablations(interim: bool = False) -> None:
     title = f"protocol ablations of MoRE (lr {winner}) against {full[0].label}"
     if interim:
         title += f", interim: seeds {', '.join(str(r.seed) for r in full)} (of {PROTOCOL['seeds']})"
-    print(write_report(summary, OUT / ("ablations_interim" if interim else "ablations"), title))
+    folder = ("ablations_interim" if interim else "ablations") + ("_vs_lora" if against_lora else "")
+    print(write_report(summary, OUT / folder, title))
 
 
 def diagnose() -> dict[str, Any]:
@@ -481,12 +493,14 @@ def main() -> None:
     p.add_argument("command", choices=["run", "status", "report", "params", "diagnose", "power"])
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
     p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
+    p.add_argument("--against-lora", action="store_true",
+                   help="report --ablations: MoRE and the ablation rows against LoRA's winner instead")
     p.add_argument("--interim", action="store_true",
                    help="report: the swept rows (with --ablations: the ablation rows) over the seeds finished so far "
                         "(OUT/interim, OUT/ablations_interim)")
     args = p.parse_args()
     {"run": lambda: run_worker(args.poll), "status": status,
-     "report": lambda: report(with_ablations=args.ablations, interim=args.interim),
+     "report": lambda: report(with_ablations=args.ablations, interim=args.interim, against_lora=args.against_lora),
      "params": params, "diagnose": diagnose, "power": power}[args.command]()
 
 

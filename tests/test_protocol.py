@@ -148,6 +148,22 @@ def test_ablation_report_pairs_finished_rows_with_mores_seeds(protocol, capsys):
            for lab, runs in [("part", part), ("more", [more[s] for s in (0, 1, 3)])]}
     assert saved["tests"]["ablation_no_rank_scaling"]["diff_average"] == pytest.approx(
         sum(avg["part"]) / 3 - sum(avg["more"]) / 3)
+    # the same rows and MoRE against LoRA's winner (its sweep and seeds finished)
+    with pytest.raises(SystemExit, match="lora's seeds are not all finished"):
+        p.report(with_ablations=True, interim=True, against_lora=True)
+    for run, val in zip([r for r, w in p.ordered_runs() if w is None and r.label.startswith("lora_")][:3],
+                        [0.50, 0.58, 0.52]):
+        _finish(run.run_dir, val, steps=run.cfg.train.max_steps)
+    lora = [r for r, w in p.ordered_runs() if w is None and r.label == "lora_lr1e-3"]
+    for run in lora:
+        _finish_with_predictions(run, [[rng.random() < 0.65 for _ in range(n)] for _ in run.cfg.tasks])
+    p.report(with_ablations=True, interim=True, against_lora=True)
+    saved = json.loads((p.OUT / "ablations_interim_vs_lora" / "results.json").read_text())
+    assert list(saved["methods"]) == ["lora_lr1e-3", "more_lr1e-3", "ablation_no_rank_scaling"]
+    assert saved["seeds"] == [0, 1, 3] and saved["tests"]["more_lr1e-3"]["baseline"] == "lora_lr1e-3"
+    lora_avg = [json.loads((lora[s].run_dir / "eval.json").read_text())["average"] for s in (0, 1, 3)]
+    assert saved["tests"]["ablation_no_rank_scaling"]["diff_average"] == pytest.approx(
+        sum(avg["part"]) / 3 - sum(lora_avg) / 3)
     with pytest.raises(SystemExit, match="no ablation row has all its seeds finished"):
         p.report(with_ablations=True)
     for run in hard:
