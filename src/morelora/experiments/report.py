@@ -309,13 +309,13 @@ def plot_differences(summary: dict[str, Any], path: str | Path, title: str = "Di
     names = ["average", *[t for t in summary["tasks"] if any(r["row"] == t for r in rows)]]
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     step = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.35 * len(names) * max(1, len(methods))))
+    fig, ax = plt.subplots(figsize=(8, 1.5 + len(names) * max(0.5, 0.2 * len(methods))))
     for i, lab in enumerate(methods):
         for j, name in enumerate(names):
             r = next((r for r in rows if r["method"] == lab and r["row"] == name), None)
             if r is None:
                 continue
-            y = j + 0.4 - step * (i + 0.5)
+            y = j - 0.4 + step * (i + 0.5)   # the legend's order, top to bottom (the y axis is inverted)
             ax.fill_betweenx([y - step / 2.5, y + step / 2.5], -r["mde"], r["mde"], color="0.85", lw=0,
                              label="+-MDE (80 % power)" if i == j == 0 else None)
             ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["ci_low"]], [r["ci_high"] - r["diff"]]], fmt="o",
