@@ -439,38 +439,34 @@ def power(method: str = "more", baseline: str = "lora", target: float = 0.01) ->
     import math
 
     from morelora.experiments.report import load_predictions
-    from morelora.experiments.statistics import (
-        DECOMPOSABLE,
-        TaskPredictions,
-        project_mde,
-        seeds_for_mde,
-        variance_components,
-    )
+    from morelora.experiments.statistics import TaskPredictions, project_mde, seeds_for_mde, variance_components
 
-    rows = {}
+    rows, labels = {}, {}
     for m in (method, baseline):
         w = sweep(m)["winner"]
         if w is None:
             raise SystemExit(f"protocol: {m}'s learning-rate sweep is not finished yet")
-        rows[m] = {r.seed: r for r in _runs([_label(m, w)], PROTOCOL["seeds"]) if _finished(r)}
+        labels[m] = _label(m, w)
+        rows[m] = {r.seed: r for r in _runs([labels[m]], PROTOCOL["seeds"]) if _finished(r)}
     seeds = sorted(set(rows[method]) & set(rows[baseline]))
     if len(seeds) < 2:
         raise SystemExit(f"protocol: {method} and {baseline} have fewer than 2 finished seeds in common")
     preds = {m: [load_predictions(rows[m][s].run_dir) for s in seeds] for m in rows}
     diffs = {}
     for t, first in preds[baseline][0].items():
-        if first["main_metric"] not in DECOMPOSABLE:
-            raise SystemExit(f"protocol: task {t}'s metric {first['main_metric']} is not a per-example mean")
-        correct = {m: TaskPredictions([p[t]["predictions"] for p in preds[m]], first["references"],
-                                      first["main_metric"]).correct() for m in preds}
+        try:
+            correct = {m: TaskPredictions([p[t]["predictions"] for p in preds[m]], first["references"],
+                                          first["main_metric"]).correct() for m in preds}
+        except ValueError as e:   # a metric that is not a mean of per-example scores (F1, MCC)
+            raise SystemExit(f"protocol: task {t}: {e}") from None
         diffs[t] = correct[method] - correct[baseline]
     comp = variance_components(diffs)
     counts = sorted({len(seeds), 5, 8, 10, 12, 15, 20, 30, 50})
     proj = {str(s): {"estimate": project_mde(comp, s), "as_reported": project_mde(comp, s, as_reported=True)}
             for s in [*counts, math.inf]}
     need = {k: seeds_for_mde(comp, target, as_reported=k == "as_reported") for k in ("estimate", "as_reported")}
-    out = {"method": _label(method, sweep(method)["winner"]), "baseline": _label(baseline, sweep(baseline)["winner"]),
-           "seeds": seeds, "components": comp, "projection": proj, "target_mde": target, "seeds_for_target": need}
+    out = {"method": labels[method], "baseline": labels[baseline], "seeds": seeds, "components": comp,
+           "projection": proj, "target_mde": target, "seeds_for_target": need}
     (OUT / "power.json").write_text(json.dumps(out, indent=1))
     pts = 100
     print(f"{out['method']} - {out['baseline']}, seeds {', '.join(map(str, seeds))}: noise of the test average "

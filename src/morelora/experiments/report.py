@@ -305,14 +305,15 @@ def plot_differences(summary: dict[str, Any], path: str | Path, title: str = "Di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by = {(r["method"], r["row"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    names = ["average", *[t for t in summary["tasks"] if any(r["row"] == t for r in rows)]]
+    names = ["average", *[t for t in summary["tasks"] if any(row == t for _, row in by)]]
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     step = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(8, 1.5 + len(names) * max(0.5, 0.2 * len(methods))))
     for i, lab in enumerate(methods):
         for j, name in enumerate(names):
-            r = next((r for r in rows if r["method"] == lab and r["row"] == name), None)
+            r = by.get((lab, name))
             if r is None:
                 continue
             y = j - 0.4 + step * (i + 0.5)   # the legend's order, top to bottom (the y axis is inverted)

@@ -224,18 +224,26 @@ def combined_test(seed_diffs: Sequence[float], bootstrap_var: float, alpha: floa
 
     d = np.asarray(seed_diffs, dtype=float)
     s, diff = len(d), float(d.mean())
-    seed_var = float(d.var(ddof=1)) / s if s > 1 else 0.0
-    var = seed_var + float(bootstrap_var)
-    se = math.sqrt(var)
-    df = var ** 2 / (seed_var ** 2 / (s - 1)) if seed_var > 0 else math.inf  # Welch-Satterthwaite
-    q = float(stats.t.ppf(1 - alpha / 2, df))
+    se, df, q, mde = _se_df_mde(float(d.var(ddof=1)) / s if s > 1 else 0.0, float(bootstrap_var), s, alpha, power)
     if se > 0:
         p = float(2 * stats.t.sf(abs(diff) / se, df))
     else:
         p = 1.0 if diff == 0 else None
     return {"diff": diff, "se": se, "df": None if math.isinf(df) else df, "ci_low": diff - q * se,
-            "ci_high": diff + q * se, "p": p, "mde": (q + float(stats.t.ppf(power, df))) * se,
-            "examples_only": s < 2}
+            "ci_high": diff + q * se, "p": p, "mde": mde, "examples_only": s < 2}
+
+
+def _se_df_mde(seed_term: float, known: float, seeds: float, alpha: float, power: float
+               ) -> tuple[float, float, float, float]:
+    """``(SE, df, t_{1-α/2,df}, MDE)`` of SE² = ``seed_term`` + ``known``: Welch-Satterthwaite df with the seed
+    term's S - 1 (∞ without a seed term; ``known`` counts as known), MDE = (t_{1-α/2} + t_power) SE."""
+    from scipy import stats
+
+    var = seed_term + known
+    df = var ** 2 / (seed_term ** 2 / (seeds - 1)) if seed_term > 0 and seeds > 1 else math.inf
+    se = math.sqrt(var)
+    q = float(stats.t.ppf(1 - alpha / 2, df))
+    return se, df, q, (q + float(stats.t.ppf(power, df))) * se
 
 
 # ------------------------------------------------------------------------------------------------ projection
@@ -275,15 +283,10 @@ def project_mde(components: dict[str, Any], seeds: float, alpha: float = ALPHA, 
     from :func:`variance_components`: SE² = E + V / S; ``as_reported``: what :func:`combined_test` would report
     (its bootstrap term at infinitely many resamples, E not cut at 0),
     E + (V + W) / S. ``df`` (Welch-Satterthwaite, the seed term with S - 1) None stands for ∞."""
-    from scipy import stats
-
     finite = not math.isinf(seeds)
     seed_term = components["seed_var"] / seeds if finite else 0.0
     known = components["examples_var"] + (components["interaction_var"] / seeds if as_reported and finite else 0.0)
-    var = known + seed_term   # as in combined_test, the examples' part (the bootstrap's) counts as known
-    df = var ** 2 / (seed_term ** 2 / (seeds - 1)) if seed_term > 0 and seeds > 1 else math.inf
-    se = math.sqrt(var)
-    mde = (float(stats.t.ppf(1 - alpha / 2, df)) + float(stats.t.ppf(power, df))) * se
+    se, df, _, mde = _se_df_mde(seed_term, known, seeds, alpha, power)   # the examples' part counts as known
     return {"se": se, "df": None if math.isinf(df) else df, "mde": mde}
 
 
