@@ -9,6 +9,7 @@
     python bench/protocol.py params   # adapter parameters of every row on the protocol's model
     python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms
     python bench/protocol.py power    # MoRE - LoRA's noise split; the MDE more seeds would reach
+    python bench/protocol.py archive  # copy every finished run's small files to the repository (ARCHIVE)
 
 Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shared by every run) and the
 ``PROTOCOL`` block below (methods, learning rates, seeds, order). For every method:
@@ -26,7 +27,12 @@ is the comparison setup plus one switch; here that switch is applied to ``more``
 against ``more``'s own seeds (the ``full`` row).
 
 Runs are ordinary ``morelora compare`` runs in ``runs/protocol/<label>/seed<s>`` (resumable: an unfinished run
-continues from its newest checkpoint; a finished one is reused). Workers take runs in the protocol's order
+continues from its newest checkpoint; a finished one is reused). A finished run is also archived in the
+repository (``docs/protocol/archive/<folder name>/<label>/seed<s>``: its config, logs, eval.json, test
+predictions and ``analysis.json``, the adapter's per-task update norms and router choices; no weights), and every
+command first restores archived runs missing from the run folder: a fresh clone on another machine carries on
+the grid instead of starting it again. A sweep whose runs were lost before the archive existed is decided by
+the record of their validation scores in ``sweeps.json`` there. Workers take runs in the protocol's order
 and claim each one with a lock file holding their pid and the machine's boot id, so two workers never train
 the same run and a claim left by a killed worker (dead pid, or another boot) is taken over. Every run folder
 records the commit it trained with (``provenance.jsonl``).
@@ -51,6 +57,10 @@ OUT = Path(os.environ.get("MORELORA_PROTOCOL_DIR", ROOT / "runs" / "protocol"))
 #   MORELORA_PROTOCOL_DIR=runs/protocol-gpu MORELORA_PROTOCOL_SET="train.max_steps=4500 train.warmup_steps=225
 #   train.eval_steps=1125 train.mixed_precision=bf16" python bench/protocol.py run
 SET = shlex.split(os.environ.get("MORELORA_PROTOCOL_SET", ""))
+# finished runs, kept in the repository (small files only): see the module docstring
+ARCHIVE = Path(os.environ.get("MORELORA_PROTOCOL_ARCHIVE", ROOT / "docs" / "protocol" / "archive" / OUT.name))
+ARCHIVED = ("config.yaml", "provenance.jsonl", "metrics.jsonl", "routing.jsonl", "eval.json", "test_predictions.json",
+            "analysis.json")
 
 PROTOCOL: dict[str, Any] = {
     # method label -> method options (the shared ``method:`` block of protocol.yaml fills in the rest)
@@ -129,12 +139,28 @@ def final_validation(run_dir: Path) -> float | None:
     return last[-1]["eval_average"] if last else None
 
 
+def _sweep_dir(method: str, lr: str) -> Path:
+    """The folder of ``method``'s sweep run at ``lr`` (its first seed)."""
+    return _runs([_label(method, lr)], 1)[0].run_dir
+
+
+def recorded_sweeps() -> dict[str, dict[str, Any]]:
+    """``{method: {"runs": {lr: final validation average}, "source": text}}``: sweeps decided by runs whose folders
+    were lost (``ARCHIVE/sweeps.json``); their choice stands, and only the winner's run is trained again."""
+    path = ARCHIVE / "sweeps.json"
+    return json.loads(path.read_text())["sweeps"] if path.is_file() else {}
+
+
 def sweep(method: str) -> dict[str, Any]:
-    """``{"runs": {lr: final validation average or None}, "winner": lr or None}`` (winner once all are done)."""
-    first = _runs([_label(method, PROTOCOL["lrs"][0])], 1)[0].seed
-    scores = {lr: final_validation(OUT / _label(method, lr) / f"seed{first}") for lr in PROTOCOL["lrs"]}
+    """``{"runs": {lr: final validation average or None}, "winner": lr or None, "recorded": bool}`` (winner once
+    all are done; from ``recorded_sweeps()`` where the sweep is recorded there)."""
+    record = recorded_sweeps().get(method)
+    if record is not None:
+        scores = {lr: record["runs"][lr] for lr in PROTOCOL["lrs"]}
+        return {"runs": scores, "winner": max(scores, key=lambda lr: scores[lr]), "recorded": True}
+    scores = {lr: final_validation(_sweep_dir(method, lr)) for lr in PROTOCOL["lrs"]}
     done = all(v is not None for v in scores.values())
-    return {"runs": scores, "winner": max(scores, key=lambda lr: scores[lr]) if done else None}
+    return {"runs": scores, "winner": max(scores, key=lambda lr: scores[lr]) if done else None, "recorded": False}
 
 
 def sweep_winners() -> dict[str, str | None]:
@@ -152,8 +178,10 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
     for i, group in enumerate(PROTOCOL["groups"]):
         seeded, waiting = [], []
         for m in group:
-            out += [(r, None) for r in _runs([_label(m, lr) for lr in PROTOCOL["lrs"]], 1)]
-            winner = sweep(m)["winner"]
+            s = sweep(m)
+            winner = s["winner"]
+            lrs = [winner] if s["recorded"] else PROTOCOL["lrs"]   # a recorded sweep: its winner's run only
+            out += [(r, None) for r in _runs([_label(m, lr) for lr in lrs], 1)]
             if winner is None:
                 waiting.append((None, m))   # its seeds: known once the sweep has a winner
                 continue
@@ -229,6 +257,84 @@ def release(run: Any) -> None:
     _lock(run).unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------------------------------------ archive
+def run_analysis(run_dir: Path) -> dict[str, Any]:
+    """What `diagnose` reads of a trained run, from its final checkpoint: ``{"update_norms": {task: {module:
+    ||dW_t||}}, "task_ranks": {task: {module: k}}, "router": {task: {"top_p", "margin"}}}`` (None where the
+    method has no such thing). Cached in ``run_dir/analysis.json`` (archived with the run; no weights are)."""
+    path = run_dir / "analysis.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    import numpy as np
+
+    from morelora.analysis import load_trained_model
+    from morelora.analysis.updates import task_update_norms
+    from morelora.errors import MoreLoraError
+
+    model = load_trained_model(run_dir).model
+    out: dict[str, Any] = {"update_norms": None, "task_ranks": None, "router": None}
+    try:
+        out["update_norms"] = task_update_norms(model)
+    except MoreLoraError:   # experts routed per token: no one weight change per task
+        pass
+    layers = [(name, layer) for name, layer in model.adapter_layers() if hasattr(layer, "router_probs")]
+    if layers and hasattr(model, "task_ranks"):
+        out["task_ranks"] = model.task_ranks()
+        top2 = [layer.router_probs().detach().topk(2, -1).values for _, layer in layers]
+        out["router"] = {t: {"top_p": float(np.mean([v[i, 0] for v in top2])),
+                             "margin": float(np.mean([v[i, 0] - v[i, 1] for v in top2]))}
+                         for i, t in enumerate(model.tasks)}
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _analysable(run_dir: Path) -> bool:
+    """`run_analysis` can answer: analysis.json is there, or a checkpoint to compute it from."""
+    from morelora.training.checkpoint import list_checkpoints
+
+    return (run_dir / "analysis.json").is_file() or bool(list_checkpoints(run_dir))
+
+
+def archive_run(run: Any) -> Path | None:
+    """Copy a finished run's small files (``ARCHIVED``, with its `run_analysis`) to ``ARCHIVE/<label>/seed<s>``;
+    None while the run is unfinished."""
+    import shutil
+
+    if not _finished(run):
+        return None
+    if _analysable(run.run_dir):
+        run_analysis(run.run_dir)
+    dest = ARCHIVE / run.run_dir.relative_to(OUT)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED:
+        if (run.run_dir / name).is_file():
+            shutil.copy2(run.run_dir / name, dest / name)
+    return dest
+
+
+def archive() -> None:
+    """Archive every finished run of the grid (workers do it as each run finishes)."""
+    done = [r for r, w in ordered_runs() if w is None and _finished(r)]
+    for r in done:
+        archive_run(r)
+    print(f"protocol: {len(done)} finished run(s) archived in {ARCHIVE}")
+
+
+def restore() -> int:
+    """Copy every archived run that the run folder lacks (or holds unfinished) into it; returns how many."""
+    import shutil
+
+    n = 0
+    for src in sorted(ARCHIVE.glob("*/seed*")):
+        dest = OUT / src.relative_to(ARCHIVE)
+        if (src / "eval.json").is_file() and not (dest / "eval.json").is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                shutil.copy2(f, dest / f.name)
+            n += 1
+    return n
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def _finished(run: Any) -> bool:
     """Trained, evaluated and its test predictions written (compare's own status of a run)."""
@@ -251,6 +357,7 @@ def run_worker(poll_s: float = 60.0) -> None:
             if claim(run):
                 try:
                     execute([run])
+                    archive_run(run)
                 finally:
                     release(run)
                 started = True
@@ -279,7 +386,11 @@ def status() -> None:
     for m in PROTOCOL["methods"]:
         s = sweep(m)
         cells = ", ".join(f"lr {lr}: {'-' if v is None else f'{100 * v:.2f}'}" for lr, v in s["runs"].items())
-        print(f"sweep {m:<10} {cells}  -> winner {s['winner'] or '(not yet)'}")
+        line = f"sweep {m:<10} {cells}  -> winner {s['winner'] or '(not yet)'}"
+        if s["recorded"]:   # its choice stands; the winner's re-run shows whether the record reproduces
+            again = final_validation(_sweep_dir(m, s["winner"]))
+            line += f" (recorded; the winner's re-run: {'-' if again is None else f'{100 * again:.2f}'})"
+        print(line)
 
 
 def params() -> None:
@@ -387,8 +498,7 @@ def diagnose() -> dict[str, Any]:
     (`relative_update_norms`). -> OUT/diagnosis.json"""
     import numpy as np
 
-    from morelora.analysis import load_trained_model
-    from morelora.analysis.updates import relative_update_norms, task_update_norms
+    from morelora.analysis.updates import relative_update_norms
     from morelora.training.build import build_tasks, load_data
 
     lora_w = sweep("lora")["winner"]
@@ -400,27 +510,28 @@ def diagnose() -> dict[str, Any]:
     more = [r for lr in PROTOCOL["lrs"] for r in _runs([_label("more", lr)], PROTOCOL["seeds"])]
     more += [r for label in extra for r in _runs([label], PROTOCOL["seeds"], extra)]   # MoRE's ablation rows
     more = [r for r in more if _finished(r) and r.seed in lora]
+    lost = [r for r in more if not _analysable(r.run_dir)]
+    if lost:
+        print("protocol: no weights and no analysis.json, left out: " + ", ".join(f"{r.label} s{r.seed}" for r in lost))
+    more = [r for r in more if r not in lost]
     cfg = more[0].cfg if more else None
     if cfg is None:
         raise SystemExit("protocol: no finished MoRE run has a finished LoRA run of the same seed yet")
     specs = build_tasks(cfg)
     sizes = {s.name: len(d["train"]) for s, d in zip(specs, load_data(cfg, specs))}
-    ref_norms = {seed: task_update_norms(load_trained_model(r.run_dir).model) for seed, r in lora.items()}
+    ref_norms = {seed: run_analysis(r.run_dir)["update_norms"] for seed, r in lora.items()}
     out: dict[str, Any] = {"train_examples": sizes, "lora": _label("lora", lora_w), "runs": []}
     for r in more:
-        model = load_trained_model(r.run_dir).model
-        probs = {name: layer.router_probs().detach() for name, layer in model.adapter_layers()}
-        top2 = {name: p.topk(2, -1).values for name, p in probs.items()}
-        ranks = model.task_ranks()
-        rel = relative_update_norms(task_update_norms(model), ref_norms[r.seed])
+        a = run_analysis(r.run_dir)
+        rel = relative_update_norms(a["update_norms"], ref_norms[r.seed])
         test = json.loads((r.run_dir / "eval.json").read_text())["tasks"]
         ref_test = json.loads((lora[r.seed].run_dir / "eval.json").read_text())["tasks"]
         out["runs"].append({"label": r.label, "seed": r.seed, "tasks": {t: {
-            "mean_rank": float(np.mean(list(ranks[t].values()))),
-            "router_top_p": float(np.mean([v[i, 0] for v in top2.values()])),
-            "router_margin": float(np.mean([v[i, 0] - v[i, 1] for v in top2.values()])),
+            "mean_rank": float(np.mean(list(ranks.values()))),
+            "router_top_p": a["router"][t]["top_p"],
+            "router_margin": a["router"][t]["margin"],
             "update_norm_vs_lora": rel[t],
-            "test_minus_lora": test[t]["score"] - ref_test[t]["score"]} for i, t in enumerate(model.tasks)}})
+            "test_minus_lora": test[t]["score"] - ref_test[t]["score"]} for t, ranks in a["task_ranks"].items()}})
     (OUT / "diagnosis.json").write_text(json.dumps(out, indent=1))
     print(f"{'run':<22}{'task':<15}{'train n':>8}{'mean k':>8}{'top p':>7}{'margin':>8}{'|dW|/LoRA':>10}"
           f"{'test - LoRA':>12}")
@@ -486,7 +597,7 @@ def power(method: str = "more", baseline: str = "lora", target: float = 0.01) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose", "power"])
+    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose", "power", "archive"])
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
     p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
     p.add_argument("--against-lora", action="store_true",
@@ -495,9 +606,11 @@ def main() -> None:
                    help="report: the swept rows (with --ablations: the ablation rows) over the seeds finished so far "
                         "(OUT/interim, OUT/ablations_interim)")
     args = p.parse_args()
+    if (n := restore()):
+        print(f"protocol: {n} finished run(s) restored from {ARCHIVE}")
     {"run": lambda: run_worker(args.poll), "status": status,
      "report": lambda: report(with_ablations=args.ablations, interim=args.interim, against_lora=args.against_lora),
-     "params": params, "diagnose": diagnose, "power": power}[args.command]()
+     "params": params, "diagnose": diagnose, "power": power, "archive": archive}[args.command]()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture()
 def protocol(tmp_path, monkeypatch):
     monkeypatch.setenv("MORELORA_PROTOCOL_DIR", str(tmp_path / "p"))
+    monkeypatch.setenv("MORELORA_PROTOCOL_ARCHIVE", str(tmp_path / "archive"))
     spec = importlib.util.spec_from_file_location("protocol_script", ROOT / "bench" / "protocol.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -266,6 +267,16 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
         assert d["test_minus_lora"] == pytest.approx(tests[0][t]["score"] - tests[1][t]["score"])
         assert 1 / 4 <= d["router_top_p"] <= 1 and 0 <= d["router_margin"] <= d["router_top_p"]
     assert "more_lr1e-3 s0" in printed and "|dW|/LoRA" in printed
+    # archived, the runs lose their weights (a fresh clone): diagnose reads the same from analysis.json
+    import shutil
+
+    for run in [ablation] + [r for r, _ in p.ordered_runs()[:6]]:
+        if run.label not in ("more_lr1e-3", "lora_lr1e-3", ablation.label):
+            (run.run_dir / "test_predictions.json").write_text("{}")   # the losing sweep runs: finished too
+        assert p.archive_run(run) is not None
+    shutil.rmtree(p.OUT)
+    assert p.restore() == 7 and not list(p.OUT.glob("*/seed0/checkpoint-*"))
+    assert p.diagnose()["runs"] == out["runs"]
 
 
 def test_protocol_set_overrides_every_run_of_the_grid(tmp_path, monkeypatch):
@@ -325,3 +336,84 @@ def test_power_splits_the_noise_and_projects_the_reported_mde(protocol, capsys):
     assert out["projection"]["3"]["estimate"]["mde"] < reported["mde"]   # without the twice-counted part
     printed = capsys.readouterr().out
     assert "more_lr1e-3 - lora_lr3e-3, seeds 0, 1, 2" in printed and "MDE <= 1.00 (estimate)" in printed
+
+
+def test_archive_keeps_finished_runs_and_restores_them_into_a_fresh_folder(protocol):
+    """A finished run's small files go to the archive (an unfinished one's do not); a fresh run folder gets them
+    back, the run counts as finished again and is not trained twice; a finished run there is left alone."""
+    import random
+    import shutil
+
+    p = protocol
+    done, partial = [r for r, _ in p.ordered_runs()[:2]]
+    rng = random.Random(2)
+    _finish_with_predictions(done, [[rng.random() < 0.6 for _ in range(20)] for _ in done.cfg.tasks])
+    (done.run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (done.run_dir / "analysis.json").write_text('{"update_norms": null, "task_ranks": null, "router": null}')
+    (done.run_dir / "checkpoint-10").mkdir()          # weights: not archived
+    partial.run_dir.mkdir(parents=True)
+    partial.cfg.dump(partial.run_dir / "config.yaml")   # started, not finished
+    assert p.archive_run(partial) is None
+    dest = p.archive_run(done)
+    assert dest == p.ARCHIVE / done.label / "seed0"
+    assert sorted(f.name for f in dest.iterdir()) == sorted(
+        ["config.yaml", "eval.json", "test_predictions.json", "metrics.jsonl", "analysis.json"])
+    assert not (p.ARCHIVE / partial.label).exists()
+    before = {f.name: f.read_bytes() for f in dest.iterdir()}
+    shutil.rmtree(p.OUT)
+    assert not p._finished(done)
+    assert p.restore() == 1 and p._finished(done)
+    assert {f.name: f.read_bytes() for f in done.run_dir.iterdir()} == before
+    assert p.restore() == 0, "a finished run in the run folder is not copied again"
+    from morelora.experiments.runs import execute
+
+    assert execute([done]) == ["skipped"]
+
+
+def test_a_recorded_sweep_decides_and_only_its_winners_run_is_trained_again(protocol):
+    """sweeps.json (runs lost before the archive): the winner is the record's best validation score, whatever
+    the re-run scores; the losing learning rates are not trained again; the seeds follow the winner."""
+    p = protocol
+    p.ARCHIVE.mkdir(parents=True)
+    (p.ARCHIVE / "sweeps.json").write_text(json.dumps({"source": "test", "sweeps": {
+        "more": {"runs": {"3e-4": 0.52, "1e-3": 0.53, "3e-3": 0.51}}}}))
+    s = p.sweep("more")
+    assert s == {"runs": {"3e-4": 0.52, "1e-3": 0.53, "3e-3": 0.51}, "winner": "1e-3", "recorded": True}
+    assert p.sweep("lora")["recorded"] is False and p.sweep("lora")["winner"] is None
+    rows = p.ordered_runs()
+    more = [(r.label, r.seed) for r, w in rows if w is None and r.label.startswith("more_")]
+    assert more == [("more_lr1e-3", s) for s in range(5)]
+    first = next(r for r, w in rows if w is None and r.label == "more_lr1e-3")
+    assert first.cfg.train.eval_steps > 0, "the winner's re-run logs its validation curve, to set beside the record"
+    assert rows[1][0].label == "lora_lr3e-4"
+    _finish(first.run_dir, 0.40, steps=first.cfg.train.max_steps)   # the re-run scores lower: the choice stands
+    assert p.sweep("more")["winner"] == "1e-3"
+
+
+def test_the_cli_says_what_it_restored(tmp_path):
+    """`bench/protocol.py status` on a fresh run folder: the archived run is restored, and the user is told."""
+    archive, out = tmp_path / "archive", tmp_path / "runs"
+    env = {**os.environ, "MORELORA_PROTOCOL_DIR": str(out), "MORELORA_PROTOCOL_ARCHIVE": str(archive),
+           "HF_HUB_OFFLINE": "1"}
+    spec = importlib.util.spec_from_file_location("protocol_cli", ROOT / "bench" / "protocol.py")
+    old = os.environ.copy()
+    os.environ.update(env)
+    try:
+        p = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(p)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    run = p.ordered_runs()[0][0]
+    _finish_with_predictions(run, [[True, False] for _ in run.cfg.tasks])
+    (run.run_dir / "metrics.jsonl").write_text(json.dumps(
+        {"step": run.cfg.train.max_steps, "split": "validation", "eval_average": 0.5}) + "\n")
+    p.archive_run(run)
+    import shutil
+
+    shutil.rmtree(out)
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "protocol.py"), "status"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"protocol: 1 finished run(s) restored from {archive}" in res.stdout
+    assert "more_lr3e-4            seed 0: done" in res.stdout
