@@ -500,14 +500,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Pat
     with run.model.disable_adapter() if no_adapter else contextlib.nullcontext():
         result = evaluate(run, split, batch_size or run.cfg.train.eval_batch_size, accelerator,
                           keep_predictions=not no_adapter, progress=True)
-    predictions = {"split": split, "checkpoint": path.name, "tasks": result.pop("predictions", None)}
+    tasks = result.pop("predictions", None)   # kept for the adapter's test pass only
     suffix = "_no_adapter" if no_adapter else ""
     out = run_dir / (f"eval{suffix}.json" if split == "test" else f"eval_{split}{suffix}.json")
     if no_adapter:
         result["adapter"] = "disabled"
     if accelerator.is_main_process:
         if split == "test" and not no_adapter:
-            _write_json(run_dir / "test_predictions.json", predictions, indent=None)
+            _write_json(run_dir / "test_predictions.json", {"split": split, "checkpoint": path.name, "tasks": tasks},
+                        indent=None)
         _write_eval(out, result, run, TrainState.read(path))
     accelerator.wait_for_everyone()
     return out
