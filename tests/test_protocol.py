@@ -189,11 +189,12 @@ def test_seeds_interleave_and_the_early_ablation_comes_before_the_other_rows(pro
     assert todo[:8] == [(lab, s) for s in (1, 2, 3, 4) for lab in ("more_lr1e-3", "lora_lr1e-3")]
     early = p.PROTOCOL["early_ablations"]
     assert todo[8:8 + 5 * len(early)] == [(lab, s) for lab in early for s in range(5)]
-    assert early[0] == "ablation_no_rank_scaling" and early != sorted(early)   # the listed order, not A-Z
+    assert early[0] == "ablation_prefix_mask_ste" and early != sorted(early)   # the listed order, not A-Z
     assert todo[8 + 5 * len(early)] == ("lora_r16_lr3e-4", 0)
     labels = [lab for lab, _ in todo]
     assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo)) == 8 + 4 * 3 + 40
     assert labels.index("ablation_no_ste") > labels.index("hydralora_lr3e-3")
+    assert labels.index("ablation_no_rank_scaling") > labels.index("hydralora_lr3e-3")   # not in early_ablations
 
 
 def test_interim_report_pairs_the_seeds_both_rows_have_finished(protocol, capsys):
