@@ -29,7 +29,8 @@ against ``more``'s own seeds (the ``full`` row).
 Runs are ordinary ``morelora compare`` runs in ``runs/protocol/<label>/seed<s>`` (resumable: an unfinished run
 continues from its newest checkpoint; a finished one is reused). A finished run is also archived in the
 repository (``docs/protocol/archive/<folder name>/<label>/seed<s>``: its config, logs, eval.json, test
-predictions and ``analysis.json``, the adapter's per-task update norms and router choices; no weights), and every
+predictions and ``analysis.json``, the adapter's per-task update norms and router choices, gzipped; no weights),
+and every
 command first restores archived runs missing from the run folder: a fresh clone on another machine carries on
 the grid instead of starting it again. A sweep whose runs were lost before the archive existed is decided by
 the record of their validation scores in ``sweeps.json`` there. Workers take runs in the protocol's order
@@ -41,6 +42,7 @@ records the commit it trained with (``provenance.jsonl``).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -298,10 +300,8 @@ def _analysable(run_dir: Path) -> bool:
 
 
 def archive_run(run: Any) -> Path | None:
-    """Copy a finished run's small files (``ARCHIVED``, with its `run_analysis`) to ``ARCHIVE/<label>/seed<s>``;
-    None while the run is unfinished."""
-    import shutil
-
+    """Copy a finished run's small files (``ARCHIVED``, with its `run_analysis`), gzipped, to
+    ``ARCHIVE/<label>/seed<s>``; None while the run is unfinished."""
     if not _finished(run):
         return None
     if _analysable(run.run_dir):
@@ -309,8 +309,8 @@ def archive_run(run: Any) -> Path | None:
     dest = ARCHIVE / run.run_dir.relative_to(OUT)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ARCHIVED:
-        if (run.run_dir / name).is_file():
-            shutil.copy2(run.run_dir / name, dest / name)
+        if (run.run_dir / name).is_file():   # gzip without a time stamp: archiving again changes no byte
+            (dest / f"{name}.gz").write_bytes(gzip.compress((run.run_dir / name).read_bytes(), mtime=0))
     return dest
 
 
@@ -324,15 +324,13 @@ def archive() -> None:
 
 def restore() -> int:
     """Copy every archived run that the run folder lacks (or holds unfinished) into it; returns how many."""
-    import shutil
-
     n = 0
     for src in sorted(ARCHIVE.glob("*/seed*")):
         dest = OUT / src.relative_to(ARCHIVE)
-        if (src / "eval.json").is_file() and not (dest / "eval.json").is_file():
+        if (src / "eval.json.gz").is_file() and not (dest / "eval.json").is_file():
             dest.mkdir(parents=True, exist_ok=True)
-            for f in src.iterdir():
-                shutil.copy2(f, dest / f.name)
+            for f in src.glob("*.gz"):
+                (dest / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
             n += 1
     return n
 

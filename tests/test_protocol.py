@@ -358,9 +358,12 @@ def test_archive_keeps_finished_runs_and_restores_them_into_a_fresh_folder(proto
     dest = p.archive_run(done)
     assert dest == p.ARCHIVE / done.label / "seed0"
     assert sorted(f.name for f in dest.iterdir()) == sorted(
-        ["config.yaml", "eval.json", "test_predictions.json", "metrics.jsonl", "analysis.json"])
+        f"{n}.gz" for n in ["config.yaml", "eval.json", "test_predictions.json", "metrics.jsonl", "analysis.json"])
+    archived = {f.name: f.read_bytes() for f in dest.iterdir()}
+    assert p.archive_run(done) == dest and {f.name: f.read_bytes() for f in dest.iterdir()} == archived, \
+        "archiving again changes no byte (no time stamp in the gzip files)"
     assert not (p.ARCHIVE / partial.label).exists()
-    before = {f.name: f.read_bytes() for f in dest.iterdir()}
+    before = {f.name: f.read_bytes() for f in done.run_dir.iterdir() if f.is_file()}
     shutil.rmtree(p.OUT)
     assert not p._finished(done)
     assert p.restore() == 1 and p._finished(done)
