@@ -314,6 +314,10 @@ def archive_run(run: Any) -> Path | None:
     return dest
 
 
+def _archived(run: Any) -> bool:
+    return (ARCHIVE / run.run_dir.relative_to(OUT) / "eval.json.gz").is_file()
+
+
 def archive() -> None:
     """Archive every finished run of the grid (workers do it as each run finishes)."""
     done = [r for r, w in ordered_runs() if w is None and _finished(r)]
@@ -375,6 +379,10 @@ def status() -> None:
     total_known = sum(1 for _, w in rows if w is None)
     print(f"protocol in {OUT}: {done} of {total_known} planned runs finished "
           f"(+{PROTOCOL['seeds'] - 1} seed runs per method whose sweep is not finished)")
+    unarchived = [r for r, w in rows if w is None and _finished(r) and not _archived(r)]
+    if unarchived:
+        print(f"  not archived yet ({ARCHIVE}): " + ", ".join(f"{r.label} seed {r.seed}" for r in unarchived)
+              + " -- `bench/protocol.py archive`, then commit the archive")
     for r, w in rows:
         if w is not None:
             print(f"  {w}: seeds wait for its learning-rate sweep")

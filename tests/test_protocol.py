@@ -339,7 +339,7 @@ def test_power_splits_the_noise_and_projects_the_reported_mde(protocol, capsys):
     assert "more_lr1e-3 - lora_lr3e-3, seeds 0, 1, 2" in printed and "MDE <= 1.00 (estimate)" in printed
 
 
-def test_archive_keeps_finished_runs_and_restores_them_into_a_fresh_folder(protocol):
+def test_archive_keeps_finished_runs_and_restores_them_into_a_fresh_folder(protocol, capsys):
     """A finished run's small files go to the archive (an unfinished one's do not); a fresh run folder gets them
     back, the run counts as finished again and is not trained twice; a finished run there is left alone."""
     import random
@@ -355,6 +355,8 @@ def test_archive_keeps_finished_runs_and_restores_them_into_a_fresh_folder(proto
     partial.run_dir.mkdir(parents=True)
     partial.cfg.dump(partial.run_dir / "config.yaml")   # started, not finished
     assert p.archive_run(partial) is None
+    p.status()
+    assert f"not archived yet ({p.ARCHIVE}): {done.label} seed 0 --" in capsys.readouterr().out
     dest = p.archive_run(done)
     assert dest == p.ARCHIVE / done.label / "seed0"
     assert sorted(f.name for f in dest.iterdir()) == sorted(
@@ -363,6 +365,8 @@ def test_archive_keeps_finished_runs_and_restores_them_into_a_fresh_folder(proto
     assert p.archive_run(done) == dest and {f.name: f.read_bytes() for f in dest.iterdir()} == archived, \
         "archiving again changes no byte (no time stamp in the gzip files)"
     assert not (p.ARCHIVE / partial.label).exists()
+    p.status()
+    assert "not archived yet" not in capsys.readouterr().out
     before = {f.name: f.read_bytes() for f in done.run_dir.iterdir() if f.is_file()}
     shutil.rmtree(p.OUT)
     assert not p._finished(done)
