@@ -30,9 +30,8 @@ Runs are ordinary ``morelora compare`` runs in ``runs/protocol/<label>/seed<s>``
 continues from its newest checkpoint; a finished one is reused). A finished run is also archived in the
 repository (``docs/protocol/archive/<folder name>/<label>/seed<s>``: its config, logs, eval.json, test
 predictions and ``analysis.json``, the adapter's per-task update norms and router choices, gzipped; no weights),
-and every
-command first restores archived runs missing from the run folder: a fresh clone on another machine carries on
-the grid instead of starting it again. A sweep whose runs were lost before the archive existed is decided by
+and every command first restores archived runs missing from the run folder: a fresh clone on another machine
+carries on the grid instead of starting it again. A sweep whose runs were lost before the archive existed is decided by
 the record of their validation scores in ``sweeps.json`` there. Workers take runs in the protocol's order
 and claim each one with a lock file holding their pid and the machine's boot id, so two workers never train
 the same run and a claim left by a killed worker (dead pid, or another boot) is taken over. Every run folder
