@@ -298,6 +298,10 @@ def _analysable(run_dir: Path) -> bool:
     return (run_dir / "analysis.json").is_file() or bool(list_checkpoints(run_dir))
 
 
+def _archive_dir(run: Any) -> Path:
+    return ARCHIVE / run.run_dir.relative_to(OUT)
+
+
 def archive_run(run: Any) -> Path | None:
     """Copy a finished run's small files (``ARCHIVED``, with its `run_analysis`), gzipped, to
     ``ARCHIVE/<label>/seed<s>``; None while the run is unfinished."""
@@ -305,7 +309,7 @@ def archive_run(run: Any) -> Path | None:
         return None
     if _analysable(run.run_dir):
         run_analysis(run.run_dir)
-    dest = ARCHIVE / run.run_dir.relative_to(OUT)
+    dest = _archive_dir(run)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ARCHIVED:
         if (run.run_dir / name).is_file():   # gzip without a time stamp: archiving again changes no byte
@@ -314,7 +318,7 @@ def archive_run(run: Any) -> Path | None:
 
 
 def _archived(run: Any) -> bool:
-    return (ARCHIVE / run.run_dir.relative_to(OUT) / "eval.json.gz").is_file()
+    return (_archive_dir(run) / "eval.json.gz").is_file()
 
 
 def archive() -> None:

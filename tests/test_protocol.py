@@ -398,20 +398,11 @@ def test_a_recorded_sweep_decides_and_only_its_winners_run_is_trained_again(prot
     assert p.sweep("more")["winner"] == "1e-3"
 
 
-def test_the_cli_says_what_it_restored(tmp_path):
+def test_the_cli_says_what_it_restored(protocol):
     """`bench/protocol.py status` on a fresh run folder: the archived run is restored, and the user is told."""
-    archive, out = tmp_path / "archive", tmp_path / "runs"
-    env = {**os.environ, "MORELORA_PROTOCOL_DIR": str(out), "MORELORA_PROTOCOL_ARCHIVE": str(archive),
-           "HF_HUB_OFFLINE": "1"}
-    spec = importlib.util.spec_from_file_location("protocol_cli", ROOT / "bench" / "protocol.py")
-    old = os.environ.copy()
-    os.environ.update(env)
-    try:
-        p = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(p)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    p = protocol
+    archive, out = p.ARCHIVE, p.OUT
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}   # the fixture's MORELORA_PROTOCOL_DIR / _ARCHIVE included
     run = p.ordered_runs()[0][0]
     _finish_with_predictions(run, [[True, False] for _ in run.cfg.tasks])
     (run.run_dir / "metrics.jsonl").write_text(json.dumps(
