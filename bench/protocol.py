@@ -10,6 +10,7 @@
     python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms
     python bench/protocol.py power    # MoRE - LoRA's noise split; the MDE more seeds would reach
     python bench/protocol.py archive  # copy every finished run's small files to the repository (ARCHIVE)
+    python bench/protocol.py park     # before a machine goes: each run in training's newest checkpoint to ARCHIVE
 
 Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shared by every run) and the
 ``PROTOCOL`` block below (methods, learning rates, seeds, order). For every method:
@@ -31,11 +32,14 @@ continues from its newest checkpoint; a finished one is reused). A finished run 
 repository (``docs/protocol/archive/<folder name>/<label>/seed<s>``: its config, logs, eval.json, test
 predictions and ``analysis.json``, the adapter's per-task update norms and router choices, gzipped; no weights),
 and every command first restores archived runs missing from the run folder: a fresh clone on another machine
-carries on the grid instead of starting it again. A sweep whose runs were lost before the archive existed is decided by
-the record of their validation scores in ``sweeps.json`` there. Workers take runs in the protocol's order
-and claim each one with a lock file holding their pid and the machine's boot id, so two workers never train
-the same run and a claim left by a killed worker (dead pid, or another boot) is taken over. Every run folder
-records the commit it trained with (``provenance.jsonl``).
+carries on the grid instead of starting it again. ``park`` puts the newest checkpoint of each run still in training
+there too (``inflight.tar.gz``: checkpoint, config and logs up to its step; ~3 MB), so that the next machine resumes
+it from that step (`unpark`, also at every command) instead of training it again; the run's ``provenance.jsonl``
+then records the second machine's commit and host from the resumed step. A sweep whose runs were lost before the
+archive existed is decided by the record of their validation scores in ``sweeps.json`` there. Workers take runs in
+the protocol's order and claim each one with a lock file holding their pid and the machine's boot id, so two
+workers never train the same run and a claim left by a killed worker (dead pid, or another boot) is taken over.
+Every run folder records the commit it trained with (``provenance.jsonl``).
 """
 
 from __future__ import annotations
@@ -44,8 +48,12 @@ import argparse
 import gzip
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +70,8 @@ SET = shlex.split(os.environ.get("MORELORA_PROTOCOL_SET", ""))
 ARCHIVE = Path(os.environ.get("MORELORA_PROTOCOL_ARCHIVE", ROOT / "docs" / "protocol" / "archive" / OUT.name))
 ARCHIVED = ("config.yaml", "provenance.jsonl", "metrics.jsonl", "routing.jsonl", "eval.json", "test_predictions.json",
             "analysis.json")
+# a run in training at `park`: its newest checkpoint with its config and logs, in ARCHIVE/<label>/seed<s>
+PARKED = "inflight.tar.gz"
 
 PROTOCOL: dict[str, Any] = {
     # method label -> method options (the shared ``method:`` block of protocol.yaml fills in the rest)
@@ -242,11 +252,7 @@ def claim(run: Any) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                other = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                other = {}
-            if other.get("boot") == me["boot"] and other.get("host") == me["host"] and _alive(int(other.get("pid", 0))):
+            if _held(path):
                 return False
             path.unlink(missing_ok=True)   # a claim left by a killed worker
             continue
@@ -254,6 +260,16 @@ def claim(run: Any) -> bool:
             json.dump(me, f)
         return True
     return False
+
+
+def _held(lock: Path) -> bool:
+    """The claim ``lock`` belongs to a live process of this machine (a worker at work on the run)."""
+    try:
+        other = json.loads(lock.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (other.get("boot") == _boot_id() and other.get("host") == socket.gethostname()
+            and _alive(int(other.get("pid", 0))))
 
 
 def release(run: Any) -> None:
@@ -314,6 +330,7 @@ def archive_run(run: Any) -> Path | None:
     for name in ARCHIVED:
         if (run.run_dir / name).is_file():   # gzip without a time stamp: archiving again changes no byte
             (dest / f"{name}.gz").write_bytes(gzip.compress((run.run_dir / name).read_bytes(), mtime=0))
+    (dest / PARKED).unlink(missing_ok=True)   # its parked checkpoint, if it was resumed from one
     return dest
 
 
@@ -340,6 +357,85 @@ def restore() -> int:
                 (dest / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
             n += 1
     return n
+
+
+def _parked_step(path: Path) -> int:
+    """The step of the checkpoint in a parked run's ``inflight.tar.gz``."""
+    with tarfile.open(path) as tar:
+        return max(int(m.group(1)) for n in tar.getnames() if (m := re.fullmatch(r"checkpoint-(\d+)", n)))
+
+
+def _step(checkpoint: Path | None) -> int:
+    return -1 if checkpoint is None else int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _park_run(run_dir: Path, checkpoint: Path, dest: Path) -> None:
+    """Write ``dest`` (a gzipped tar, without time stamps or owners): ``checkpoint`` and the run's config and logs
+    cut back to its step (the rows after it are written again when the run resumes)."""
+    from morelora.training.checkpoint import LOG_FILES, truncate_metrics
+
+    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        return info
+
+    step = _step(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        for name in ("config.yaml", "provenance.jsonl", *LOG_FILES):
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, staged / name)
+                if name in LOG_FILES:
+                    truncate_metrics(staged / name, step)
+        shutil.copytree(checkpoint, staged / checkpoint.name)   # FileNotFoundError if the worker prunes it now
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        with open(part, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w") as tar:
+            for item in sorted(staged.iterdir()):
+                tar.add(item, arcname=item.name, filter=plain)
+        os.replace(part, dest)
+
+
+def park() -> int:
+    """Put the newest checkpoint of every run still in training into the archive (`PARKED`), so that a clone on
+    another machine resumes it (`unpark`) instead of training it again; returns how many were parked."""
+    from morelora.training.checkpoint import latest_checkpoint
+
+    n = 0
+    for run_dir in sorted(d for d in OUT.glob("*/seed*") if d.is_dir() and not (d / "eval.json").is_file()):
+        dest = ARCHIVE / run_dir.relative_to(OUT) / PARKED
+        for _ in range(3):   # the worker may replace its checkpoint while it is copied: take the new one
+            checkpoint = latest_checkpoint(run_dir)
+            if checkpoint is None or (dest.is_file() and _parked_step(dest) == _step(checkpoint)):
+                break
+            try:
+                _park_run(run_dir, checkpoint, dest)
+            except FileNotFoundError:
+                continue
+            n += 1
+            print(f"protocol: parked {run_dir.relative_to(OUT)} at step {_step(checkpoint)} -> {dest}", flush=True)
+            break
+    return n
+
+
+def unpark() -> list[tuple[str, int]]:
+    """Unpack every parked run whose run folder has no newer checkpoint (and that no live worker here is
+    training) into its run folder, where the next worker resumes it; returns ``[(run, step)]`` unpacked."""
+    from morelora.training.checkpoint import latest_checkpoint
+
+    out = []
+    for path in sorted(ARCHIVE.glob(f"*/seed*/{PARKED}")):
+        rel = path.parent.relative_to(ARCHIVE)
+        dest = OUT / rel
+        step = _parked_step(path)
+        if ((dest / "eval.json").is_file() or _held(OUT / ".claims" / f"{rel.parent}-{rel.name}.lock")
+                or _step(latest_checkpoint(dest)) >= step):
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path) as tar:
+            tar.extractall(dest, filter="data")
+        out.append((str(rel), step))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -382,6 +478,10 @@ def status() -> None:
     total_known = sum(1 for _, w in rows if w is None)
     print(f"protocol in {OUT}: {done} of {total_known} planned runs finished "
           f"(+{PROTOCOL['seeds'] - 1} seed runs per method whose sweep is not finished)")
+    parked = sorted(ARCHIVE.glob(f"*/seed*/{PARKED}"))
+    if parked:
+        print("  parked in the archive (resumed from there on a new machine): " + ", ".join(
+            f"{p.parent.relative_to(ARCHIVE)} at step {_parked_step(p)}" for p in parked))
     unarchived = [r for r, w in rows if w is None and _finished(r) and not _archived(r)]
     if unarchived:
         print(f"  not archived yet ({ARCHIVE}): " + ", ".join(f"{r.label} seed {r.seed}" for r in unarchived)
@@ -608,7 +708,7 @@ def power(method: str = "more", baseline: str = "lora", target: float = 0.01) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose", "power", "archive"])
+    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose", "power", "archive", "park"])
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
     p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
     p.add_argument("--against-lora", action="store_true",
@@ -619,9 +719,13 @@ def main() -> None:
     args = p.parse_args()
     if (n := restore()):
         print(f"protocol: {n} finished run(s) restored from {ARCHIVE}")
+    for run, step in unpark():
+        print(f"protocol: {run} unparked at step {step} from {ARCHIVE} (it resumes there)")
     {"run": lambda: run_worker(args.poll), "status": status,
      "report": lambda: report(with_ablations=args.ablations, interim=args.interim, against_lora=args.against_lora),
-     "params": params, "diagnose": diagnose, "power": power, "archive": archive}[args.command]()
+     "params": params, "diagnose": diagnose, "power": power, "archive": archive,
+     "park": lambda: print(f"protocol: {park()} run(s) in training parked in {ARCHIVE}; commit the archive")}[
+        args.command]()
 
 
 if __name__ == "__main__":

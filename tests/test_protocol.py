@@ -416,3 +416,66 @@ def test_the_cli_says_what_it_restored(protocol):
     assert res.returncode == 0, res.stderr
     assert f"protocol: 1 finished run(s) restored from {archive}" in res.stdout
     assert "more_lr3e-4            seed 0: done" in res.stdout
+
+
+def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny_bert, tmp_path, capsys):
+    """`park` puts a run in training's newest checkpoint (config, logs up to its step) in the archive; on a fresh
+    run folder `unpark` unpacks it, the run resumes at that step and ends as the run that was never stopped did;
+    archiving the finished run drops the parked file. A run a live worker here trains is never unpacked over."""
+    import shutil
+
+    import yaml
+    from conftest import tiny_run_config
+    from safetensors.torch import load_file
+
+    from morelora.experiments.runs import execute
+
+    p = protocol
+    p.CONFIG = tmp_path / "tiny.yaml"
+    p.CONFIG.write_text(yaml.safe_dump(tiny_run_config(tiny_bert, tmp_path / "unused", eval_steps=0)))
+    run = p.ordered_runs()[0][0]
+    assert execute([run]) == ["trained"]
+    straight_adapter = load_file(str(run.run_dir / "checkpoint-6" / "adapter" / "adapter_model.safetensors"))
+    straight_eval = json.loads((run.run_dir / "eval.json").read_text())
+    straight_rows = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the same run as a worker killed after step 4 leaves it: checkpoint-3 the newest, logs past it, no results
+    shutil.rmtree(run.run_dir / "checkpoint-6")
+    for name in ("eval.json", "test_predictions.json"):
+        (run.run_dir / name).unlink()
+    assert p.park() == 1 and p.park() == 0, "a run parked at its newest step is not parked again"
+    parked = p.ARCHIVE / run.label / "seed0" / p.PARKED
+    assert p._parked_step(parked) == 3
+    p.status()
+    assert f"parked in the archive (resumed from there on a new machine): {run.label}/seed0 at step 3" in \
+        capsys.readouterr().out
+
+    shutil.rmtree(p.OUT)                                   # a fresh machine: nothing but the repository
+    (p.OUT / ".claims").mkdir(parents=True)
+    lock = p.OUT / ".claims" / f"{run.label}-seed0.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": p.socket.gethostname(), "boot": p._boot_id()}))
+    assert p.unpark() == [] and not run.run_dir.exists(), "a run a live worker trains here is left alone"
+    lock.unlink()
+    assert p.unpark() == [(f"{run.label}/seed0", 3)]
+    assert sorted(f.name for f in run.run_dir.iterdir()) == ["checkpoint-3", "config.yaml", "metrics.jsonl",
+                                                             "provenance.jsonl", "routing.jsonl"]
+    unpacked_rows = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert unpacked_rows == [r for r in straight_rows if r["step"] <= 3], "the logs cut back to the parked step"
+    assert p.unpark() == [], "unpacked once: the run folder now has that checkpoint"
+
+    assert execute([run]) == ["resumed"]
+    events = [json.loads(x) for x in (run.run_dir / "provenance.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("resume", 3)]
+    resumed = load_file(str(run.run_dir / "checkpoint-6" / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == straight_adapter.keys()
+    for k in resumed:
+        torch_close(resumed[k], straight_adapter[k], k)
+    assert json.loads((run.run_dir / "eval.json").read_text())["average"] == pytest.approx(straight_eval["average"])
+    rows = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in straight_rows]
+    assert p.archive_run(run) is not None and not parked.exists(), "a finished run's parked checkpoint is dropped"
+
+
+def torch_close(a, b, name: str) -> None:
+    import torch
+
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

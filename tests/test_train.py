@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,7 @@ def test_run_folder_and_eval_json(encoder_run: Path) -> None:
     rows = [json.loads(line) for line in (encoder_run / "provenance.jsonl").read_text().splitlines()]
     assert [(r["event"], r["step"]) for r in rows] == [("start", 0)]
     assert rows[0]["torch"] == torch.__version__ and result["code"]["morelora"] == morelora.__version__
+    assert rows[0]["host"] == socket.gethostname()
     if head.returncode == 0:
         assert rows[0]["commit"] == result["code"]["commit"] == head.stdout.strip()
 

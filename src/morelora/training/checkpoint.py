@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from functools import cache
@@ -192,8 +193,10 @@ def code_version() -> dict[str, Any]:
 
 
 def record_provenance(run_dir: Path, event: str, step: int) -> dict[str, Any]:
-    """Append one line to ``RUN_DIR/provenance.jsonl``: which code started or resumed the run, at which step."""
-    row = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **code_version()}
+    """Append one line to ``RUN_DIR/provenance.jsonl``: which code on which machine started or resumed the run, at
+    which step."""
+    row = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+           **code_version()}
     with open(run_dir / PROVENANCE_NAME, "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
