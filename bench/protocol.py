@@ -28,18 +28,18 @@ is the comparison setup plus one switch; here that switch is applied to ``more``
 against ``more``'s own seeds (the ``full`` row).
 
 Runs are ordinary ``morelora compare`` runs in ``runs/protocol/<label>/seed<s>`` (resumable: an unfinished run
-continues from its newest checkpoint; a finished one is reused). A finished run is also archived in the
-repository (``docs/protocol/archive/<folder name>/<label>/seed<s>``: its config, logs, eval.json, test
-predictions and ``analysis.json``, the adapter's per-task update norms and router choices, gzipped; no weights),
-and every command first restores archived runs missing from the run folder: a fresh clone on another machine
-carries on the grid instead of starting it again. ``park`` puts the newest checkpoint of each run still in training
-there too (``inflight.tar.gz``: checkpoint, config and logs up to its step; ~3 MB), so that the next machine resumes
-it from that step (`unpark`, also at every command) instead of training it again; the run's ``provenance.jsonl``
-then records the second machine's commit and host from the resumed step. A sweep whose runs were lost before the
-archive existed is decided by the record of their validation scores in ``sweeps.json`` there. Workers take runs in
-the protocol's order and claim each one with a lock file holding their pid and the machine's boot id, so two
-workers never train the same run and a claim left by a killed worker (dead pid, or another boot) is taken over.
-Every run folder records the commit it trained with (``provenance.jsonl``).
+continues from its newest checkpoint; a finished one is reused). A finished run is also archived in the repository
+(``docs/protocol/archive/<folder name>/<label>/seed<s>``: its config, logs, eval.json, test predictions and
+``analysis.json``, the adapter's per-task update norms and router choices, gzipped; no weights), and every command
+first restores archived runs missing from the run folder: a fresh clone on another machine carries on the grid
+instead of starting it again. ``park`` puts the newest checkpoint of each run still in training there too
+(``inflight.tar.gz``: checkpoint, config and logs up to its step; 4-7 MB on the protocol model), so that the next
+machine resumes it from that step (`unpark`, also at every command) instead of training it again; the run's
+``provenance.jsonl`` then records the second machine's commit and host from the resumed step. A sweep whose runs
+were lost before the archive existed is decided by the record of their validation scores in ``sweeps.json`` there.
+Workers take runs in the protocol's order and claim each one with a lock file holding their pid and the machine's
+boot id, so two workers never train the same run and a claim left by a killed worker (dead pid, or another boot) is
+taken over. Every run folder records the commit it trained with (``provenance.jsonl``).
 """
 
 from __future__ import annotations
