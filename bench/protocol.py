@@ -9,6 +9,7 @@
     python bench/protocol.py params   # adapter parameters of every row on the protocol's model
     python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms
     python bench/protocol.py power    # MoRE - LoRA's noise split; the MDE more seeds would reach
+    python bench/protocol.py pool     # MoRE - LoRA over an earlier report's seeds and this folder's, pooled
     python bench/protocol.py archive  # copy every finished run's small files to the repository (ARCHIVE)
     python bench/protocol.py park     # before a machine goes: each run in training's newest checkpoint to ARCHIVE
 
@@ -655,13 +656,11 @@ def diagnose() -> dict[str, Any]:
     return out
 
 
-def power(method: str = "more", baseline: str = "lora", target: float = 0.01) -> dict[str, Any]:
-    """Where the noise of ``method`` - ``baseline`` on the test average comes from, and the MDE more seeds would
-    reach (`variance_components`, `project_mde`), from the seeds both winners have finished. -> OUT/power.json"""
-    import math
-
+def _paired_diffs(method: str, baseline: str) -> tuple[dict[str, str], list[int], dict[str, Any]]:
+    """``(labels, seeds, {task: seeds x examples correctness differences})`` of ``method`` - ``baseline`` (their
+    winners) over the seeds both have finished."""
     from morelora.experiments.report import load_predictions
-    from morelora.experiments.statistics import TaskPredictions, project_mde, seeds_for_mde, variance_components
+    from morelora.experiments.statistics import TaskPredictions
 
     rows, labels = {}, {}
     for m in (method, baseline):
@@ -682,6 +681,17 @@ def power(method: str = "more", baseline: str = "lora", target: float = 0.01) ->
         except ValueError as e:   # a metric that is not a mean of per-example scores (F1, MCC)
             raise SystemExit(f"protocol: task {t}: {e}") from None
         diffs[t] = correct[method] - correct[baseline]
+    return labels, seeds, diffs
+
+
+def power(method: str = "more", baseline: str = "lora", target: float = 0.01) -> dict[str, Any]:
+    """Where the noise of ``method`` - ``baseline`` on the test average comes from, and the MDE more seeds would
+    reach (`variance_components`, `project_mde`), from the seeds both winners have finished. -> OUT/power.json"""
+    import math
+
+    from morelora.experiments.statistics import project_mde, seeds_for_mde, variance_components
+
+    labels, seeds, diffs = _paired_diffs(method, baseline)
     comp = variance_components(diffs)
     counts = sorted({len(seeds), 5, 8, 10, 12, 15, 20, 30, 50})
     proj = {str(s): {"estimate": project_mde(comp, s), "as_reported": project_mde(comp, s, as_reported=True)}
@@ -706,9 +716,68 @@ def power(method: str = "more", baseline: str = "lora", target: float = 0.01) ->
     return out
 
 
+def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[str, Any]:
+    """``method`` - ``baseline`` over two draws of the same protocol: an earlier report's seeds (``previous``, a
+    `morelora compare` results.json: per-seed task scores; its predictions may be gone) and the seeds this run
+    folder has finished. The seeds' task-average differences D_s pool as one sample (`combined_test`); the test
+    examples, the same in both draws, count once, with the variance E + W / S that compare's bootstrap would give
+    S seeds, estimated from this folder's predictions (`variance_components`). Also: each draw alone (the earlier
+    one as its report gave it, where it has the comparison), the seed-only paired t-test, and Welch's test of
+    whether the two draws differ. -> OUT/pooled.json"""
+    import numpy as np
+    from scipy import stats
+
+    from morelora.experiments.statistics import combined_test, paired_ttest, variance_components
+
+    labels, seeds, diffs = _paired_diffs(method, baseline)
+    prev = json.loads(Path(previous).read_text())
+    missing = [lab for lab in labels.values() if lab not in prev.get("methods", {})]
+    if missing:
+        raise SystemExit(f"protocol: {previous} has no row {', '.join(missing)}; pool needs both winners' rows")
+    if list(prev["tasks"]) != list(diffs) or any(prev["num_examples"][t] != d.shape[1] for t, d in diffs.items()):
+        raise SystemExit(f"protocol: {previous} was not made on this protocol's tasks and test sets "
+                         f"({prev['tasks']} vs {list(diffs)})")
+    before = {m: np.mean([prev["methods"][lab]["tasks"][t]["scores"] for t in diffs], axis=0)
+              for m, lab in labels.items()}   # per-seed task averages of the earlier draw
+    d_now = np.mean([d.mean(1) for d in diffs.values()], axis=0)
+    d_before = before[method] - before[baseline]
+    comp = variance_components(diffs)
+    both = np.concatenate([d_before, d_now])
+    out = {"method": labels[method], "baseline": labels[baseline], "previous": str(previous),
+           "seeds": {"previous": prev["seeds"], "now": seeds}, "seed_diffs": {"previous": d_before.tolist(),
+                                                                             "now": d_now.tolist()},
+           "components": comp}
+    for name, d in (("previous", d_before), ("now", d_now), ("pooled", both)):
+        out[name] = combined_test(d, comp["examples_var"] + comp["interaction_var"] / len(d))
+    reported = prev.get("tests", {}).get(labels[method], {})
+    if reported.get("baseline") == labels[baseline] and "combined" in reported:
+        out["previous"] = reported["combined"]   # the earlier draw as its own report gave it (its predictions)
+    out["seed_only_ttest"] = {**paired_ttest(both, np.zeros(len(both))), "diff": float(both.mean())}
+    welch = stats.ttest_ind(d_before, d_now, equal_var=False)
+    out["draws_differ"] = {"diff": float(d_before.mean() - d_now.mean()), "p": float(welch.pvalue)}
+    (OUT / "pooled.json").write_text(json.dumps(out, indent=1))
+    pts = 100
+    print(f"{out['method']} - {out['baseline']} on the test average (x100), two draws of the protocol:")
+    print(f"{'':<34}{'seeds':>6}{'diff':>8}{'95 % CI':>17}{'p':>8}{'MDE':>7}")
+    for name, n in (("previous", len(d_before)), ("now", len(d_now)), ("pooled", len(both))):
+        c = out[name]
+        label = {"previous": f"earlier ({Path(previous).parent.name})", "now": f"this folder ({OUT.name})",
+                 "pooled": "pooled"}[name]
+        print(f"{label:<34}{n:>6}{pts * c['diff']:>8.2f}   {pts * c['ci_low']:>6.2f} to {pts * c['ci_high']:>5.2f}"
+              f"{c['p']:>8.3f}{pts * c['mde']:>7.2f}")
+    t = out["seed_only_ttest"]
+    print(f"seed-only paired t-test over the {t['n']} seeds (test examples fixed): p {t['p']:.4f}")
+    print(f"do the draws differ? {pts * out['draws_differ']['diff']:+.2f} (Welch p {out['draws_differ']['p']:.3f})")
+    print(f"-> {OUT / 'pooled.json'}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose", "power", "archive", "park"])
+    p.add_argument("command", choices=["run", "status", "report", "params", "diagnose", "power", "pool", "archive",
+                                       "park"])
+    p.add_argument("--previous", type=Path, default=ROOT / "docs" / "protocol" / "final" / "results.json",
+                   help="pool: an earlier report's results.json (default: the verdict's, docs/protocol/final)")
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while waiting (run)")
     p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
     p.add_argument("--against-lora", action="store_true",
@@ -723,7 +792,7 @@ def main() -> None:
         print(f"protocol: {run} unparked at step {step} from {ARCHIVE} (it resumes there)")
     {"run": lambda: run_worker(args.poll), "status": status,
      "report": lambda: report(with_ablations=args.ablations, interim=args.interim, against_lora=args.against_lora),
-     "params": params, "diagnose": diagnose, "power": power, "archive": archive,
+     "params": params, "diagnose": diagnose, "power": power, "pool": lambda: pool(args.previous), "archive": archive,
      "park": lambda: print(f"protocol: {park()} run(s) in training parked in {ARCHIVE}; commit the archive")}[
         args.command]()
 

@@ -479,3 +479,69 @@ def torch_close(a, b, name: str) -> None:
     import torch
 
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_pool_joins_an_earlier_reports_seeds_with_this_folders(protocol, capsys):
+    """`pool`: the earlier draw's per-seed task-average differences (from its results.json alone) and this folder's
+    (from the predictions) form one sample; the test examples' variance E + W / S comes from this folder's
+    predictions; the seed-only t-test and Welch's test of the two draws agree with scipy on the same numbers."""
+    import random
+
+    import numpy as np
+    from scipy import stats
+
+    from morelora.experiments.statistics import variance_components
+
+    p = protocol
+    p.ARCHIVE.mkdir(parents=True)
+    (p.ARCHIVE / "sweeps.json").write_text(json.dumps({"source": "test", "sweeps": {
+        m: {"runs": {"3e-4": 0.50, "1e-3": 0.53, "3e-3": 0.51}} for m in ("more", "lora")}}))
+    rows = [r for r, w in p.ordered_runs() if w is None and r.label in ("more_lr1e-3", "lora_lr1e-3") and r.seed < 3]
+    rng = random.Random(5)
+    tasks = rows[0].cfg.tasks
+    n = 40
+    correct = {}
+    for run in rows:
+        bias = 0.1 if run.label.startswith("lora") else 0.0
+        correct[(run.label, run.seed)] = [[rng.random() < 0.5 + bias for _ in range(n)] for _ in tasks]
+        _finish_with_predictions(run, correct[(run.label, run.seed)])
+    diffs = {t: np.array([np.array(correct[("more_lr1e-3", s)][i], float) - np.array(correct[("lora_lr1e-3", s)][i])
+                          for s in range(3)]) for i, t in enumerate(tasks)}
+    d_now = np.mean([d.mean(1) for d in diffs.values()], axis=0)
+    prev_scores = {lab: {t: [rng.uniform(0.4, 0.6) for _ in range(4)] for t in tasks}
+                   for lab in ("more_lr1e-3", "lora_lr1e-3")}
+    reported = {"diff": -0.01, "se": 0.005, "df": 30.0, "ci_low": -0.02, "ci_high": 0.0, "p": 0.05, "mde": 0.014}
+    prev = {"seeds": [0, 1, 2, 3], "tasks": tasks, "num_examples": {t: n for t in tasks},
+            "methods": {lab: {"tasks": {t: {"scores": v} for t, v in sc.items()}} for lab, sc in prev_scores.items()},
+            "tests": {"more_lr1e-3": {"baseline": "lora_lr1e-3", "combined": reported}}}
+    path = p.OUT / "earlier" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(prev))
+    capsys.readouterr()
+    out = p.pool(path)
+    d_before = np.array([np.mean([prev_scores["more_lr1e-3"][t][s] - prev_scores["lora_lr1e-3"][t][s] for t in tasks])
+                         for s in range(4)])
+    both = np.concatenate([d_before, d_now])
+    comp = variance_components(diffs)
+    assert out["seed_diffs"]["now"] == pytest.approx(d_now.tolist())
+    assert out["seed_diffs"]["previous"] == pytest.approx(d_before.tolist())
+    assert out["pooled"]["diff"] == pytest.approx(both.mean())
+    se2 = both.var(ddof=1) / 7 + comp["examples_var"] + comp["interaction_var"] / 7
+    assert out["pooled"]["se"] == pytest.approx(np.sqrt(se2))
+    assert out["previous"] == reported, "the earlier draw as its own report gave it"
+    assert out["seed_only_ttest"]["p"] == pytest.approx(stats.ttest_1samp(both, 0).pvalue)
+    assert out["draws_differ"]["p"] == pytest.approx(stats.ttest_ind(d_before, d_now, equal_var=False).pvalue)
+    printed = capsys.readouterr().out
+    pooled = out["pooled"]
+    assert (f"pooled{7:>34}{100 * pooled['diff']:>8.2f}   {100 * pooled['ci_low']:>6.2f} to "
+            f"{100 * pooled['ci_high']:>5.2f}") in printed
+    assert json.loads((p.OUT / "pooled.json").read_text())["pooled"]["diff"] == pytest.approx(both.mean())
+
+    prev["tasks"] = tasks[:-1]
+    path.write_text(json.dumps(prev))
+    with pytest.raises(SystemExit, match="was not made on this protocol's tasks and test sets"):
+        p.pool(path)
+    del prev["methods"]["lora_lr1e-3"]
+    path.write_text(json.dumps(prev))
+    with pytest.raises(SystemExit, match="has no row lora_lr1e-3"):
+        p.pool(path)
