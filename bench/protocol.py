@@ -494,6 +494,8 @@ def status() -> None:
         claimed = _lock(r).exists()
         state = "done" if (r.run_dir / "eval.json").is_file() else ("claimed" if claimed else (
             "partial" if (r.run_dir / "config.yaml").is_file() else "not started"))
+        if state in ("claimed", "partial"):
+            state += _progress(r)
         print(f"  {r.label:<22} seed {r.seed}: {state}")
     for m in PROTOCOL["methods"]:
         s = sweep(m)
@@ -503,6 +505,17 @@ def status() -> None:
             again = final_validation(_sweep_dir(m, s["winner"]))
             line += f" (recorded; the winner's re-run: {'-' if again is None else f'{100 * again:.2f}'})"
         print(line)
+
+
+def _progress(run: Any) -> str:
+    """`` (step S of N, checkpoint C)`` of a run in training, from its logs and newest checkpoint."""
+    from morelora.training.checkpoint import latest_checkpoint
+
+    path = run.run_dir / "metrics.jsonl"
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()] if path.is_file() else []
+    ckpt = latest_checkpoint(run.run_dir)
+    return (f" (step {max(steps, default=0)} of {run.cfg.train.max_steps}, "
+            f"checkpoint {'none' if ckpt is None else _step(ckpt)})")
 
 
 def params() -> None:

@@ -446,8 +446,9 @@ def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny
     parked = p.ARCHIVE / run.label / "seed0" / p.PARKED
     assert p._parked_step(parked) == 3
     p.status()
-    assert f"parked in the archive (resumed from there on a new machine): {run.label}/seed0 at step 3" in \
-        capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"parked in the archive (resumed from there on a new machine): {run.label}/seed0 at step 3" in printed
+    assert f"{run.label:<22} seed 0: partial (step 6 of 6, checkpoint 3)" in printed, "logged to 6, saved at 3"
 
     shutil.rmtree(p.OUT)                                   # a fresh machine: nothing but the repository
     (p.OUT / ".claims").mkdir(parents=True)
