@@ -769,6 +769,7 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
     welch = stats.ttest_ind(d_before, d_now, equal_var=False)
     out["draws_differ"] = {"diff": float(d_before.mean() - d_now.mean()), "p": float(welch.pvalue)}
     (OUT / "pooled.json").write_text(json.dumps(out, indent=1))
+    _plot_pooled(out, OUT / "pooled.png")
     pts = 100
     print(f"{out['method']} - {out['baseline']} on the test average (x100), two draws of the protocol:")
     print(f"{'':<34}{'seeds':>6}{'diff':>8}{'95 % CI':>17}{'p':>8}{'MDE':>7}")
@@ -781,8 +782,42 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
     t = out["seed_only_ttest"]
     print(f"seed-only paired t-test over the {t['n']} seeds (test examples fixed): p {t['p']:.4f}")
     print(f"do the draws differ? {pts * out['draws_differ']['diff']:+.2f} (Welch p {out['draws_differ']['p']:.3f})")
-    print(f"-> {OUT / 'pooled.json'}")
+    print(f"-> {OUT / 'pooled.json'}, {OUT / 'pooled.png'}")
     return out
+
+
+def _plot_pooled(out: dict[str, Any], path: Path) -> None:
+    """Each seed's difference (dots, one row per draw) and each draw's and the pooled mean with its 95 % CI; grey:
+    +-MDE of the pooled comparison."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("previous", "earlier draw"), ("now", "this draw"), ("pooled", "pooled")]
+    fig, ax = plt.subplots(figsize=(9.5, 3.0))
+    mde = 100 * out["pooled"]["mde"]
+    ax.axvspan(-mde, mde, color="0.9", label=f"±MDE of the pooled test ({mde:.2f})")
+    ax.axvline(0, color="0.4", lw=0.8)
+    for y, (key, _) in enumerate(rows):
+        c = out[key]
+        ax.errorbar(100 * c["diff"], y, xerr=[[100 * (c["diff"] - c["ci_low"])], [100 * (c["ci_high"] - c["diff"])]],
+                    fmt="s", color="C3" if key == "pooled" else "C0", capsize=4,
+                    label="mean, 95 % CI (seeds + test examples)" if y == 0 else None)
+        if key in out["seed_diffs"]:
+            d = 100 * np.asarray(out["seed_diffs"][key])
+            ax.plot(d, np.full(len(d), y + 0.22), "o", ms=4, color="0.3", alpha=0.7,
+                    label="one seed's difference" if y == 0 else None)
+    counts = {k: len(v) for k, v in out["seed_diffs"].items()}
+    counts["pooled"] = sum(counts.values())
+    ax.set_yticks(range(len(rows)), [f"{name} ({counts[k]} seeds)" for k, name in rows])
+    ax.set_ylim(len(rows) - 0.6, -0.5)
+    ax.set_xlabel(f"{out['method']} − {out['baseline']}, test average (points)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:

@@ -537,6 +537,7 @@ def test_pool_joins_an_earlier_reports_seeds_with_this_folders(protocol, capsys)
     assert (f"pooled{7:>34}{100 * pooled['diff']:>8.2f}   {100 * pooled['ci_low']:>6.2f} to "
             f"{100 * pooled['ci_high']:>5.2f}") in printed
     assert json.loads((p.OUT / "pooled.json").read_text())["pooled"]["diff"] == pytest.approx(both.mean())
+    assert (p.OUT / "pooled.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     prev["tasks"] = tasks[:-1]
     path.write_text(json.dumps(prev))
