@@ -241,7 +241,12 @@ def _alive(pid: int) -> bool:
 
 
 def _lock(run: Any) -> Path:
-    return OUT / ".claims" / f"{run.label}-seed{run.seed}.lock"
+    return _claim_file(run.run_dir.relative_to(OUT))
+
+
+def _claim_file(rel: Path) -> Path:
+    """The claim (lock file) of the run in ``OUT / rel`` (``<label>/seed<s>``)."""
+    return OUT / ".claims" / f"{rel.parent}-{rel.name}.lock"
 
 
 def claim(run: Any) -> bool:
@@ -429,7 +434,7 @@ def unpark() -> list[tuple[str, int]]:
         rel = path.parent.relative_to(ARCHIVE)
         dest = OUT / rel
         step = _parked_step(path)
-        if ((dest / "eval.json").is_file() or _held(OUT / ".claims" / f"{rel.parent}-{rel.name}.lock")
+        if ((dest / "eval.json").is_file() or _held(_claim_file(rel))
                 or _step(latest_checkpoint(dest)) >= step):
             continue
         dest.mkdir(parents=True, exist_ok=True)
