@@ -740,8 +740,8 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
     folder has finished. The seeds' task-average differences D_s pool as one sample (`combined_test`); the test
     examples, the same in both draws, count once, with the variance E + W / S that compare's bootstrap would give
     S seeds, estimated from this folder's predictions (`variance_components`). Also: each draw alone (the earlier
-    one as its report gave it, where it has the comparison), the seed-only paired t-test, and Welch's test of
-    whether the two draws differ. -> OUT/pooled.json"""
+    one as its report gave it, where it has the comparison), each task pooled the same way, the seed-only paired
+    t-test, and Welch's test of whether the two draws differ. -> OUT/pooled.json, OUT/pooled.png"""
     import numpy as np
     from scipy import stats
 
@@ -770,6 +770,12 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
     reported = prev.get("tests", {}).get(labels[method], {})
     if reported.get("baseline") == labels[baseline] and "combined" in reported:
         out["previous"] = reported["combined"]   # the earlier draw as its own report gave it (its predictions)
+    out["tasks"] = {}   # per task, pooled the same way: its examples' variance (sigma2_e + sigma2_w / S) / n, cut at 0
+    for t, d in diffs.items():
+        scores = {m: np.asarray(prev["methods"][lab]["tasks"][t]["scores"]) for m, lab in labels.items()}
+        d_t = np.concatenate([scores[method] - scores[baseline], d.mean(1)])
+        c = comp["tasks"][t]
+        out["tasks"][t] = combined_test(d_t, max(0.0, c["sigma2_e"] + c["sigma2_w"] / len(d_t)) / c["n"])
     out["seed_only_ttest"] = {**paired_ttest(both, np.zeros(len(both))), "diff": float(both.mean())}
     welch = stats.ttest_ind(d_before, d_now, equal_var=False)
     out["draws_differ"] = {"diff": float(d_before.mean() - d_now.mean()), "p": float(welch.pvalue)}
@@ -783,12 +789,19 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
         label = {"previous": f"earlier ({Path(previous).parent.name})", "now": f"this folder ({OUT.name})",
                  "pooled": "pooled"}[name]
         print(f"{label:<34}{n:>6}{pts * c['diff']:>8.2f}   {pts * c['ci_low']:>6.2f} to {pts * c['ci_high']:>5.2f}"
-              f"{c['p']:>8.3f}{pts * c['mde']:>7.2f}")
+              f"{_p(c['p']):>8}{pts * c['mde']:>7.2f}")
+    for task, c in out["tasks"].items():
+        print(f"{'  pooled, ' + task:<34}{len(both):>6}{pts * c['diff']:>8.2f}   {pts * c['ci_low']:>6.2f} to "
+              f"{pts * c['ci_high']:>5.2f}{_p(c['p']):>8}{pts * c['mde']:>7.2f}")
     t = out["seed_only_ttest"]
     print(f"seed-only paired t-test over the {t['n']} seeds (test examples fixed): p {t['p']:.4f}")
     print(f"do the draws differ? {pts * out['draws_differ']['diff']:+.2f} (Welch p {out['draws_differ']['p']:.3f})")
     print(f"-> {OUT / 'pooled.json'}, {OUT / 'pooled.png'}")
     return out
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def _plot_pooled(out: dict[str, Any], path: Path) -> None:

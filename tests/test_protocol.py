@@ -530,6 +530,13 @@ def test_pool_joins_an_earlier_reports_seeds_with_this_folders(protocol, capsys)
     se2 = both.var(ddof=1) / 7 + comp["examples_var"] + comp["interaction_var"] / 7
     assert out["pooled"]["se"] == pytest.approx(np.sqrt(se2))
     assert out["previous"] == reported, "the earlier draw as its own report gave it"
+    for t in tasks:   # per task: the same pooling with that task's own examples' variance
+        d_t = np.concatenate([np.subtract(prev_scores["more_lr1e-3"][t], prev_scores["lora_lr1e-3"][t]),
+                              diffs[t].mean(1)])
+        c = comp["tasks"][t]
+        assert out["tasks"][t]["diff"] == pytest.approx(d_t.mean())
+        se2_t = d_t.var(ddof=1) / 7 + max(0.0, c["sigma2_e"] + c["sigma2_w"] / 7) / n   # unbiased: may be < 0
+        assert out["tasks"][t]["se"] == pytest.approx(np.sqrt(se2_t))
     assert out["seed_only_ttest"]["p"] == pytest.approx(stats.ttest_1samp(both, 0).pvalue)
     assert out["draws_differ"]["p"] == pytest.approx(stats.ttest_ind(d_before, d_now, equal_var=False).pvalue)
     printed = capsys.readouterr().out
