@@ -745,6 +745,7 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
     import numpy as np
     from scipy import stats
 
+    from morelora.experiments.report import _p as fmt_p
     from morelora.experiments.statistics import combined_test, paired_ttest, variance_components
 
     labels, seeds, diffs = _paired_diffs(method, baseline)
@@ -755,10 +756,11 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
     if list(prev["tasks"]) != list(diffs) or any(prev["num_examples"][t] != d.shape[1] for t, d in diffs.items()):
         raise SystemExit(f"protocol: {previous} was not made on this protocol's tasks and test sets "
                          f"({prev['tasks']} vs {list(diffs)})")
-    before = {m: np.mean([prev["methods"][lab]["tasks"][t]["scores"] for t in diffs], axis=0)
-              for m, lab in labels.items()}   # per-seed task averages of the earlier draw
+    scores = {t: {m: np.asarray(prev["methods"][lab]["tasks"][t]["scores"]) for m, lab in labels.items()}
+              for t in diffs}
+    prev_diffs = {t: sc[method] - sc[baseline] for t, sc in scores.items()}   # the earlier draw, per task and seed
+    d_before = np.mean(list(prev_diffs.values()), axis=0)
     d_now = np.mean([d.mean(1) for d in diffs.values()], axis=0)
-    d_before = before[method] - before[baseline]
     comp = variance_components(diffs)
     both = np.concatenate([d_before, d_now])
     out = {"method": labels[method], "baseline": labels[baseline], "previous": str(previous),
@@ -772,8 +774,7 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
         out["previous"] = reported["combined"]   # the earlier draw as its own report gave it (its predictions)
     out["tasks"] = {}   # per task, pooled the same way: its examples' variance (sigma2_e + sigma2_w / S) / n, cut at 0
     for t, d in diffs.items():
-        scores = {m: np.asarray(prev["methods"][lab]["tasks"][t]["scores"]) for m, lab in labels.items()}
-        d_t = np.concatenate([scores[method] - scores[baseline], d.mean(1)])
+        d_t = np.concatenate([prev_diffs[t], d.mean(1)])
         c = comp["tasks"][t]
         out["tasks"][t] = combined_test(d_t, max(0.0, c["sigma2_e"] + c["sigma2_w"] / len(d_t)) / c["n"])
     out["seed_only_ttest"] = {**paired_ttest(both, np.zeros(len(both))), "diff": float(both.mean())}
@@ -782,26 +783,23 @@ def pool(previous: Path, method: str = "more", baseline: str = "lora") -> dict[s
     (OUT / "pooled.json").write_text(json.dumps(out, indent=1))
     _plot_pooled(out, OUT / "pooled.png")
     pts = 100
+
+    def line(label: str, n: int, c: dict[str, Any]) -> None:
+        print(f"{label:<34}{n:>6}{pts * c['diff']:>8.2f}   {pts * c['ci_low']:>6.2f} to {pts * c['ci_high']:>5.2f}"
+              f"{fmt_p(c['p']):>8}{pts * c['mde']:>7.2f}")
+
     print(f"{out['method']} - {out['baseline']} on the test average (x100), two draws of the protocol:")
     print(f"{'':<34}{'seeds':>6}{'diff':>8}{'95 % CI':>17}{'p':>8}{'MDE':>7}")
-    for name, n in (("previous", len(d_before)), ("now", len(d_now)), ("pooled", len(both))):
-        c = out[name]
-        label = {"previous": f"earlier ({Path(previous).parent.name})", "now": f"this folder ({OUT.name})",
-                 "pooled": "pooled"}[name]
-        print(f"{label:<34}{n:>6}{pts * c['diff']:>8.2f}   {pts * c['ci_low']:>6.2f} to {pts * c['ci_high']:>5.2f}"
-              f"{_p(c['p']):>8}{pts * c['mde']:>7.2f}")
+    line(f"earlier ({Path(previous).parent.name})", len(d_before), out["previous"])
+    line(f"this folder ({OUT.name})", len(d_now), out["now"])
+    line("pooled", len(both), out["pooled"])
     for task, c in out["tasks"].items():
-        print(f"{'  pooled, ' + task:<34}{len(both):>6}{pts * c['diff']:>8.2f}   {pts * c['ci_low']:>6.2f} to "
-              f"{pts * c['ci_high']:>5.2f}{_p(c['p']):>8}{pts * c['mde']:>7.2f}")
+        line(f"  pooled, {task}", len(both), c)
     t = out["seed_only_ttest"]
     print(f"seed-only paired t-test over the {t['n']} seeds (test examples fixed): p {t['p']:.4f}")
     print(f"do the draws differ? {pts * out['draws_differ']['diff']:+.2f} (Welch p {out['draws_differ']['p']:.3f})")
     print(f"-> {OUT / 'pooled.json'}, {OUT / 'pooled.png'}")
     return out
-
-
-def _p(p: float | None) -> str:
-    return "n/a" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def _plot_pooled(out: dict[str, Any], path: Path) -> None:
