@@ -366,9 +366,13 @@ def restore() -> int:
 
 
 def _parked_step(path: Path) -> int:
-    """The step of the checkpoint in a parked run's ``inflight.tar.gz``."""
+    """The step of the checkpoint in a parked run's ``inflight.tar.gz`` (its first member: only the first block of
+    the 4-7 MB file is read)."""
     with tarfile.open(path) as tar:
-        return max(int(m.group(1)) for n in tar.getnames() if (m := re.fullmatch(r"checkpoint-(\d+)", n)))
+        for member in tar:
+            if m := re.fullmatch(r"checkpoint-(\d+)", member.name):
+                return int(m.group(1))
+    raise ValueError(f"{path} holds no checkpoint folder: park the run again, or delete the file to train it anew")
 
 
 def _step(checkpoint: Path | None) -> int:
@@ -397,7 +401,7 @@ def _park_run(run_dir: Path, checkpoint: Path, dest: Path) -> None:
         part = dest.with_name(dest.name + ".part")
         with open(part, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w") as tar:
-            for item in sorted(staged.iterdir()):
+            for item in sorted(staged.iterdir(), key=lambda p: p.name != checkpoint.name):   # checkpoint first
                 tar.add(item, arcname=item.name, filter=plain)
         os.replace(part, dest)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -269,8 +271,6 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
         assert 1 / 4 <= d["router_top_p"] <= 1 and 0 <= d["router_margin"] <= d["router_top_p"]
     assert "more_lr1e-3 s0" in printed and "|dW|/LoRA" in printed
     # archived, the runs lose their weights (a fresh clone): diagnose reads the same from analysis.json
-    import shutil
-
     for run in [ablation] + [r for r, _ in p.ordered_runs()[:6]]:
         if run.label not in ("more_lr1e-3", "lora_lr1e-3", ablation.label):
             (run.run_dir / "test_predictions.json").write_text("{}")   # the losing sweep runs: finished too
@@ -343,8 +343,6 @@ def test_archive_keeps_finished_runs_and_restores_them_into_a_fresh_folder(proto
     """A finished run's small files go to the archive (an unfinished one's do not); a fresh run folder gets them
     back, the run counts as finished again and is not trained twice; a finished run there is left alone."""
     import random
-    import shutil
-
     p = protocol
     done, partial = [r for r, _ in p.ordered_runs()[:2]]
     rng = random.Random(2)
@@ -408,8 +406,6 @@ def test_the_cli_says_what_it_restored(protocol):
     (run.run_dir / "metrics.jsonl").write_text(json.dumps(
         {"step": run.cfg.train.max_steps, "split": "validation", "eval_average": 0.5}) + "\n")
     p.archive_run(run)
-    import shutil
-
     shutil.rmtree(out)
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "protocol.py"), "status"], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -422,8 +418,6 @@ def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny
     """`park` puts a run in training's newest checkpoint (config, logs up to its step) in the archive; on a fresh
     run folder `unpark` unpacks it, the run resumes at that step and ends as the run that was never stopped did;
     archiving the finished run drops the parked file. A run a live worker here trains is never unpacked over."""
-    import shutil
-
     import yaml
     from conftest import tiny_run_config
     from safetensors.torch import load_file
@@ -445,6 +439,13 @@ def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny
     assert p.park() == 1 and p.park() == 0, "a run parked at its newest step is not parked again"
     parked = p.ARCHIVE / run.label / "seed0" / p.PARKED
     assert p._parked_step(parked) == 3
+    with tarfile.open(parked) as tar:
+        assert tar.next().name == "checkpoint-3", "the checkpoint comes first: its step is read from the first block"
+    broken = tmp_path / "broken.tar.gz"
+    with tarfile.open(broken, "w:gz") as tar:
+        tar.add(run.run_dir / "config.yaml", arcname="config.yaml")
+    with pytest.raises(ValueError, match="holds no checkpoint folder: park the run again"):
+        p._parked_step(broken)
     p.status()
     printed = capsys.readouterr().out
     assert f"parked in the archive (resumed from there on a new machine): {run.label}/seed0 at step 3" in printed
