@@ -496,6 +496,7 @@ def status() -> None:
     if unarchived:
         print(f"  not archived yet ({ARCHIVE}): " + ", ".join(f"{r.label} seed {r.seed}" for r in unarchived)
               + " -- `bench/protocol.py archive`, then commit the archive")
+    width = max((len(r.label) for r, w in rows if w is None), default=0)
     for r, w in rows:
         if w is not None:
             print(f"  {w}: seeds wait for its learning-rate sweep")
@@ -505,7 +506,7 @@ def status() -> None:
             "partial" if (r.run_dir / "config.yaml").is_file() else "not started"))
         if state in ("claimed", "partial"):
             state += _progress(r)
-        print(f"  {r.label:<22} seed {r.seed}: {state}")
+        print(f"  {r.label:<{width}} seed {r.seed}: {state}")
     for m in PROTOCOL["methods"]:
         s = sweep(m)
         cells = ", ".join(f"lr {lr}: {'-' if v is None else f'{100 * v:.2f}'}" for lr, v in s["runs"].items())
@@ -667,11 +668,13 @@ def diagnose() -> dict[str, Any]:
             "update_norm_vs_lora": rel[t],
             "test_minus_lora": test[t]["score"] - ref_test[t]["score"]} for t, ranks in a["task_ranks"].items()}})
     (OUT / "diagnosis.json").write_text(json.dumps(out, indent=1))
-    print(f"{'run':<22}{'task':<15}{'train n':>8}{'mean k':>8}{'top p':>7}{'margin':>8}{'|dW|/LoRA':>10}"
+    names = {id(run): f"{run['label']} s{run['seed']}" for run in out["runs"]}
+    width = max(map(len, names.values()), default=3) + 2
+    print(f"{'run':<{width}}{'task':<15}{'train n':>8}{'mean k':>8}{'top p':>7}{'margin':>8}{'|dW|/LoRA':>10}"
           f"{'test - LoRA':>12}")
     for run in out["runs"]:
         for t, d in run["tasks"].items():
-            print(f"{run['label'] + ' s' + str(run['seed']):<22}{t:<15}{sizes[t]:>8}{d['mean_rank']:>8.2f}"
+            print(f"{names[id(run)]:<{width}}{t:<15}{sizes[t]:>8}{d['mean_rank']:>8.2f}"
                   f"{d['router_top_p']:>7.3f}{d['router_margin']:>8.3f}{d['update_norm_vs_lora']:>10.3f}"
                   f"{100 * d['test_minus_lora']:>+12.2f}")
     print(f"-> {OUT / 'diagnosis.json'}")

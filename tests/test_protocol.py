@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -270,6 +271,8 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
         assert d["test_minus_lora"] == pytest.approx(tests[0][t]["score"] - tests[1][t]["score"])
         assert 1 / 4 <= d["router_top_p"] <= 1 and 0 <= d["router_margin"] <= d["router_top_p"]
     assert "more_lr1e-3 s0" in printed and "|dW|/LoRA" in printed
+    task = next(iter(out["runs"][1]["tasks"]))
+    assert re.search(rf"^ablation_no_rank_scaling s0 +{task} ", printed, re.M), "a long label stays in its column"
     # archived, the runs lose their weights (a fresh clone): diagnose reads the same from analysis.json
     for run in [ablation] + [r for r, _ in p.ordered_runs()[:6]]:
         if run.label not in ("more_lr1e-3", "lora_lr1e-3", ablation.label):
@@ -411,7 +414,7 @@ def test_the_cli_says_what_it_restored(protocol):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"protocol: 1 finished run(s) restored from {archive}" in res.stdout
-    assert "more_lr3e-4            seed 0: done" in res.stdout
+    assert re.search(r"^  more_lr3e-4 +seed 0: done$", res.stdout, re.M)
 
 
 def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny_bert, tmp_path, capsys):
@@ -449,7 +452,8 @@ def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny
     p.status()
     printed = capsys.readouterr().out
     assert f"parked in the archive (resumed from there on a new machine): {run.label}/seed0 at step 3" in printed
-    assert f"{run.label:<22} seed 0: partial (step 6 of 6, checkpoint 3)" in printed, "logged to 6, saved at 3"
+    assert re.search(rf"^  {run.label} +seed 0: partial \(step 6 of 6, checkpoint 3\)$", printed, re.M), \
+        "logged to 6, saved at 3"
 
     shutil.rmtree(p.OUT)                                   # a fresh machine: nothing but the repository
     (p.OUT / ".claims").mkdir(parents=True)
