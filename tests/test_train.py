@@ -68,6 +68,8 @@ def test_run_folder_and_eval_json(encoder_run: Path) -> None:
     assert [(r["event"], r["step"]) for r in rows] == [("start", 0)]
     assert rows[0]["torch"] == torch.__version__ and result["code"]["morelora"] == morelora.__version__
     assert rows[0]["host"] == socket.gethostname()
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    assert rows[0]["boot"] == (boot.read_text().strip() if boot.is_file() else None)
     if head.returncode == 0:
         assert rows[0]["commit"] == result["code"]["commit"] == head.stdout.strip()
 

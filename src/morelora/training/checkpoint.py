@@ -192,11 +192,19 @@ def code_version() -> dict[str, Any]:
     return {**info, "commit": commit, "dirty": bool(status.strip())}
 
 
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux): it tells apart machines that share a host name, as cloned VMs do."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def record_provenance(run_dir: Path, event: str, step: int) -> dict[str, Any]:
-    """Append one line to ``RUN_DIR/provenance.jsonl``: which code on which machine started or resumed the run, at
-    which step."""
+    """Append one line to ``RUN_DIR/provenance.jsonl``: which code on which machine (host name and boot id)
+    started or resumed the run, at which step."""
     row = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-           **code_version()}
+           "boot": _boot_id(), **code_version()}
     with open(run_dir / PROVENANCE_NAME, "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
