@@ -406,15 +406,22 @@ def test_the_cli_says_what_it_restored(protocol):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}   # the fixture's MORELORA_PROTOCOL_DIR / _ARCHIVE included
     run = p.ordered_runs()[0][0]
     _finish_with_predictions(run, [[True, False] for _ in run.cfg.tasks])
+    result = json.loads((run.run_dir / "eval.json").read_text())
+    (run.run_dir / "eval.json").write_text(json.dumps({**result, "train": {**result["train"], "train_time_s": 1800.0}}))
     (run.run_dir / "metrics.jsonl").write_text(json.dumps(
         {"step": run.cfg.train.max_steps, "split": "validation", "eval_average": 0.5}) + "\n")
     p.archive_run(run)
+    rows = p.ordered_runs()
+    no_winner = [m for m in p.PROTOCOL["methods"] if p.sweep(m)["winner"] is None]   # their seed runs: not planned yet
+    left = sum(1 for r, w in rows if w is None) - 1 + (p.PROTOCOL["seeds"] - 1) * len(no_winner)
     shutil.rmtree(out)
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "protocol.py"), "status"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"protocol: 1 finished run(s) restored from {archive}" in res.stdout
     assert re.search(r"^  more_lr3e-4 +seed 0: done$", res.stdout, re.M)
+    assert (f"  left: {left} runs, ~{left / 2:.1f} h of training at the mean of the 1 finished runs (30 min each on "
+            f"one core; test evaluation not counted), ~{left / 4:.1f} h with two workers") in res.stdout
 
 
 def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny_bert, tmp_path, capsys):
