@@ -645,11 +645,32 @@ def report_ablations(interim: bool = False, against_lora: bool = False) -> None:
     print(write_report(summary, OUT / folder, title))
 
 
+def routing_over_training(run: Any) -> dict[str, Any] | None:
+    """The router's choices over a run (its ``routing.jsonl``; None without one): per task, the fraction of the
+    adapted layers that switch rank between two logged steps, averaged within each quarter of the run (None where
+    a quarter has no pair of logs), and the task's mean rank at the first and the last logged step."""
+    import numpy as np
+
+    from morelora.analysis.plots import rank_switches, read_routing
+
+    history = read_routing(run.run_dir)
+    if len(history) < 2:
+        return None
+    steps, fractions = rank_switches(history)
+    steps, end = np.array(steps), run.cfg.train.max_steps
+    quarters = [(steps > end * q / 4) & (steps <= end * (q + 1) / 4) for q in range(4)]
+    mean_rank = {i: {t: float(np.mean(list(r.values()))) for t, r in history[i][1].items()} for i in (0, -1)}
+    return {"switch_by_quarter": {t: [float(np.nanmean(f[m])) if np.isfinite(f[m]).any() else None for m in quarters]
+                                  for t, f in fractions.items()},
+            "first_step": history[0][0], "first_mean_rank": mean_rank[0], "last_mean_rank": mean_rank[-1]}
+
+
 def diagnose() -> dict[str, Any]:
     """Where MoRE's adaptation differs from LoRA's, per task, on every MoRE run (sweep, seeds and ablation rows)
     with a finished LoRA run of the same seed: the rank each task uses (mean over layers), how decided its router
     is (top probability and its margin over the second), and ``||dW_t||`` against LoRA's
-    (`relative_update_norms`). -> OUT/diagnosis.json"""
+    (`relative_update_norms`); where the run logged its routing, how its ranks moved over training
+    (`routing_over_training`). -> OUT/diagnosis.json"""
     import numpy as np
 
     from morelora.analysis.updates import relative_update_norms
@@ -686,6 +707,8 @@ def diagnose() -> dict[str, Any]:
             "router_margin": a["router"][t]["margin"],
             "update_norm_vs_lora": rel[t],
             "test_minus_lora": test[t]["score"] - ref_test[t]["score"]} for t, ranks in a["task_ranks"].items()}})
+        if (routing := routing_over_training(r)) is not None:
+            out["runs"][-1]["routing"] = routing
     (OUT / "diagnosis.json").write_text(json.dumps(out, indent=1))
     names = {id(run): f"{run['label']} s{run['seed']}" for run in out["runs"]}
     width = max(map(len, names.values()), default=3) + 2
@@ -696,6 +719,16 @@ def diagnose() -> dict[str, Any]:
             print(f"{names[id(run)]:<{width}}{t:<15}{sizes[t]:>8}{d['mean_rank']:>8.2f}"
                   f"{d['router_top_p']:>7.3f}{d['router_margin']:>8.3f}{d['update_norm_vs_lora']:>10.3f}"
                   f"{100 * d['test_minus_lora']:>+12.2f}")
+    logged = [run for run in out["runs"] if "routing" in run]
+    if logged:
+        print("\nrouting over training: % of layers switching rank between two logged steps, mean over the tasks, "
+              "by quarter of the run; each task's mean rank at the first -> last logged step")
+    for run in logged:
+        g = run["routing"]
+        by_quarter = [[v[q] for v in g["switch_by_quarter"].values() if v[q] is not None] for q in range(4)]
+        print(f"{names[id(run)]:<{width}}" + " / ".join(f"{100 * np.mean(v):4.1f}" if v else "   -" for v in by_quarter)
+              + "   " + ", ".join(f"{t} {g['first_mean_rank'][t]:.1f}->{g['last_mean_rank'][t]:.1f}"
+                                  for t in g["last_mean_rank"]))
     print(f"-> {OUT / 'diagnosis.json'}")
     return out
 

@@ -273,6 +273,20 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
     assert "more_lr1e-3 s0" in printed and "|dW|/LoRA" in printed
     task = next(iter(out["runs"][1]["tasks"]))
     assert re.search(rf"^ablation_no_rank_scaling s0 +{task} ", printed, re.M), "a long label stays in its column"
+    # the routing log over training, recomputed here from routing.jsonl: logs at steps 2, 4, 6 of 6 -> the pairs
+    # (2, 4) and (4, 6) fall in the third and fourth quarters; the first two quarters have none
+    logs = [r for r in map(json.loads, (more / "routing.jsonl").read_text().splitlines()) if r.get("task_ranks")]
+    assert [r["step"] for r in logs] == [2, 4, 6]
+    routing = out["runs"][0]["routing"]
+    for t, layers in logs[-1]["task_ranks"].items():
+        switched = [sum(a["task_ranks"][t][k] != b["task_ranks"][t][k] for k in layers) / len(layers)
+                    for a, b in zip(logs, logs[1:])]
+        assert routing["switch_by_quarter"][t][:2] == [None, None]
+        assert routing["switch_by_quarter"][t][2:] == pytest.approx(switched)
+        assert routing["first_mean_rank"][t] == pytest.approx(sum(logs[0]["task_ranks"][t].values()) / len(layers))
+        assert routing["last_mean_rank"][t] == pytest.approx(sum(layers.values()) / len(layers))
+    mean_q4 = 100 * sum(v[3] for v in routing["switch_by_quarter"].values()) / len(routing["switch_by_quarter"])
+    assert re.search(rf"^more_lr1e-3 s0 +- / +- / +[\d.]+ / +{mean_q4:.1f} +{task} ", printed, re.M)
     # archived, the runs lose their weights (a fresh clone): diagnose reads the same from analysis.json
     for run in [ablation] + [r for r, _ in p.ordered_runs()[:6]]:
         if run.label not in ("more_lr1e-3", "lora_lr1e-3", ablation.label):
