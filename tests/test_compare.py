@@ -547,3 +547,26 @@ def test_plan_in_cli_help(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     assert "--plan" in capsys.readouterr().out
+
+
+def test_difference_plot_writes_small_p_as_the_tables_do(tmp_path, monkeypatch):
+    """The p beside each point reads like the report's tables: "< 0.001", not "0.000"; "n/a" without a test."""
+    import matplotlib.figure
+
+    from morelora.experiments import report
+
+    rows = [{"method": "more", "row": "average", "p": 2e-5, "diff": 2.7, "ci_low": 1.4, "ci_high": 4.0, "mde": 1.9},
+            {"method": "more", "row": "sst2", "p": 0.0456, "diff": -1.0, "ci_low": -3.0, "ci_high": 1.0, "mde": 5.0},
+            {"method": "more", "row": "rte", "p": None, "diff": 0.5, "ci_low": -1.0, "ci_high": 2.0, "mde": 3.0}]
+    monkeypatch.setattr(report, "difference_rows", lambda summary: rows)
+    texts: list[str] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    summary = {"tasks": ["sst2", "rte"], "confidence": 0.95, "tests": {"more": {"baseline": "lora"}}}
+    assert report.plot_differences(summary, tmp_path / "d.png") == tmp_path / "d.png"
+    assert texts == ["+2.70 (p < 0.001)", "-1.00 (p 0.046)", "+0.50 (p n/a)"]

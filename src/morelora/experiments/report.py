@@ -321,9 +321,8 @@ def plot_differences(summary: dict[str, Any], path: str | Path, title: str = "Di
                              label="+-MDE (80 % power)" if i == j == 0 else None)
             ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["ci_low"]], [r["ci_high"] - r["diff"]]], fmt="o",
                         color=cmap(i % cmap.N), capsize=3, label=lab if j == 0 else None)
-            p = "n/a" if r["p"] is None else f"{r['p']:.3f}"
-            ax.annotate(f"{r['diff']:+.2f} (p {p})", (r["ci_high"], y), xytext=(4, -3), textcoords="offset points",
-                        fontsize=7)
+            ax.annotate(f"{r['diff']:+.2f} (p {_p(r['p'])})", (r["ci_high"], y), xytext=(4, -3),
+                        textcoords="offset points", fontsize=7)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
