@@ -491,7 +491,7 @@ def _time_left(rows: list[tuple[Any, str | None]]) -> str:
             t = json.loads((r.run_dir / "eval.json").read_text()).get("train", {}).get("train_time_s")
             times += [t] if t else []
     left = sum(1 for r, w in rows if w is None and not (r.run_dir / "eval.json").is_file())
-    left += (PROTOCOL["seeds"] - 1) * sum(1 for _, w in rows if w is not None and "ablations" not in w)
+    left += (PROTOCOL["seeds"] - 1) * sum(1 for _, w in rows if w in PROTOCOL["methods"])   # a sweep's seeds
     if not times:
         return f"  left: {left} runs (no finished run with a training time yet: no estimate)"
     hours = left * sum(times) / len(times) / 3600
