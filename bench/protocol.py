@@ -482,15 +482,12 @@ def run_worker(poll_s: float = 60.0) -> None:
             time.sleep(poll_s)
 
 
-def _time_left(rows: list[tuple[Any, str | None]]) -> str:
+def _time_left(rows: list[tuple[Any, str | None]], finished: list[Any]) -> str:
     """A line: the runs left (the seed runs of sweeps in progress included) and the training time they need at
-    the mean ``train_time_s`` of the finished runs (their test evaluation is not counted)."""
-    times = []
-    for r, w in rows:
-        if w is None and (r.run_dir / "eval.json").is_file():
-            t = json.loads((r.run_dir / "eval.json").read_text()).get("train", {}).get("train_time_s")
-            times += [t] if t else []
-    left = sum(1 for r, w in rows if w is None and not (r.run_dir / "eval.json").is_file())
+    the mean ``train_time_s`` of the ``finished`` runs (their test evaluation is not counted)."""
+    times = [t for r in finished
+             if (t := json.loads((r.run_dir / "eval.json").read_text()).get("train", {}).get("train_time_s"))]
+    left = sum(1 for _, w in rows if w is None) - len(finished)
     left += (PROTOCOL["seeds"] - 1) * sum(1 for _, w in rows if w in PROTOCOL["methods"])   # a sweep's seeds
     if not times:
         return f"  left: {left} runs (no finished run with a training time yet: no estimate)"
@@ -502,11 +499,11 @@ def _time_left(rows: list[tuple[Any, str | None]]) -> str:
 
 def status() -> None:
     rows = ordered_runs()
-    done = sum(1 for r, w in rows if w is None and (r.run_dir / "eval.json").is_file())
+    finished = [r for r, w in rows if w is None and (r.run_dir / "eval.json").is_file()]
     total_known = sum(1 for _, w in rows if w is None)
-    print(f"protocol in {OUT}: {done} of {total_known} planned runs finished "
+    print(f"protocol in {OUT}: {len(finished)} of {total_known} planned runs finished "
           f"(+{PROTOCOL['seeds'] - 1} seed runs per method whose sweep is not finished)")
-    print(_time_left(rows))
+    print(_time_left(rows, finished))
     parked = sorted(ARCHIVE.glob(f"*/seed*/{PARKED}"))
     if parked:
         print("  parked in the archive (resumed from there on a new machine): " + ", ".join(
