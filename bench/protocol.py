@@ -111,9 +111,11 @@ def method_config() -> dict[str, dict[str, Any]]:
 
 def ablations() -> dict[str, dict[str, Any]]:
     """``{"ablation_<file>": switch}`` for every file of configs/ablations but full.yaml: its ``method:`` keys as
-    method options, any other block's keys dotted (``data.sampling``); ``base:`` and ``train:`` (the run folder)
-    are the comparison setup's, not the switch."""
+    method options, any other block's keys dotted (``data.sampling``, ``train.lr_ratios``); ``base:`` and the
+    bookkeeping train keys (the run folder) are the comparison setup's, not the switch."""
     import yaml
+
+    from morelora.config import BOOKKEEPING_TRAIN_KEYS
 
     out = {}
     for path in sorted(ABLATIONS.glob("*.yaml")):
@@ -121,12 +123,13 @@ def ablations() -> dict[str, dict[str, Any]]:
             continue
         switch: dict[str, Any] = {}
         for block, values in (yaml.safe_load(path.read_text()) or {}).items():
-            if block in ("base", "train"):
+            if block == "base":
                 continue
             if block == "method":
                 switch.update(values)
             else:
-                switch.update({f"{block}.{k}": v for k, v in values.items()})
+                switch.update({f"{block}.{k}": v for k, v in values.items()
+                               if not (block == "train" and k in BOOKKEEPING_TRAIN_KEYS)})
         out[f"ablation_{path.stem}"] = switch
     return out
 

@@ -296,6 +296,7 @@ ABLATIONS = {
     "random_sampling": {"data.sampling": "uniform"},
     "official_frozen_routing": {"method.routing": "frozen"},
     "prefix_mask_ste": {"method.ste_estimator": "prefix_mask"},
+    "router_lr10": {"train.lr_ratios": {r"\.(task_embedding|gate\.(weight|bias)|router_logits)$": 10.0}},
 }
 
 

@@ -88,8 +88,8 @@ def test_ablations_are_more_at_its_winning_lr_plus_each_files_switch(protocol):
         _finish(p.OUT / f"more_lr{lr}" / "seed0", val)
     rows = [r for r, w in p.ordered_runs() if w is None and r.label.startswith("ablation_")]
     files = sorted(f.stem for f in (ROOT / "configs" / "ablations").glob("*.yaml") if f.stem != "full")
-    assert len(files) == 8 and sorted({r.label for r in rows}) == [f"ablation_{f}" for f in files]
-    assert sorted({r.seed for r in rows}) == [0, 1, 2, 3, 4] and len(rows) == 40
+    assert len(files) == 9 and sorted({r.label for r in rows}) == [f"ablation_{f}" for f in files]
+    assert sorted({r.seed for r in rows}) == [0, 1, 2, 3, 4] and len(rows) == 45
     more = {r.seed: r.cfg for r, w in p.ordered_runs() if w is None and r.label == "more_lr3e-3"}
     full = load_config(ROOT / "configs" / "ablations" / "full.yaml")
     bookkeeping = {"train.output_dir", "train.eval_steps"}
@@ -195,7 +195,7 @@ def test_seeds_interleave_and_the_early_ablation_comes_before_the_other_rows(pro
     assert early[0] == "ablation_prefix_mask_ste" and early != sorted(early)   # the listed order, not A-Z
     assert todo[8 + 5 * len(early)] == ("lora_r16_lr3e-4", 0)
     labels = [lab for lab, _ in todo]
-    assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo)) == 8 + 4 * 3 + 40
+    assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo)) == 8 + 4 * 3 + 45
     assert labels.index("ablation_no_ste") > labels.index("hydralora_lr3e-3")
     assert labels.index("ablation_no_rank_scaling") > labels.index("hydralora_lr3e-3")   # not in early_ablations
 

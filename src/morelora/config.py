@@ -23,6 +23,7 @@ value replaces the base's). One ablation is then its base plus the line it chang
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -163,6 +164,19 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata=_at_least(1))
     save_total_limit: int | None = field(default=2, metadata=_at_least(1))
     fused_adamw: bool | str = field(default="auto", metadata=_choices("auto"))  # auto: where torch can
+    # {regex: ratio}: a trainable parameter whose name the regex matches (``re.search``; the first pattern that
+    # matches) trains at ``ratio`` x its learning rate (``lr``, or ``head_lr`` for task heads); e.g. a MoRE router
+    # at 10x (YAML): ``{'\.(task_embedding|gate\.(weight|bias)|router_logits)$': 10}``; LoRA+: ``{lora_B: 16}``
+    lr_ratios: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for pattern, ratio in self.lr_ratios.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"train.lr_ratios: {pattern!r} is not a regular expression ({e})") from None
+            if ratio < 0:
+                raise ConfigError(f"train.lr_ratios.{pattern}: expected a ratio >= 0, got {ratio!r}")
 
 
 #: ``train.head_lr: auto``. Task heads start from scratch on the features of a frozen, slowly adapted encoder: a

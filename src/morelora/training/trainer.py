@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import pickle
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -258,7 +259,8 @@ def _batches(sampler: MultiTaskSampler, collator: Any, run: Run, accelerator: Ac
 
 def _make_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device | None = None):
     """AdamW over the trainable parameters (no weight decay on biases / norms; task heads at ``train.head_lr``:
-    ``auto`` = :data:`~morelora.config.AUTO_HEAD_LR`, ``None`` = ``train.lr``) + linear warm-up/decay."""
+    ``auto`` = :data:`~morelora.config.AUTO_HEAD_LR`, ``None`` = ``train.lr``; ``train.lr_ratios`` scales the
+    rate of the parameters its patterns name) + linear warm-up/decay."""
     from transformers import get_linear_schedule_with_warmup
 
     tc = cfg.train
@@ -269,16 +271,36 @@ def _make_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device
             heads |= {id(p) for p in model.base_model.get_submodule(name).parameters()}
         if not heads and tc.head_lr != "auto":
             raise ConfigError("train.head_lr is set but the model has no task heads (modules_to_save)")
-    head_lr = AUTO_HEAD_LR if tc.head_lr == "auto" else tc.head_lr
+    head_lr = AUTO_HEAD_LR if tc.head_lr == "auto" else tc.lr if tc.head_lr is None else tc.head_lr
+    ratio = _lr_ratios(tc.lr_ratios, [n for n, _ in params])
     groups = []
+    # groups in a fixed order (adapter matrices, adapter vectors, head matrices, head vectors), each split by ratio
+    # (1 first): without lr_ratios the groups of every earlier version, so their optimizer states still resume
     for lr, in_group in ((tc.lr, lambda p: id(p) not in heads), (head_lr, lambda p: id(p) in heads)):
-        chosen = [p for _, p in params if in_group(p)]
-        groups += [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": tc.weight_decay, "lr": lr},
-                   {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        chosen = [(n, p) for n, p in params if in_group(p)]
+        for decay, is_matrix in ((tc.weight_decay, True), (0.0, False)):
+            kind = [(n, p) for n, p in chosen if (p.ndim >= 2) == is_matrix]
+            for r in dict.fromkeys([1.0, *tc.lr_ratios.values()]):
+                groups.append({"params": [p for n, p in kind if ratio[n] == r], "weight_decay": decay, "lr": lr * r})
     fused = _use_fused_adamw(tc.fused_adamw, [p for _, p in params], device)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **({"fused": True} if fused else {}))
     scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     return optimizer, scheduler
+
+
+def _lr_ratios(patterns: dict[str, float], names: list[str]) -> dict[str, float]:
+    """``{name: ratio}`` of every trainable parameter: the ratio of the first pattern of ``train.lr_ratios`` that
+    ``re.search`` finds in its name, else 1. A pattern that names no trainable parameter is a config error."""
+    out = {}
+    for name in names:
+        hit = next((r for pattern, r in patterns.items() if re.search(pattern, name)), 1.0)
+        out[name] = float(hit)
+    for pattern in patterns:
+        if not any(re.search(pattern, n) for n in names):
+            example = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise ConfigError(f"train.lr_ratios: {pattern!r} matches no trainable parameter (their names: {example}); "
+                              "fix the pattern or remove it")
+    return out
 
 
 def _use_fused_adamw(setting: bool | str, params: list[torch.Tensor], device: torch.device | None) -> bool:
