@@ -49,7 +49,6 @@ import argparse
 import gzip
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -371,15 +370,19 @@ def restore() -> int:
 def _parked_step(path: Path) -> int:
     """The step of the checkpoint in a parked run's ``inflight.tar.gz`` (its first member: only the first block of
     the 4-7 MB file is read)."""
+    from morelora.training.checkpoint import checkpoint_step
+
     with tarfile.open(path) as tar:
         for member in tar:
-            if m := re.fullmatch(r"checkpoint-(\d+)", member.name):
-                return int(m.group(1))
+            if (step := checkpoint_step(member.name)) is not None:
+                return step
     raise ValueError(f"{path} holds no checkpoint folder: park the run again, or delete the file to train it anew")
 
 
 def _step(checkpoint: Path | None) -> int:
-    return -1 if checkpoint is None else int(checkpoint.name.rsplit("-", 1)[1])
+    from morelora.training.checkpoint import checkpoint_step
+
+    return -1 if checkpoint is None else checkpoint_step(checkpoint.name)
 
 
 def _park_run(run_dir: Path, checkpoint: Path, dest: Path) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import morelora
 from morelora.config import RunConfig
 from morelora.training import evaluate, latest_checkpoint, load_run, train
-from morelora.training.checkpoint import list_checkpoints
+from morelora.training.checkpoint import checkpoint_step, list_checkpoints
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -85,6 +85,8 @@ def test_run_folder_and_eval_json(encoder_run: Path) -> None:
     assert [r["step"] for r in evals] == [3, 6] and "eval_rte" in evals[0]
 
     assert [s for s, _ in list_checkpoints(encoder_run)] == [3, 6]
+    assert [checkpoint_step(n) for n in ("checkpoint-6", "checkpoint-10", "checkpoint-6.tmp", "checkpoint-")] == \
+        [6, 10, None, None]
     ckpt = latest_checkpoint(encoder_run)
     names = {p.name for p in ckpt.iterdir()}
     assert {"adapter", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",

@@ -71,15 +71,21 @@ def check_new_run_dir(run_dir: Path, resume: bool) -> None:
         )
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder's name (``checkpoint-750`` -> 750), or None for any other name."""
+    m = _CKPT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (step, path), oldest first."""
     if not run_dir.is_dir():
         return []
     found = []
     for p in run_dir.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_NAME).is_file() and (p / ADAPTER_DIR).is_dir():
-            found.append((int(m.group(1)), p))
+        step = checkpoint_step(p.name)
+        if step is not None and p.is_dir() and (p / STATE_NAME).is_file() and (p / ADAPTER_DIR).is_dir():
+            found.append((step, p))
     return sorted(found)
 
 
