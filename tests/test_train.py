@@ -191,6 +191,34 @@ def test_resume_truncates_the_routing_log(routed_run: Path, tmp_path: Path, tiny
         assert _routing(run) == _routing(routed_run), name
 
 
+def test_resume_at_an_evaluation_step_runs_its_missing_evaluation(encoder_run: Path, tmp_path: Path,
+                                                                   tiny_bert: str) -> None:
+    """Stopped after the checkpoint of an evaluation step and before its evaluation (a run parked at its last
+    step): the resumed run evaluates that step, to the score the unstopped run logged, and no step twice."""
+    import shutil
+
+    from conftest import tiny_run_config
+
+    rows = _rows(encoder_run)
+    validation = [r for r in rows if r.get("split") == "validation"]
+    assert [r["step"] for r in validation] == [3, 6]
+    for name, step, drop in (("at3", 3, True), ("at6", 6, True), ("logged", 6, False)):
+        killed = shutil.copytree(encoder_run, tmp_path / name)
+        kept = [r for r in rows if r["step"] < step or (r["step"] == step and not (drop and "eval_average" in r))]
+        (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if step == 3:
+            shutil.rmtree(killed / "checkpoint-6")
+        (killed / "eval.json").unlink()
+        cfg = tiny_run_config(tiny_bert, killed, eval_steps=3)
+        cfg["method"]["lora_dropout"] = 0.1
+        train(RunConfig.from_dict(cfg), resume=True)
+        got = [r for r in _rows(killed) if r.get("split") == "validation"]
+        assert [r["step"] for r in got] == [3, 6], name
+        for a, b in zip(got, validation):
+            assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), name
+        assert (killed / "eval.json").is_file()
+
+
 def test_methods_without_routing_write_no_routing_log(tmp_path: Path, tiny_bert: str, run_config) -> None:
     cfg = run_config(tiny_bert, tmp_path / "lora", max_steps=2, logging_steps=1, save_steps=0)
     cfg["tasks"], cfg["data"]["max_eval_per_task"] = ["sst2"], 4

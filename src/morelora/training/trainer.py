@@ -38,7 +38,15 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from morelora.config import AUTO_HEAD_LR, BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
+from morelora.config import (
+    AUTO_HEAD_LR,
+    BOOKKEEPING_TRAIN_KEYS,
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    config_diff,
+    load_config,
+)
 from morelora.data.sampling import MultiTaskSampler
 from morelora.errors import CheckpointError
 from morelora.training import checkpoint as ckpt
@@ -103,6 +111,10 @@ def train(cfg: RunConfig, resume: bool = False, checkpoint: str | Path | None = 
                disable=not accelerator.is_local_main_process)
 
     model.train()
+    if resume and _eval_due(tc, state.step) and not _validation_logged(run_dir, state.step):
+        # stopped between the checkpoint of an evaluation step and its evaluation: that evaluation is done now
+        _evaluate_during_training(run, accelerator, logger, state.step)
+        model.train()
     while state.step < tc.max_steps:
         t0 = time.perf_counter()
         _train_step(run, model, batches, optimizer, scheduler, accelerator, state.step, tracker)
@@ -116,7 +128,7 @@ def train(cfg: RunConfig, resume: bool = False, checkpoint: str | Path | None = 
             routing.log(run.model, state.step)
         if (tc.save_steps and state.step % tc.save_steps == 0) or state.step == tc.max_steps:
             _save_checkpoint(accelerator, run_dir, state, tc.save_total_limit)
-        if tc.eval_steps and (state.step % tc.eval_steps == 0 or state.step == tc.max_steps):
+        if _eval_due(tc, state.step):
             _evaluate_during_training(run, accelerator, logger, state.step)   # the curve ends at the last step
             model.train()
     bar.close()
@@ -474,6 +486,18 @@ def _truncate_logs(run_dir: Path, step: int) -> None:
     """Drop the log rows after ``step``: the resumed run writes them again."""
     for name in ckpt.LOG_FILES:
         ckpt.truncate_metrics(run_dir / name, step)
+
+
+def _eval_due(tc: TrainConfig, step: int) -> bool:
+    """Whether step ``step`` has a validation evaluation (every ``eval_steps``, and the last step)."""
+    return bool(tc.eval_steps) and step > 0 and (step % tc.eval_steps == 0 or step == tc.max_steps)
+
+
+def _validation_logged(run_dir: Path, step: int) -> bool:
+    """Whether ``metrics.jsonl`` holds the validation row of ``step``."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return any(r.get("split") == "validation" and r.get("step") == step for r in rows)
 
 
 def _evaluate_during_training(run: Run, accelerator: Accelerator, logger: _MetricsLogger, step: int) -> None:
