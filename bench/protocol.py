@@ -537,6 +537,12 @@ def status() -> None:
             again = final_validation(_sweep_dir(m, s["winner"]))
             line += f" (recorded; the winner's re-run: {'-' if again is None else f'{100 * again:.2f}'})"
         print(line)
+        for lr, v in s["runs"].items():
+            run_dir = _sweep_dir(m, lr)
+            if v is None and not s["recorded"] and (run_dir / "eval.json").is_file():
+                # stopped between its last checkpoint and that step's evaluation by a trainer before b601572
+                print(f"  {_label(m, lr)} finished without the validation score of its last step, so this sweep "
+                      f"cannot choose: `morelora train {run_dir / 'config.yaml'} --resume` evaluates it")
 
 
 def _progress(run: Any) -> str:

@@ -59,6 +59,26 @@ def test_order_winner_by_final_validation_and_seeds(protocol):
     assert "more" not in [w for _, w in rows if w]
 
 
+def test_status_names_a_finished_sweep_run_without_its_final_validation(protocol, capsys):
+    """A sweep run that finished without the validation row of its last step (stopped between that checkpoint
+    and its evaluation, before the trainer evaluated it on resume) blocks the choice: status says what to do."""
+    p = protocol
+    for r in [r for r, w in p.ordered_runs() if w is None and r.label.startswith("lora_lr")]:
+        _finish(r.run_dir, 0.5)
+        r.cfg.dump(r.run_dir / "config.yaml")
+    run_dir = p.OUT / "lora_lr1e-3" / "seed0"
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")   # the last step's validation row lost
+    assert p.sweep("lora")["winner"] is None and p.final_validation(run_dir) is None
+    capsys.readouterr()
+    p.status()
+    out = capsys.readouterr().out
+    assert "sweep lora       lr 3e-4: 50.00, lr 1e-3: -, lr 3e-3: 50.00  -> winner (not yet)" in out
+    assert (f"lora_lr1e-3 finished without the validation score of its last step, so this sweep cannot choose: "
+            f"`morelora train {run_dir / 'config.yaml'} --resume` evaluates it") in out
+    assert out.count("finished without the validation score") == 1
+
+
 def test_claims_exclude_live_workers_and_take_over_dead_ones(protocol):
     p = protocol
     run = p.ordered_runs()[0][0]
