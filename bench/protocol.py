@@ -95,6 +95,9 @@ PROTOCOL: dict[str, Any] = {
     # no_rank_scaling was the first of them; its 4 seeds (lost with their machine, report kept in docs/RESULTS.md)
     # did not repair MoRE (+0.40, p 0.57), so it now waits with the other ablations behind the untested two
     "early_ablations": ["ablation_prefix_mask_ste", "ablation_no_contrastive"],
+    # after the other rows, these ablations first (in this order), then the rest A-Z: router_lr10 tests the one
+    # diagnosis not yet tried (routers barely decided at the end, top probability 0.16-0.36 of 8)
+    "next_ablations": ["ablation_router_lr10"],
 }
 
 
@@ -189,7 +192,8 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
 
     Per group: the sweeps, then the winners' seeds interleaved (seed 1 of every method, then seed 2, ...), so
     that the paired comparison grows one complete seed at a time; after the first group, the ablations named in
-    ``early_ablations`` in their listed order (all seeds of one, then the next); the other ablations last."""
+    ``early_ablations`` in their listed order (all seeds of one, then the next); the other ablations last, those in
+    ``next_ablations`` first."""
     out: list[tuple[Any, str | None]] = []
     for i, group in enumerate(PROTOCOL["groups"]):
         seeded, waiting = [], []
@@ -208,7 +212,8 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
         out += [run for same_seed in zip(*seeded) for run in same_seed] + waiting
         if i == 0:
             out += ablation_runs(PROTOCOL["early_ablations"], wait_line=False)
-    return out + ablation_runs([a for a in ablations() if a not in PROTOCOL["early_ablations"]])
+    rest = [a for a in ablations() if a not in PROTOCOL["early_ablations"] + PROTOCOL["next_ablations"]]
+    return out + ablation_runs(PROTOCOL["next_ablations"] + rest)
 
 
 def ablation_runs(labels: list[str], wait_line: bool = True) -> list[tuple[Any, str | None]]:

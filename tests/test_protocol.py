@@ -218,6 +218,12 @@ def test_seeds_interleave_and_the_early_ablation_comes_before_the_other_rows(pro
     assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo)) == 8 + 4 * 3 + 45
     assert labels.index("ablation_no_ste") > labels.index("hydralora_lr3e-3")
     assert labels.index("ablation_no_rank_scaling") > labels.index("hydralora_lr3e-3")   # not in early_ablations
+    # after the other rows: next_ablations first (all seeds), then the rest A-Z
+    last = [lab for lab in dict.fromkeys(labels) if lab.startswith("ablation_") and lab not in early]
+    assert last == ["ablation_router_lr10", "ablation_no_rank_scaling", "ablation_no_ste",
+                    "ablation_no_task_embeddings", "ablation_official_frozen_routing", "ablation_random_sampling",
+                    "ablation_subset_experts"]
+    assert labels.index("ablation_router_lr10") > labels.index("hydralora_lr3e-3")
 
 
 def test_interim_report_pairs_the_seeds_both_rows_have_finished(protocol, capsys):
