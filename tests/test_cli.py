@@ -239,6 +239,31 @@ def test_missing_files_and_folders(cli_run, tmp_path: Path, capsys) -> None:
                                                        str(tmp_path / "o")])
 
 
+def test_a_run_folder_of_another_version_is_named_with_what_to_do(cli_run, tmp_path: Path, capsys) -> None:
+    """A run folder whose config.yaml holds a key this version does not know (written by a newer morelora): eval,
+    resume and compare's reuse check name the file, the key and what to do, instead of a bare unknown key."""
+    import shutil
+
+    from morelora.config import ConfigError, RunConfig
+    from morelora.experiments.runs import PlannedRun, run_status
+
+    config, run_dir = cli_run
+    newer = shutil.copytree(run_dir, tmp_path / "newer")
+    raw = yaml.safe_load((newer / "config.yaml").read_text())
+    raw["train"]["lr_schedule"] = "cosine"
+    (newer / "config.yaml").write_text(yaml.safe_dump(raw))
+    want = (f"{newer / 'config.yaml'} cannot be read by this morelora (unknown config key train.lr_schedule; "
+            "valid keys under train: output_dir, ")
+    for argv in (["eval", str(newer)], ["train", str(config), "--output-dir", str(newer), "--resume", "train.seed=1"]):
+        err = _error(capsys, argv)
+        assert want in err and "was the run made by another version? Use that version (or update this one), " \
+            "or remove the run folder" in err, argv
+    train = {k: v for k, v in raw["train"].items() if k != "lr_schedule"}
+    cfg = RunConfig.from_dict({**raw, "train": {**train, "output_dir": str(newer)}})
+    with pytest.raises(ConfigError, match="cannot be read by this morelora"):
+        run_status(PlannedRun("more", 1, cfg))
+
+
 def test_export_merge_bad_input(cli_run, tmp_path: Path, capsys) -> None:
     _, run_dir = cli_run
     for cmd in ("export", "merge"):

@@ -184,7 +184,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from morelora.config import load_config
+    from morelora.config import load_run_config
     from morelora.training import load_run
 
     out = _fresh_out_dir(args.out)
@@ -204,19 +204,19 @@ def _merge(args: argparse.Namespace) -> None:
         raise UsageError(f"the merged {type(merged).__name__} cannot be saved as a transformers model")
     merged.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
-    quant = load_config(Path(args.run_dir) / "config.yaml").model.quantization
+    quant = load_run_config(args.run_dir).model.quantization
     note += f" (trained on a {quant.bits}-bit base; merged into its full-precision weights)" if quant else ""
     print(f"merged task {args.task!r} into the base model{note} -> {out}")
 
 
 def _run_tasks(run_dir: str) -> list[str]:
     """The run's tasks, read from its config.yaml (before any weights are loaded)."""
-    from morelora.config import load_config
+    from morelora.config import load_run_config
     from morelora.training import RunError
 
     if not (Path(run_dir) / "config.yaml").is_file():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    return list(load_config(Path(run_dir) / "config.yaml").tasks)
+    return list(load_run_config(run_dir).tasks)
 
 
 def _check_task(run_dir: str, task: str) -> list[str]:

@@ -46,6 +46,7 @@ __all__ = [
     "bundled_minilm_path",
     "config_diff",
     "load_config",
+    "load_run_config",
     "merge_configs",
     "read_config_file",
     "read_yaml_mapping",
@@ -246,6 +247,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML run config (or start from the defaults) and apply ``key=value`` overrides."""
     raw = read_config_file(path) if path is not None else {}
     return RunConfig.from_dict(apply_overrides(raw, overrides))
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """A run folder's ``config.yaml``. One this version cannot read (a key of another morelora version, a damaged
+    file) raises a :class:`ConfigError` that names the file and what to do."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"{path} cannot be read by this morelora ({e}); was the run made by another version? "
+                          "Use that version (or update this one), or remove the run folder") from None
 
 
 def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from morelora.config import BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_config
+from morelora.config import BOOKKEEPING_TRAIN_KEYS, ConfigError, RunConfig, config_diff, load_run_config
 
 __all__ = ["PREDICTIONS_NAME", "CompareError", "PlannedRun", "check_finished_run", "execute", "is_complete",
            "run_status", "write_predictions"]
@@ -46,7 +46,7 @@ def check_finished_run(run_dir: Path, cfg: RunConfig, error: type[Exception] = C
     if not saved_path.is_file():
         raise error(f"{run_dir} has eval.json but no config.yaml: remove it or use another --output-dir")
     # a finished run may be reused, or moved, when only bookkeeping keys (output_dir, logging, ...) differ
-    diff = config_diff(load_config(saved_path), cfg, ignore={f"train.{k}" for k in BOOKKEEPING_TRAIN_KEYS})
+    diff = config_diff(load_run_config(run_dir), cfg, ignore={f"train.{k}" for k in BOOKKEEPING_TRAIN_KEYS})
     if diff:
         raise error(f"finished run {run_dir} was trained with a different config ({', '.join(diff)}); "
                     "remove it or choose another --output-dir")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from morelora.config import ConfigError, ModelConfig, RunConfig, load_config
+from morelora.config import ConfigError, ModelConfig, RunConfig, load_run_config
 from morelora.data import TaskSpec, get_task
 from morelora.training import checkpoint as ckpt
 
@@ -196,7 +196,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, full_pre
     merge a task into float weights. ``with_data=False``: empty splits (see :func:`build_run`)."""
     run_dir = Path(run_dir)
     path = ckpt.resolve_checkpoint(run_dir, checkpoint)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     if full_precision:
         cfg.model.quantization = None
     set_seed(cfg.train.seed)

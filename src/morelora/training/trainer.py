@@ -45,7 +45,7 @@ from morelora.config import (
     RunConfig,
     TrainConfig,
     config_diff,
-    load_config,
+    load_run_config,
 )
 from morelora.data.sampling import MultiTaskSampler
 from morelora.errors import CheckpointError
@@ -229,7 +229,7 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> list[str]:
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return []
-    saved = load_config(saved_path)
+    saved = load_run_config(run_dir)
     allowed = {f"train.{k}" for k in (*BOOKKEEPING_TRAIN_KEYS, "max_steps")}
 
     def value(c: RunConfig, key: str) -> Any:
