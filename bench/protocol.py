@@ -95,9 +95,10 @@ PROTOCOL: dict[str, Any] = {
     # no_rank_scaling was the first of them; its 4 seeds (lost with their machine, report kept in docs/RESULTS.md)
     # did not repair MoRE (+0.40, p 0.57), so it now waits with the other ablations behind the untested two
     "early_ablations": ["ablation_prefix_mask_ste", "ablation_no_contrastive"],
-    # after the other rows, these ablations first (in this order), then the rest A-Z: router_lr10 tests the one
-    # diagnosis not yet tried (routers barely decided at the end, top probability 0.16-0.36 of 8)
-    "next_ablations": ["ablation_router_lr10"],
+    # after the other rows, these ablations first (in this order), then the rest A-Z: the router's learning rate
+    # and its initialisation, the two diagnoses not yet tried (routers barely decided at the end, top probability
+    # 0.16-0.36 of 8; at the default init the tasks start on the same ranks in most layers)
+    "next_ablations": ["ablation_router_lr10", "ablation_task_embedding_std1"],
 }
 
 
@@ -662,10 +663,11 @@ def report_ablations(interim: bool = False, against_lora: bool = False) -> None:
 def routing_over_training(run: Any) -> dict[str, Any] | None:
     """The router's choices over a run (its ``routing.jsonl``; None without one): per task, the fraction of the
     adapted layers that switch rank between two logged steps, averaged within each quarter of the run (None where
-    a quarter has no pair of logs), and the task's mean rank at the first and the last logged step."""
+    a quarter has no pair of logs), the task's mean rank at the first and the last logged step, and at both steps
+    how many different ranks the tasks use per layer (`distinct_ranks`: 1 = all tasks on one route)."""
     import numpy as np
 
-    from morelora.analysis.plots import rank_switches, read_routing
+    from morelora.analysis.plots import distinct_ranks, rank_switches, read_routing
 
     history = read_routing(run.run_dir)
     if len(history) < 2:
@@ -676,7 +678,9 @@ def routing_over_training(run: Any) -> dict[str, Any] | None:
     mean_rank = {i: {t: float(np.mean(list(r.values()))) for t, r in history[i][1].items()} for i in (0, -1)}
     return {"switch_by_quarter": {t: [float(np.nanmean(f[m])) if np.isfinite(f[m]).any() else None for m in quarters]
                                   for t, f in fractions.items()},
-            "first_step": history[0][0], "first_mean_rank": mean_rank[0], "last_mean_rank": mean_rank[-1]}
+            "first_step": history[0][0], "first_mean_rank": mean_rank[0], "last_mean_rank": mean_rank[-1],
+            "first_distinct_ranks": distinct_ranks(history[0][1]),
+            "last_distinct_ranks": distinct_ranks(history[-1][1])}
 
 
 def diagnose() -> dict[str, Any]:
@@ -736,12 +740,14 @@ def diagnose() -> dict[str, Any]:
     logged = [run for run in out["runs"] if "routing" in run]
     if logged:
         print("\nrouting over training: % of layers switching rank between two logged steps, mean over the tasks, "
-              "by quarter of the run; each task's mean rank at the first -> last logged step")
+              "by quarter of the run; different ranks among the tasks per layer and each task's mean rank, at the "
+              "first -> last logged step")
     for run in logged:
         g = run["routing"]
         by_quarter = [[v[q] for v in g["switch_by_quarter"].values() if v[q] is not None] for q in range(4)]
         print(f"{names[id(run)]:<{width}}" + " / ".join(f"{100 * np.mean(v):4.1f}" if v else "   -" for v in by_quarter)
-              + "   " + ", ".join(f"{t} {g['first_mean_rank'][t]:.1f}->{g['last_mean_rank'][t]:.1f}"
+              + f"   distinct {g['first_distinct_ranks']:.2f}->{g['last_distinct_ranks']:.2f}; "
+              + ", ".join(f"{t} {g['first_mean_rank'][t]:.1f}->{g['last_mean_rank'][t]:.1f}"
                                   for t in g["last_mean_rank"]))
     print(f"-> {OUT / 'diagnosis.json'}")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 from morelora.analysis import mean_ci, short_layer_name
 from morelora.analysis.plots import (
+    distinct_ranks,
     evenly_spaced,
     plot_rank_heatmap,
     plot_rank_history,
@@ -109,6 +111,10 @@ def test_rank_history_and_switches_from_a_routing_log(tmp_path: Path) -> None:
     steps, fractions = rank_switches(history)
     assert steps == [20, 30]
     assert {t: f.tolist() for t, f in fractions.items()} == {"a": [0.5, 0.0], "b": [0.0, 0.25]}
+    # different ranks among the tasks per layer: (2 + 2 + 2 + 1) / 4, (2 + 2 + 1 + 2) / 4, (1 + 2 + 1 + 2) / 4
+    assert [distinct_ranks(ranks) for _, ranks in history] == [1.75, 1.75, 1.5]
+    partial = {"a": history[0][1]["a"], "b": {modules[3]: 4, "other": 2}}   # only the layers both tasks have count
+    assert distinct_ranks(partial) == 1.0 and math.isnan(distinct_ranks({}))
     means = plot_rank_history(history, tmp_path / "h.png")
     assert means.tolist() == [[2.5, 4.0], [2.0, 4.0], [2.0, 3.25]]
 
@@ -297,6 +303,7 @@ ABLATIONS = {
     "official_frozen_routing": {"method.routing": "frozen"},
     "prefix_mask_ste": {"method.ste_estimator": "prefix_mask"},
     "router_lr10": {"train.lr_ratios": {r"\.(task_embedding|gate\.(weight|bias)|router_logits)$": 10.0}},
+    "task_embedding_std1": {"method.task_embedding_std": 1.0},
 }
 
 

@@ -108,8 +108,8 @@ def test_ablations_are_more_at_its_winning_lr_plus_each_files_switch(protocol):
         _finish(p.OUT / f"more_lr{lr}" / "seed0", val)
     rows = [r for r, w in p.ordered_runs() if w is None and r.label.startswith("ablation_")]
     files = sorted(f.stem for f in (ROOT / "configs" / "ablations").glob("*.yaml") if f.stem != "full")
-    assert len(files) == 9 and sorted({r.label for r in rows}) == [f"ablation_{f}" for f in files]
-    assert sorted({r.seed for r in rows}) == [0, 1, 2, 3, 4] and len(rows) == 45
+    assert len(files) == 10 and sorted({r.label for r in rows}) == [f"ablation_{f}" for f in files]
+    assert sorted({r.seed for r in rows}) == [0, 1, 2, 3, 4] and len(rows) == 50
     more = {r.seed: r.cfg for r, w in p.ordered_runs() if w is None and r.label == "more_lr3e-3"}
     full = load_config(ROOT / "configs" / "ablations" / "full.yaml")
     bookkeeping = {"train.output_dir", "train.eval_steps"}
@@ -215,14 +215,14 @@ def test_seeds_interleave_and_the_early_ablation_comes_before_the_other_rows(pro
     assert early[0] == "ablation_prefix_mask_ste" and early != sorted(early)   # the listed order, not A-Z
     assert todo[8 + 5 * len(early)] == ("lora_r16_lr3e-4", 0)
     labels = [lab for lab, _ in todo]
-    assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo)) == 8 + 4 * 3 + 45
+    assert labels.count("ablation_no_rank_scaling") == 5 and len(labels) == len(set(todo)) == 8 + 4 * 3 + 50
     assert labels.index("ablation_no_ste") > labels.index("hydralora_lr3e-3")
     assert labels.index("ablation_no_rank_scaling") > labels.index("hydralora_lr3e-3")   # not in early_ablations
     # after the other rows: next_ablations first (all seeds), then the rest A-Z
     last = [lab for lab in dict.fromkeys(labels) if lab.startswith("ablation_") and lab not in early]
-    assert last == ["ablation_router_lr10", "ablation_no_rank_scaling", "ablation_no_ste",
-                    "ablation_no_task_embeddings", "ablation_official_frozen_routing", "ablation_random_sampling",
-                    "ablation_subset_experts"]
+    assert last == ["ablation_router_lr10", "ablation_task_embedding_std1", "ablation_no_rank_scaling",
+                    "ablation_no_ste", "ablation_no_task_embeddings", "ablation_official_frozen_routing",
+                    "ablation_random_sampling", "ablation_subset_experts"]
     assert labels.index("ablation_router_lr10") > labels.index("hydralora_lr3e-3")
 
 
@@ -311,8 +311,14 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
         assert routing["switch_by_quarter"][t][2:] == pytest.approx(switched)
         assert routing["first_mean_rank"][t] == pytest.approx(sum(logs[0]["task_ranks"][t].values()) / len(layers))
         assert routing["last_mean_rank"][t] == pytest.approx(sum(layers.values()) / len(layers))
+    for key, log in (("first_distinct_ranks", logs[0]), ("last_distinct_ranks", logs[-1])):
+        ranks = log["task_ranks"]
+        per_layer = [len({ranks[t][m] for t in ranks}) for m in next(iter(ranks.values()))]
+        assert routing[key] == pytest.approx(sum(per_layer) / len(per_layer)) and 1 <= routing[key] <= len(ranks)
     mean_q4 = 100 * sum(v[3] for v in routing["switch_by_quarter"].values()) / len(routing["switch_by_quarter"])
-    assert re.search(rf"^more_lr1e-3 s0 +- / +- / +[\d.]+ / +{mean_q4:.1f} +{task} ", printed, re.M)
+    assert re.search(rf"^more_lr1e-3 s0 +- / +- / +[\d.]+ / +{mean_q4:.1f} +distinct "
+                     rf"{routing['first_distinct_ranks']:.2f}->{routing['last_distinct_ranks']:.2f}; {task} ",
+                     printed, re.M)
     # archived, the runs lose their weights (a fresh clone): diagnose reads the same from analysis.json
     for run in [ablation] + [r for r, _ in p.ordered_runs()[:6]]:
         if run.label not in ("more_lr1e-3", "lora_lr1e-3", ablation.label):

@@ -148,6 +148,15 @@ def rank_switches(history: RankHistory) -> tuple[list[int], dict[str, np.ndarray
     return [step for _, (step, _) in pairs], fractions
 
 
+def distinct_ranks(task_ranks: dict[str, dict[str, int]]) -> float:
+    """How many different ranks the tasks use in one adapted layer, mean over the layers all tasks have: 1 when
+    every layer routes every task to the same rank, up to ``min(T, r)`` when each task has its own."""
+    layers = set.intersection(*(set(r) for r in task_ranks.values())) if task_ranks else set()
+    if not layers:
+        return math.nan
+    return float(np.mean([len({ranks[m] for ranks in task_ranks.values()}) for m in sorted(layers)]))
+
+
 def _changed(before: dict[str, int] | None, after: dict[str, int] | None) -> float:
     """The fraction of the modules in both whose value differs (NaN when no module is in both)."""
     before, after = before or {}, after or {}
