@@ -513,8 +513,10 @@ def status() -> None:
     rows = ordered_runs()
     finished = [r for r, w in rows if w is None and (r.run_dir / "eval.json").is_file()]
     total_known = sum(1 for _, w in rows if w is None)
-    print(f"protocol in {OUT}: {len(finished)} of {total_known} planned runs finished "
-          f"(+{PROTOCOL['seeds'] - 1} seed runs per method whose sweep is not finished)")
+    waiting = sum(1 for _, w in rows if w in PROTOCOL["methods"])
+    print(f"protocol in {OUT}: {len(finished)} of {total_known} planned runs finished" + (
+        f" (+{PROTOCOL['seeds'] - 1} seed runs for each of the {waiting} methods whose sweep is not finished)"
+        if waiting else ""))
     print(_time_left(rows, finished))
     parked = sorted(ARCHIVE.glob(f"*/seed*/{PARKED}"))
     if parked:

@@ -77,6 +77,15 @@ def test_status_names_a_finished_sweep_run_without_its_final_validation(protocol
     assert (f"lora_lr1e-3 finished without the validation score of its last step, so this sweep cannot choose: "
             f"`morelora train {run_dir / 'config.yaml'} --resume` evaluates it") in out
     assert out.count("finished without the validation score") == 1
+    assert "planned runs finished (+4 seed runs for each of the 6 methods whose sweep is not finished)" in out
+    for r in [r for r, w in p.ordered_runs() if w is None and r.seed == 0 and "_lr" in r.label]:
+        _finish(r.run_dir, 0.5)                             # every sweep finished: no seed run is left unplanned
+        r.cfg.dump(r.run_dir / "config.yaml")
+    _finish(run_dir, 0.5)
+    assert not [w for _, w in p.ordered_runs() if w in p.PROTOCOL["methods"]]
+    p.status()
+    out = capsys.readouterr().out
+    assert re.search(r"^protocol in .*: 18 of \d+ planned runs finished$", out, re.M), out.splitlines()[0]
 
 
 def test_claims_exclude_live_workers_and_take_over_dead_ones(protocol):
