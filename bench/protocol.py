@@ -5,6 +5,7 @@
     python bench/protocol.py report   # the table: `morelora compare` over every finished winner's seeds
     python bench/protocol.py report --ablations   # each ablation of MoRE against MoRE (results in OUT/ablations)
     python bench/protocol.py report --interim     # while it runs: the seeds finished so far (OUT/interim)
+    python bench/protocol.py report --interim --baseline more   # the same rows against MoRE (OUT/interim_vs_more)
     python bench/protocol.py report --ablations --interim [--against-lora]   # the ablations' seeds so far
     python bench/protocol.py params   # adapter parameters of every row on the protocol's model
     python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms
@@ -586,9 +587,15 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
     from morelora.experiments.compare import compare
 
     if with_ablations:
+        if baseline != "lora":
+            raise SystemExit("protocol: --baseline does not apply to --ablations (they are against more; "
+                             "--against-lora puts them against lora)")
         return report_ablations(interim=interim, against_lora=against_lora)
     if interim:
-        return report_interim()
+        return report_interim(baseline)
+    if baseline != "lora":
+        raise SystemExit("protocol: --baseline applies to `report --interim` (the seeds every row has finished; "
+                         "all of them once the grid is done); the table itself is against lora")
     winners = sweep_winners()
     labels = [_label(m, w) for m, w in winners.items() if w is not None
               and all((r.run_dir / "eval.json").is_file() for r in _runs([_label(m, w)], PROTOCOL["seeds"]))]
@@ -603,24 +610,28 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
     compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, overrides=SET, method_config=str(mc), baseline=base)
 
 
-def report_interim() -> None:
-    """The rows whose sweep has a winner, over the seeds every one of them has finished (``lora``'s row first),
-    while the grid is still running: OUT/interim/results.* (a progress figure, not the protocol's table)."""
+def report_interim(baseline: str = "lora") -> None:
+    """The rows whose sweep has a winner, over the seeds every one of them has finished (``baseline``'s row first
+    and the others against it), while the grid is still running: OUT/interim/results.* against ``lora``,
+    OUT/interim_vs_<baseline>/ against another row (a progress figure, not the protocol's table)."""
     from morelora.experiments.report import summarize, write_report
 
     winners = sweep_winners()
+    if baseline not in winners:
+        raise SystemExit(f"protocol: no row named {baseline!r}; the rows are {', '.join(winners)}")
     rows = {m: _runs([_label(m, w)], PROTOCOL["seeds"]) for m, w in winners.items() if w is not None}
-    if "lora" not in rows:
-        raise SystemExit("protocol: lora's learning-rate sweep is not finished yet; see `bench/protocol.py status`")
+    if baseline not in rows:
+        raise SystemExit(f"protocol: {baseline}'s learning-rate sweep is not finished yet; "
+                         "see `bench/protocol.py status`")
     seeds = [s for s in range(PROTOCOL["seeds"]) if all(_finished(runs[s]) for runs in rows.values())]
     if not seeds:
         raise SystemExit("protocol: no seed is finished for every swept method yet")
-    order = ["lora"] + [m for m in rows if m != "lora"]
+    order = [baseline] + [m for m in rows if m != baseline]
     runs = [rows[m][s] for m in order for s in seeds]
-    summary = summarize(runs, baseline=rows["lora"][0].label)
+    summary = summarize(runs, baseline=rows[baseline][0].label)
     title = (f"protocol, interim: {len(order)} rows x seeds {', '.join(map(str, seeds))} "
-             f"(of {PROTOCOL['seeds']}), against {rows['lora'][0].label}")
-    print(write_report(summary, OUT / "interim", title))
+             f"(of {PROTOCOL['seeds']}), against {rows[baseline][0].label}")
+    print(write_report(summary, OUT / ("interim" if baseline == "lora" else f"interim_vs_{baseline}"), title))
 
 
 def report_ablations(interim: bool = False, against_lora: bool = False) -> None:
@@ -927,6 +938,8 @@ def main() -> None:
     p.add_argument("--ablations", action="store_true", help="report: the ablation rows against MoRE")
     p.add_argument("--against-lora", action="store_true",
                    help="report --ablations: MoRE and the ablation rows against LoRA's winner instead")
+    p.add_argument("--baseline", default="lora",
+                   help="report --interim: the row the others are tested against (default lora; OUT/interim_vs_<row>)")
     p.add_argument("--interim", action="store_true",
                    help="report: the swept rows (with --ablations: the ablation rows) over the seeds finished so far "
                         "(OUT/interim, OUT/ablations_interim)")
@@ -936,7 +949,8 @@ def main() -> None:
     for run, step in unpark():
         print(f"protocol: {run} unparked at step {step} from {ARCHIVE} (it resumes there)")
     {"run": lambda: run_worker(args.poll), "status": status,
-     "report": lambda: report(with_ablations=args.ablations, interim=args.interim, against_lora=args.against_lora),
+     "report": lambda: report(args.baseline, with_ablations=args.ablations, interim=args.interim,
+                             against_lora=args.against_lora),
      "params": params, "diagnose": diagnose, "power": power, "pool": lambda: pool(args.previous), "archive": archive,
      "park": lambda: print(f"protocol: {park()} run(s) in training parked in {ARCHIVE}; commit the archive")}[
         args.command]()

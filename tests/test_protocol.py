@@ -263,6 +263,20 @@ def test_interim_report_pairs_the_seeds_both_rows_have_finished(protocol, capsys
     want = sum(avg(runs["more"][s]) - avg(runs["lora"][s]) for s in (0, 1)) / 2
     assert saved["tests"]["more_lr1e-3"]["diff_average"] == pytest.approx(want)
     assert saved["tests"]["more_lr1e-3"]["combined"]["mde"] > 0
+    # the same seeds against MoRE: its row first, the difference's sign turned, the same noise
+    p.report(interim=True, baseline="more")
+    vs_more = json.loads((p.OUT / "interim_vs_more" / "results.json").read_text())
+    assert vs_more["seeds"] == [0, 1] and list(vs_more["methods"]) == ["more_lr1e-3", "lora_lr3e-3"]
+    assert "against more_lr1e-3" in capsys.readouterr().out
+    assert vs_more["tests"]["lora_lr3e-3"]["diff_average"] == pytest.approx(-want)
+    assert vs_more["tests"]["lora_lr3e-3"]["combined"]["mde"] == pytest.approx(
+        saved["tests"]["more_lr1e-3"]["combined"]["mde"])
+    with pytest.raises(SystemExit, match="no row named 'mora'; the rows are more, lora, lora_r16"):
+        p.report(interim=True, baseline="mora")
+    with pytest.raises(SystemExit, match="--baseline applies to `report --interim`"):
+        p.report(baseline="more")
+    with pytest.raises(SystemExit, match="--baseline does not apply to --ablations"):
+        p.report(baseline="more", with_ablations=True)
 
 
 def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
