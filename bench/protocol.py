@@ -10,6 +10,7 @@
     python bench/protocol.py params   # adapter parameters of every row on the protocol's model
     python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms
     python bench/protocol.py power    # MoRE - LoRA's noise split; the MDE more seeds would reach
+    python bench/protocol.py power --method no_ste --baseline more --target 1.0   # any two rows
     python bench/protocol.py pool     # MoRE - LoRA over an earlier report's seeds and this folder's, pooled
     python bench/protocol.py archive  # copy every finished run's small files to the repository (ARCHIVE)
     python bench/protocol.py park     # before a machine goes: each run in training's newest checkpoint to ARCHIVE
@@ -766,19 +767,36 @@ def diagnose() -> dict[str, Any]:
     return out
 
 
+def _row(name: str) -> tuple[str, list[Any]]:
+    """``(label, runs of every seed)`` of a row: a swept method (``more``: its winner's runs) or an ablation row
+    (``ablation_no_ste`` or ``no_ste``: MoRE's winner plus that file's switch)."""
+    rows = ablations()
+    if name in PROTOCOL["methods"]:
+        winner = sweep(name)["winner"]
+        if winner is None:
+            raise SystemExit(f"protocol: {name}'s learning-rate sweep is not finished yet")
+        return _label(name, winner), _runs([_label(name, winner)], PROTOCOL["seeds"])
+    label = name if name in rows else f"ablation_{name}"
+    if label not in rows:
+        raise SystemExit(f"protocol: no row named {name!r}; the rows are the methods "
+                         f"{', '.join(PROTOCOL['methods'])} and the ablations {', '.join(rows)}")
+    winner = sweep("more")["winner"]
+    if winner is None:
+        raise SystemExit("protocol: more's learning-rate sweep is not finished yet (the ablations train at its "
+                         "winning learning rate)")
+    return label, _runs([label], PROTOCOL["seeds"], {label: ablation_config(winner)[label]})
+
+
 def _paired_diffs(method: str, baseline: str) -> tuple[dict[str, str], list[int], dict[str, Any]]:
-    """``(labels, seeds, {task: seeds x examples correctness differences})`` of ``method`` - ``baseline`` (their
-    winners) over the seeds both have finished."""
+    """``(labels, seeds, {task: seeds x examples correctness differences})`` of ``method`` - ``baseline`` (rows as
+    `_row` names them) over the seeds both have finished."""
     from morelora.experiments.report import load_predictions
     from morelora.experiments.statistics import TaskPredictions
 
     rows, labels = {}, {}
     for m in (method, baseline):
-        w = sweep(m)["winner"]
-        if w is None:
-            raise SystemExit(f"protocol: {m}'s learning-rate sweep is not finished yet")
-        labels[m] = _label(m, w)
-        rows[m] = {r.seed: r for r in _runs([labels[m]], PROTOCOL["seeds"]) if _finished(r)}
+        labels[m], runs = _row(m)
+        rows[m] = {r.seed: r for r in runs if _finished(r)}
     seeds = sorted(set(rows[method]) & set(rows[baseline]))
     if len(seeds) < 2:
         raise SystemExit(f"protocol: {method} and {baseline} have fewer than 2 finished seeds in common")
@@ -796,7 +814,8 @@ def _paired_diffs(method: str, baseline: str) -> tuple[dict[str, str], list[int]
 
 def power(method: str = "more", baseline: str = "lora", target: float = 0.01) -> dict[str, Any]:
     """Where the noise of ``method`` - ``baseline`` on the test average comes from, and the MDE more seeds would
-    reach (`variance_components`, `project_mde`), from the seeds both winners have finished. -> OUT/power.json"""
+    reach (`variance_components`, `project_mde`), from the seeds both rows have finished; either row is a swept
+    method (its winner) or an ablation row (`_row`). ``target``: the MDE to reach (fraction). -> OUT/power.json"""
     import math
 
     from morelora.experiments.statistics import project_mde, seeds_for_mde, variance_components
@@ -939,7 +958,11 @@ def main() -> None:
     p.add_argument("--against-lora", action="store_true",
                    help="report --ablations: MoRE and the ablation rows against LoRA's winner instead")
     p.add_argument("--baseline", default="lora",
-                   help="report --interim: the row the others are tested against (default lora; OUT/interim_vs_<row>)")
+                   help="report --interim: the row the others are tested against (default lora; OUT/interim_vs_<row>); "
+                        "power: the row subtracted (a method, or an ablation row such as ablation_no_ste)")
+    p.add_argument("--method", default="more", help="power: the row tested (default more; or an ablation row)")
+    p.add_argument("--target", type=float, default=1.0,
+                   help="power: the MDE to reach, in points of the test average (default 1.0)")
     p.add_argument("--interim", action="store_true",
                    help="report: the swept rows (with --ablations: the ablation rows) over the seeds finished so far "
                         "(OUT/interim, OUT/ablations_interim)")
@@ -951,7 +974,9 @@ def main() -> None:
     {"run": lambda: run_worker(args.poll), "status": status,
      "report": lambda: report(args.baseline, with_ablations=args.ablations, interim=args.interim,
                              against_lora=args.against_lora),
-     "params": params, "diagnose": diagnose, "power": power, "pool": lambda: pool(args.previous), "archive": archive,
+     "params": params, "diagnose": diagnose,
+     "power": lambda: power(args.method, args.baseline, args.target / 100), "pool": lambda: pool(args.previous),
+     "archive": archive,
      "park": lambda: print(f"protocol: {park()} run(s) in training parked in {ARCHIVE}; commit the archive")}[
         args.command]()
 

@@ -411,6 +411,54 @@ def test_power_splits_the_noise_and_projects_the_reported_mde(protocol, capsys):
     assert "more_lr1e-3 - lora_lr3e-3, seeds 0, 1, 2" in printed and "MDE <= 1.00 (estimate)" in printed
 
 
+def test_power_takes_an_ablation_row_on_either_side_from_the_cli(protocol):
+    """`power --method no_ste --baseline more`: the ablation row (MoRE's winner plus its switch) against MoRE's
+    winner over the seeds both finished; its components are those of the differences built here. A row that does
+    not exist is named, with the rows there are."""
+    import random
+
+    import numpy as np
+
+    from morelora.experiments.statistics import variance_components
+
+    p = protocol
+    for (run, _), val in zip(p.ordered_runs()[:3], [0.50, 0.58, 0.52]):   # MoRE's sweep: 1e-3 wins
+        _finish(run.run_dir, val, steps=run.cfg.train.max_steps)
+        run.cfg.dump(run.run_dir / "config.yaml")
+    runs = [r for r, w in p.ordered_runs() if w is None]
+    rows = {k: [r for r in runs if r.label == k] for k in ("more_lr1e-3", "ablation_no_ste")}
+    assert len(rows["ablation_no_ste"]) == 5 and rows["ablation_no_ste"][0].cfg.method["name"] == "more"
+    rng, correct = random.Random(5), {}
+    for k, seeds, rate in [("more_lr1e-3", [0, 1, 2, 3], 0.7), ("ablation_no_ste", [0, 1, 2], 0.6)]:
+        for s in seeds:
+            correct[k, s] = [[rng.random() < rate + (0.2 * (i % 2) if k == "more_lr1e-3" else 0) for i in range(30)]
+                             for _ in rows[k][s].cfg.tasks]
+            _finish_with_predictions(rows[k][s], correct[k, s])
+    tasks = rows["more_lr1e-3"][0].cfg.tasks
+    diff = {t: np.array([np.subtract(correct["ablation_no_ste", s][j], correct["more_lr1e-3", s][j], dtype=float)
+                         for s in (0, 1, 2)]) for j, t in enumerate(tasks)}
+    want = variance_components(diff)
+    out = p.power("ablation_no_ste", "more")
+    assert (out["method"], out["baseline"], out["seeds"]) == ("ablation_no_ste", "more_lr1e-3", [0, 1, 2])
+    for k in ("examples_var", "seed_var", "interaction_var"):
+        assert out["components"][k] == pytest.approx(want[k])
+    flipped = p.power("more", "no_ste")   # either side, with or without the prefix: the same noise
+    assert flipped["baseline"] == "ablation_no_ste" and flipped["components"]["seed_var"] == pytest.approx(
+        want["seed_var"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}   # the fixture's MORELORA_PROTOCOL_DIR / _ARCHIVE included
+    cli = [sys.executable, str(ROOT / "bench" / "protocol.py"), "power"]
+    res = subprocess.run([*cli, "--method", "no_ste", "--baseline", "more", "--target", "0.5"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "ablation_no_ste - more_lr1e-3, seeds 0, 1, 2: noise of the test average" in res.stdout
+    assert "MDE <= 0.50 (estimate): " in res.stdout
+    assert json.loads((p.OUT / "power.json").read_text())["target_mde"] == pytest.approx(0.005)
+    res = subprocess.run([*cli, "--method", "no_such_row"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "protocol: no row named 'no_such_row'; the rows are the methods more, lora" in res.stderr
+    assert "and the ablations ablation_no_contrastive" in res.stderr
+
+
 def test_archive_keeps_finished_runs_and_restores_them_into_a_fresh_folder(protocol, capsys):
     """A finished run's small files go to the archive (an unfinished one's do not); a fresh run folder gets them
     back, the run counts as finished again and is not trained twice; a finished run there is left alone."""
