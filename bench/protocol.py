@@ -8,7 +8,8 @@
     python bench/protocol.py report --interim --baseline more   # the same rows against MoRE (OUT/interim_vs_more)
     python bench/protocol.py report --ablations --interim [--against-lora]   # the ablations' seeds so far
     python bench/protocol.py params   # adapter parameters of every row on the protocol's model
-    python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms
+    python bench/protocol.py diagnose # MoRE against LoRA per task: ranks, router margins, update norms (per run,
+                                      # then per row: the means over its seeds)
     python bench/protocol.py power    # MoRE - LoRA's noise split; the MDE more seeds would reach
     python bench/protocol.py power --method no_ste --baseline more --target 1.0   # any two rows
     python bench/protocol.py pool     # MoRE - LoRA over an earlier report's seeds and this folder's, pooled
@@ -697,6 +698,31 @@ def routing_over_training(run: Any) -> dict[str, Any] | None:
             "last_distinct_ranks": distinct_ranks(history[-1][1])}
 
 
+def row_means(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{label: {"seeds", "tasks": {task: {key: mean over seeds}}, and where its runs logged their routing:
+    "switch_by_quarter" (per quarter, the mean over seeds of the mean over tasks; None where no run has that
+    quarter), "first_distinct_ranks", "last_distinct_ranks"}}``: `diagnose`'s runs averaged per row."""
+    import numpy as np
+
+    out: dict[str, dict[str, Any]] = {}
+    for label in dict.fromkeys(r["label"] for r in runs):
+        mine = [r for r in runs if r["label"] == label]
+        tasks = mine[0]["tasks"]
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in mine], "tasks": {
+            t: {k: float(np.mean([r["tasks"][t][k] for r in mine])) for k in keys} for t, keys in tasks.items()}}
+        logged = [r["routing"] for r in mine if "routing" in r]
+        if logged:
+            per_run = [[[v[q] for v in g["switch_by_quarter"].values() if v[q] is not None] for q in range(4)]
+                       for g in logged]
+            row["switch_by_quarter"] = [
+                float(np.mean([np.mean(v[q]) for v in per_run if v[q]])) if any(v[q] for v in per_run) else None
+                for q in range(4)]
+            for k in ("first_distinct_ranks", "last_distinct_ranks"):
+                row[k] = float(np.mean([g[k] for g in logged]))
+        out[label] = row
+    return out
+
+
 def diagnose() -> dict[str, Any]:
     """Where MoRE's adaptation differs from LoRA's, per task, on every MoRE run (sweep, seeds and ablation rows)
     with a finished LoRA run of the same seed: the rank each task uses (mean over layers), how decided its router
@@ -741,6 +767,7 @@ def diagnose() -> dict[str, Any]:
             "test_minus_lora": test[t]["score"] - ref_test[t]["score"]} for t, ranks in a["task_ranks"].items()}})
         if (routing := routing_over_training(r)) is not None:
             out["runs"][-1]["routing"] = routing
+    out["rows"] = row_means(out["runs"])
     (OUT / "diagnosis.json").write_text(json.dumps(out, indent=1))
     names = {id(run): f"{run['label']} s{run['seed']}" for run in out["runs"]}
     width = max(map(len, names.values()), default=3) + 2
@@ -763,6 +790,18 @@ def diagnose() -> dict[str, Any]:
               + f"   distinct {g['first_distinct_ranks']:.2f}->{g['last_distinct_ranks']:.2f}; "
               + ", ".join(f"{t} {g['first_mean_rank'][t]:.1f}->{g['last_mean_rank'][t]:.1f}"
                                   for t in g["last_mean_rank"]))
+    print("\nper row, mean over its seeds: per task mean k / top p / margin / |dW|/LoRA / test - LoRA; "
+          "% switching by quarter and different ranks first -> last, over the seeds that logged routing")
+    lw = max(map(len, out["rows"]), default=3) + 2
+    for label, row in out["rows"].items():
+        print(f"{label:<{lw}}seeds {', '.join(map(str, row['seeds']))}")
+        for t, d in row["tasks"].items():
+            print(f"{'':<{lw}}{t:<15}{d['mean_rank']:>6.2f}{d['router_top_p']:>7.3f}{d['router_margin']:>7.3f}"
+                  f"{d['update_norm_vs_lora']:>7.3f}{100 * d['test_minus_lora']:>+8.2f}")
+        if "switch_by_quarter" in row:
+            print(f"{'':<{lw}}switching " + " / ".join("   -" if q is None else f"{100 * q:4.1f}"
+                                                      for q in row["switch_by_quarter"])
+                  + f"   distinct {row['first_distinct_ranks']:.2f}->{row['last_distinct_ranks']:.2f}")
     print(f"-> {OUT / 'diagnosis.json'}")
     return out
 

@@ -342,6 +342,16 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
     assert re.search(rf"^more_lr1e-3 s0 +- / +- / +[\d.]+ / +{mean_q4:.1f} +distinct "
                      rf"{routing['first_distinct_ranks']:.2f}->{routing['last_distinct_ranks']:.2f}; {task} ",
                      printed, re.M)
+    # one seed per row: the row's means are that run's figures, printed under the row's label
+    assert out["rows"]["more_lr1e-3"]["seeds"] == [0]
+    for t, d in out["runs"][0]["tasks"].items():
+        assert out["rows"]["more_lr1e-3"]["tasks"][t] == pytest.approx(d)
+    assert out["rows"]["more_lr1e-3"]["switch_by_quarter"][:2] == [None, None]
+    d = out["runs"][0]["tasks"][task]
+    figures = [f"{d['mean_rank']:.2f}", f"{d['router_top_p']:.3f}", f"{d['router_margin']:.3f}",
+               f"{d['update_norm_vs_lora']:.3f}", f"{100 * d['test_minus_lora']:+.2f}"]
+    assert re.search(rf"^ +{task}" + "".join(" +" + re.escape(f) for f in figures) + "$", printed, re.M)
+    assert re.search(rf"^ +switching +- / +- / +[\d.]+ / +{mean_q4:.1f} +distinct", printed, re.M)
     # archived, the runs lose their weights (a fresh clone): diagnose reads the same from analysis.json
     for run in [ablation] + [r for r, _ in p.ordered_runs()[:6]]:
         if run.label not in ("more_lr1e-3", "lora_lr1e-3", ablation.label):
@@ -350,6 +360,31 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
     shutil.rmtree(p.OUT)
     assert p.restore() == 7 and not list(p.OUT.glob("*/seed0/checkpoint-*"))
     assert p.diagnose()["runs"] == out["runs"]
+
+
+def test_row_means_average_each_rows_seeds_by_hand(protocol):
+    """`row_means`: per row, every task figure averaged over its seeds; the switching per quarter is the mean over
+    the seeds of the mean over the tasks that have that quarter (None where no seed has it), and a seed without a
+    routing log counts in the task figures only."""
+    def run(label, seed, k, top, switch=None, first=1.0, last=2.0):
+        r = {"label": label, "seed": seed, "tasks": {"a": {"mean_rank": k, "router_top_p": top},
+                                                       "b": {"mean_rank": 2 * k, "router_top_p": top / 2}}}
+        if switch is not None:
+            r["routing"] = {"switch_by_quarter": switch, "first_distinct_ranks": first, "last_distinct_ranks": last}
+        return r
+
+    runs = [run("more", 0, 2.0, 0.4, {"a": [None, 0.2, 0.1, 0.0], "b": [None, 0.4, None, 0.2]}, 1.0, 3.0),
+            run("ablation_x", 0, 5.0, 0.9),
+            run("more", 1, 3.0, 0.6, {"a": [None, 0.6, 0.3, 0.1], "b": [None, 0.0, 0.5, 0.1]}, 2.0, 2.0),
+            run("more", 2, 4.0, 0.8)]
+    rows = protocol.row_means(runs)
+    assert list(rows) == ["more", "ablation_x"] and rows["more"]["seeds"] == [0, 1, 2]
+    assert rows["more"]["tasks"]["a"] == pytest.approx({"mean_rank": 3.0, "router_top_p": 0.6})
+    assert rows["more"]["tasks"]["b"] == pytest.approx({"mean_rank": 6.0, "router_top_p": 0.3})
+    # quarter 2: seed 0 (0.2 + 0.4) / 2 = 0.3, seed 1 (0.6 + 0.0) / 2 = 0.3; quarter 3: 0.1 and (0.3 + 0.5) / 2
+    assert rows["more"]["switch_by_quarter"] == [None, pytest.approx(0.3), pytest.approx(0.25), pytest.approx(0.1)]
+    assert (rows["more"]["first_distinct_ranks"], rows["more"]["last_distinct_ranks"]) == (1.5, 2.5)
+    assert rows["ablation_x"]["tasks"]["b"]["mean_rank"] == 10.0 and "switch_by_quarter" not in rows["ablation_x"]
 
 
 def test_protocol_set_overrides_every_run_of_the_grid(tmp_path, monkeypatch):
