@@ -698,6 +698,11 @@ def routing_over_training(run: Any) -> dict[str, Any] | None:
             "last_distinct_ranks": distinct_ranks(history[-1][1])}
 
 
+def _quarters(routing: dict[str, Any]) -> list[list[float]]:
+    """Per quarter of the run, the tasks' switching fractions that quarter has (from `routing_over_training`)."""
+    return [[v[q] for v in routing["switch_by_quarter"].values() if v[q] is not None] for q in range(4)]
+
+
 def row_means(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``{label: {"seeds", "tasks": {task: {key: mean over seeds}}, and where its runs logged their routing:
     "switch_by_quarter" (per quarter, the mean over seeds of the mean over tasks; None where no run has that
@@ -712,8 +717,7 @@ def row_means(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             t: {k: float(np.mean([r["tasks"][t][k] for r in mine])) for k in keys} for t, keys in tasks.items()}}
         logged = [r["routing"] for r in mine if "routing" in r]
         if logged:
-            per_run = [[[v[q] for v in g["switch_by_quarter"].values() if v[q] is not None] for q in range(4)]
-                       for g in logged]
+            per_run = [_quarters(g) for g in logged]
             row["switch_by_quarter"] = [
                 float(np.mean([np.mean(v[q]) for v in per_run if v[q]])) if any(v[q] for v in per_run) else None
                 for q in range(4)]
@@ -785,7 +789,7 @@ def diagnose() -> dict[str, Any]:
               "first -> last logged step")
     for run in logged:
         g = run["routing"]
-        by_quarter = [[v[q] for v in g["switch_by_quarter"].values() if v[q] is not None] for q in range(4)]
+        by_quarter = _quarters(g)
         print(f"{names[id(run)]:<{width}}" + " / ".join(f"{100 * np.mean(v):4.1f}" if v else "   -" for v in by_quarter)
               + f"   distinct {g['first_distinct_ranks']:.2f}->{g['last_distinct_ranks']:.2f}; "
               + ", ".join(f"{t} {g['first_mean_rank'][t]:.1f}->{g['last_mean_rank'][t]:.1f}"
@@ -809,12 +813,12 @@ def diagnose() -> dict[str, Any]:
 def _row(name: str) -> tuple[str, list[Any]]:
     """``(label, runs of every seed)`` of a row: a swept method (``more``: its winner's runs) or an ablation row
     (``ablation_no_ste`` or ``no_ste``: MoRE's winner plus that file's switch)."""
-    rows = ablations()
     if name in PROTOCOL["methods"]:
         winner = sweep(name)["winner"]
         if winner is None:
             raise SystemExit(f"protocol: {name}'s learning-rate sweep is not finished yet")
         return _label(name, winner), _runs([_label(name, winner)], PROTOCOL["seeds"])
+    rows = ablations()
     label = name if name in rows else f"ablation_{name}"
     if label not in rows:
         raise SystemExit(f"protocol: no row named {name!r}; the rows are the methods "
