@@ -186,9 +186,10 @@ def sweep(method: str) -> dict[str, Any]:
     return {"runs": scores, "winner": max(scores, key=lambda lr: scores[lr]) if done else None, "recorded": False}
 
 
-def sweep_winners() -> dict[str, str | None]:
-    """``{method: its winning learning rate, or None while its sweep runs}`` for every row of the table."""
-    return {m: sweep(m)["winner"] for m in PROTOCOL["methods"]}
+def _winner_runs(method: str) -> list[Any]:
+    """Every seed's run of ``method`` at its winning learning rate ([] while its sweep has no winner)."""
+    winner = sweep(method)["winner"]
+    return _runs([_label(method, winner)], PROTOCOL["seeds"]) if winner else []
 
 
 def ordered_runs() -> list[tuple[Any, str | None]]:
@@ -598,10 +599,10 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
     if baseline != "lora":
         raise SystemExit("protocol: --baseline applies to `report --interim` (the seeds every row has finished; "
                          "all of them once the grid is done); the table itself is against lora")
-    winners = sweep_winners()
-    labels = [_label(m, w) for m, w in winners.items() if w is not None
-              and all((r.run_dir / "eval.json").is_file() for r in _runs([_label(m, w)], PROTOCOL["seeds"]))]
-    base = _label(baseline, winners[baseline]) if winners.get(baseline) else None
+    rows = {m: _winner_runs(m) for m in PROTOCOL["methods"]}
+    labels = [runs[0].label for runs in rows.values()
+              if runs and all((r.run_dir / "eval.json").is_file() for r in runs)]
+    base = rows[baseline][0].label if rows.get(baseline) else None
     if base not in labels:
         raise SystemExit(f"protocol: {baseline}'s seeds are not all finished yet; see `bench/protocol.py status`")
     labels = [base] + [lab for lab in labels if lab != base]
@@ -618,10 +619,9 @@ def report_interim(baseline: str = "lora") -> None:
     OUT/interim_vs_<baseline>/ against another row (a progress figure, not the protocol's table)."""
     from morelora.experiments.report import summarize, write_report
 
-    winners = sweep_winners()
-    if baseline not in winners:
-        raise SystemExit(f"protocol: no row named {baseline!r}; the rows are {', '.join(winners)}")
-    rows = {m: _runs([_label(m, w)], PROTOCOL["seeds"]) for m, w in winners.items() if w is not None}
+    if baseline not in PROTOCOL["methods"]:
+        raise SystemExit(f"protocol: no row named {baseline!r}; the rows are {', '.join(PROTOCOL['methods'])}")
+    rows = {m: runs for m in PROTOCOL["methods"] if (runs := _winner_runs(m))}
     if baseline not in rows:
         raise SystemExit(f"protocol: {baseline}'s learning-rate sweep is not finished yet; "
                          "see `bench/protocol.py status`")
@@ -644,14 +644,13 @@ def report_ablations(interim: bool = False, against_lora: bool = False) -> None:
     from morelora.experiments.report import summarize, write_report
 
     winner = sweep("more")["winner"]
-    full = _runs([_label("more", winner)], PROTOCOL["seeds"]) if winner else []
+    full = _winner_runs("more")
     if not full or not all(_finished(r) for r in full):
         raise SystemExit("protocol: more's seeds are not all finished yet; see `bench/protocol.py status`")
     extra = ablation_config(winner)
     rows = [_runs([label], PROTOCOL["seeds"], extra) for label in extra]
     if against_lora:
-        lora_w = sweep("lora")["winner"]
-        lora = _runs([_label("lora", lora_w)], PROTOCOL["seeds"]) if lora_w else []
+        lora = _winner_runs("lora")
         if not lora or not all(_finished(r) for r in lora):
             raise SystemExit("protocol: lora's seeds are not all finished yet; see `bench/protocol.py status`")
         rows.insert(0, full)
@@ -738,10 +737,10 @@ def diagnose() -> dict[str, Any]:
     from morelora.analysis.updates import relative_update_norms
     from morelora.training.build import build_tasks, load_data
 
-    lora_w = sweep("lora")["winner"]
-    if lora_w is None:
+    lora_runs = _winner_runs("lora")
+    if not lora_runs:
         raise SystemExit("protocol: lora's learning-rate sweep is not finished yet")
-    lora = {r.seed: r for r in _runs([_label("lora", lora_w)], PROTOCOL["seeds"]) if _finished(r)}
+    lora = {r.seed: r for r in lora_runs if _finished(r)}
     more_w = sweep("more")["winner"]
     extra = ablation_config(more_w) if more_w else {}
     more = [r for lr in PROTOCOL["lrs"] for r in _runs([_label("more", lr)], PROTOCOL["seeds"])]
@@ -757,7 +756,7 @@ def diagnose() -> dict[str, Any]:
     specs = build_tasks(cfg)
     sizes = {s.name: len(d["train"]) for s, d in zip(specs, load_data(cfg, specs))}
     ref_norms = {seed: run_analysis(r.run_dir)["update_norms"] for seed, r in lora.items()}
-    out: dict[str, Any] = {"train_examples": sizes, "lora": _label("lora", lora_w), "runs": []}
+    out: dict[str, Any] = {"train_examples": sizes, "lora": lora_runs[0].label, "runs": []}
     for r in more:
         a = run_analysis(r.run_dir)
         rel = relative_update_norms(a["update_norms"], ref_norms[r.seed])
@@ -814,10 +813,9 @@ def _row(name: str) -> tuple[str, list[Any]]:
     """``(label, runs of every seed)`` of a row: a swept method (``more``: its winner's runs) or an ablation row
     (``ablation_no_ste`` or ``no_ste``: MoRE's winner plus that file's switch)."""
     if name in PROTOCOL["methods"]:
-        winner = sweep(name)["winner"]
-        if winner is None:
+        if not (runs := _winner_runs(name)):
             raise SystemExit(f"protocol: {name}'s learning-rate sweep is not finished yet")
-        return _label(name, winner), _runs([_label(name, winner)], PROTOCOL["seeds"])
+        return runs[0].label, runs
     rows = ablations()
     label = name if name in rows else f"ablation_{name}"
     if label not in rows:
