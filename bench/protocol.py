@@ -882,6 +882,10 @@ def power(method: str = "more", baseline: str = "lora", target: float = 0.01) ->
     for k, n in need.items():
         print(f"MDE <= {pts * target:.2f} ({k}): " + (f"{n} seeds per method" if n else "not reachable by seeds alone "
               f"(the examples' floor is {pts * proj['inf'][k]['mde']:.2f})"))
+    if comp["examples_var_estimate"] < 0:
+        print(f"note: E's estimate came out below 0 ({pts ** 2 * comp['examples_var_estimate']:+.4f} points²) and is "
+              f"cut at 0: at {len(seeds)} seeds the examples' part cannot be told from the seed-by-example part, so "
+              "the floor (inf) and the counts far past the seeds measured are optimistic")
     print(f"-> {OUT / 'power.json'}")
     return out
 

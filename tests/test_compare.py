@@ -224,6 +224,18 @@ def test_variance_components_project_the_true_variance_to_other_seed_counts():
         variance_components({"a": np.zeros((1, 5))})
 
 
+def test_variance_components_cut_a_negative_examples_estimate_and_keep_it():
+    """Differences whose example means are all equal but whose seeds disagree per example: by hand, MS_ex = 0,
+    MS_res = 1 (residuals ±0.5 over (S-1)(n-1) = 1), σ²_e = (0 - 1) / 2, E = -0.5 / (1² · 2) = -0.25 -> cut to 0,
+    the estimate kept beside it; W = 1 / 2."""
+    from morelora.experiments.statistics import project_mde, variance_components
+
+    comp = variance_components({"a": np.array([[1.0, 0.0], [0.0, 1.0]])})
+    assert comp["examples_var_estimate"] == pytest.approx(-0.25) and comp["examples_var"] == 0.0
+    assert comp["interaction_var"] == pytest.approx(0.5) and comp["seed_var"] == pytest.approx(0.0)
+    assert project_mde(comp, math.inf)["mde"] == 0.0   # why `power` warns when the estimate is cut
+
+
 # --------------------------------------------------------------------------------------------- planning
 
 

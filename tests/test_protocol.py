@@ -446,6 +446,24 @@ def test_power_splits_the_noise_and_projects_the_reported_mde(protocol, capsys):
     assert "more_lr1e-3 - lora_lr3e-3, seeds 0, 1, 2" in printed and "MDE <= 1.00 (estimate)" in printed
 
 
+def test_power_says_when_the_examples_floor_was_cut_at_zero(protocol, monkeypatch, capsys):
+    """Seeds that disagree on every example and agree on the means (E's estimate < 0, cut): `power` says the
+    floor is optimistic; differences with a clear example effect print no such note."""
+    import numpy as np
+
+    cut = {"a": np.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]])}
+    kept = {"a": np.array([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])}
+    protocol.OUT.mkdir(parents=True)
+    for diffs, warned in [(cut, True), (kept, False)]:
+        monkeypatch.setattr(protocol, "_paired_diffs", lambda m, b, d=diffs: ({m: "x_lr1", b: "y_lr1"}, [0, 1, 2], d))
+        out = protocol.power("x", "y")
+        printed = capsys.readouterr().out
+        assert (out["components"]["examples_var_estimate"] < 0) is warned
+        assert ("note: E's estimate came out below 0" in printed) is warned
+        if warned:
+            assert "at 3 seeds the examples' part cannot be told from the seed-by-example part" in printed
+
+
 def test_power_takes_an_ablation_row_on_either_side_from_the_cli(protocol):
     """`power --method no_ste --baseline more`: the ablation row (MoRE's winner plus its switch) against MoRE's
     winner over the seeds both finished; its components are those of the differences built here. A row that does

@@ -254,9 +254,9 @@ def variance_components(diffs: dict[str, np.ndarray]) -> dict[str, Any]:
 
     ``diffs[t]``: an S x n_t array (S >= 2 seeds, paired by row) of the two methods' per-example score
     differences on task t (correctness, for accuracy). Returns ``{"seeds": S, "examples_var": E, "seed_var": V,
-    "interaction_var": W, "tasks": {t: {"n", "sigma2_e", "sigma2_w", "sigma2_u"}}}`` (the model and the
-    estimators are in the module docstring). The per-task estimates are unbiased and so may come out below 0;
-    only E, their sum, is cut at 0 (cutting each would bias E upward)."""
+    "interaction_var": W, "examples_var_estimate": E before the cut, "tasks": {t: {"n", "sigma2_e", "sigma2_w",
+    "sigma2_u"}}}`` (the model and the estimators are in the module docstring). The per-task estimates are
+    unbiased and so may come out below 0; only E, their sum, is cut at 0 (cutting each would bias E upward)."""
     arrays = {t: np.asarray(d, dtype=float) for t, d in diffs.items()}
     seeds = {a.shape[0] for a in arrays.values()}
     if len(seeds) != 1 or min(seeds) < 2 or any(a.ndim != 2 or a.shape[1] < 2 for a in arrays.values()):
@@ -274,7 +274,7 @@ def variance_components(diffs: dict[str, np.ndarray]) -> dict[str, Any]:
         w_var += ms_res / (n_tasks ** 2 * n)
     seed_avg = np.mean([d.mean(1) for d in arrays.values()], axis=0)   # D_s, the task-average difference
     return {"seeds": s, "examples_var": max(0.0, e_var), "seed_var": float(seed_avg.var(ddof=1)),
-            "interaction_var": w_var, "tasks": tasks}
+            "interaction_var": w_var, "examples_var_estimate": e_var, "tasks": tasks}
 
 
 def project_mde(components: dict[str, Any], seeds: float, alpha: float = ALPHA, power: float = POWER,
