@@ -62,9 +62,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "protocol" / "protocol.yaml"
 ABLATIONS = ROOT / "configs" / "ablations"
-OUT = Path(os.environ.get("MORELORA_PROTOCOL_DIR", ROOT / "runs" / "protocol"))
+# which protocol: "heads" (protocol.yaml: a trainable head per task) or "shared" (shared.yaml: one shared scorer,
+# with its pilot, positive control and single-task headroom before the grid; see SHARED below)
+NAME = os.environ.get("MORELORA_PROTOCOL", "heads")
+if NAME not in ("heads", "shared"):
+    raise SystemExit(f"protocol: MORELORA_PROTOCOL={NAME!r}; use heads (the default) or shared")
+CONFIG = ROOT / "configs" / "protocol" / ("shared.yaml" if NAME == "shared" else "protocol.yaml")
+OUT = Path(os.environ.get("MORELORA_PROTOCOL_DIR", ROOT / "runs" / ("protocol-shared" if NAME == "shared"
+                                                                   else "protocol")))
 # config overrides for every run of the grid, e.g. the same protocol at a longer budget on a GPU, in its own folder:
 #   MORELORA_PROTOCOL_DIR=runs/protocol-gpu MORELORA_PROTOCOL_SET="train.max_steps=4500 train.warmup_steps=225
 #   train.eval_steps=1125 train.mixed_precision=bf16" python bench/protocol.py run
@@ -105,6 +111,37 @@ PROTOCOL: dict[str, Any] = {
 }
 
 
+#: The shared-scorer protocol (configs/protocol/shared.yaml; docs/RESULTS.md, "Shared scorer"): no trainable
+#: task-specific parameter outside the adapter method's own. Before the grid, in this order:
+#:   pilot     the scorer's form on validation: LoRA at 1e-3, 500 steps, siamese (fixed cosine) against cross (one
+#:             trained head), both with the task's name in the input; the winner (best final validation average)
+#:             is the encoding of every later run. ``pilot_siamese`` (no task name) is reported, not chosen from.
+#:   control   configs/protocol/control.yaml (sst2 against sst2_flipped, in conflict by construction): LoRA,
+#:             MultiLoRA and MoRE at 1e-3, with and without the task's name, ``control_seeds`` seeds.
+#:   headroom  LoRA on each task alone at LoRA's winning rate, for the steps that task gets in the multi-task run
+#:             (train.max_steps x its sampling probability), seeds 0..``headroom_seeds``-1, against LoRA's
+#:             multi-task seeds: the interference a router could remove. Runs right after LoRA's sweep.
+SHARED: dict[str, Any] = {
+    "methods": {"lora": {"name": "lora"}, "more": {"name": "more"}, "moelora": {"name": "moelora"},
+                "multilora": {"name": "multilora"}},
+    "groups": [["lora", "more"], ["moelora", "multilora"]],
+    "lrs": ["3e-4", "1e-3", "3e-3"],
+    "seeds": 5,
+    "early_ablations": [],
+    "next_ablations": [],
+    "pilot": {"pilot_siamese_prefix": {"model.encoding": "siamese"},
+              "pilot_cross_prefix": {"model.encoding": "cross"}},
+    "pilot_info": {"pilot_siamese": {"model.encoding": "siamese", "model.task_prefix": False}},
+    "pilot_run": {"name": "lora", "train.lr": 1e-3, "train.max_steps": 500, "train.warmup_steps": 25,
+                  "train.eval_steps": 250},
+    "control": ["lora", "multilora", "more"],
+    "control_seeds": 3,
+    "headroom_seeds": 3,
+}
+if NAME == "shared":
+    PROTOCOL = SHARED
+
+
 def _label(method: str, lr: str) -> str:
     return f"{method}_lr{lr}"
 
@@ -124,6 +161,8 @@ def ablations() -> dict[str, dict[str, Any]]:
     from morelora.config import BOOKKEEPING_TRAIN_KEYS
 
     out = {}
+    if NAME == "shared":   # the paper's ablations belong to the per-task-heads protocol
+        return out
     for path in sorted(ABLATIONS.glob("*.yaml")):
         if path.stem == "full":
             continue
@@ -145,11 +184,98 @@ def ablation_config(lr: str) -> dict[str, dict[str, Any]]:
     return {label: {"name": "more", **switch, "train.lr": float(lr)} for label, switch in ablations().items()}
 
 
-def _runs(labels: list[str], seeds: int, extra: dict[str, dict[str, Any]] | None = None) -> list[Any]:
+def _runs(labels: list[str], seeds: int, extra: dict[str, dict[str, Any]] | None = None,
+          config: Path | None = None, out: Path | None = None, overrides: list[str] | None = None) -> list[Any]:
+    """The planned runs of ``labels`` (``seeds`` each) in ``out``/<label>/seed<s>; the shared protocol's runs after
+    its pilot take the pilot's encoding (``overrides`` None: the grid's, see `pilot_overrides`)."""
     from morelora.experiments.compare import plan_runs
 
-    return plan_runs(CONFIG, labels, seeds, OUT, overrides=SET, method_config={**method_config(), **(extra or {})},
-                     verbose=False)
+    if overrides is None:
+        overrides = pilot_overrides()
+    return plan_runs(config or CONFIG, labels, seeds, out or OUT, overrides=[*SET, *overrides],
+                     method_config={**method_config(), **(extra or {})}, verbose=False)
+
+
+# ------------------------------------------------------------------------------- the shared protocol's studies
+def pilot_config() -> dict[str, dict[str, Any]]:
+    """``{label: options}`` of the shared protocol's pilot runs (the chosen ones first, then the reported one)."""
+    return {label: {**PROTOCOL["pilot_run"], **opts} for label, opts in {**PROTOCOL["pilot"],
+                                                                         **PROTOCOL["pilot_info"]}.items()}
+
+
+def _pilot_runs() -> list[Any]:
+    extra = pilot_config()
+    return _runs(list(extra), 1, extra, overrides=[])
+
+
+def pilot() -> dict[str, Any]:
+    """``{"runs": {label: final validation average or None}, "winner": label or None}``: the scorer's form."""
+    runs = {r.label: final_validation(r.run_dir) for r in _pilot_runs()}
+    chosen = {k: v for k, v in runs.items() if k in PROTOCOL["pilot"]}
+    done = all(v is not None for v in chosen.values())
+    return {"runs": runs, "winner": max(chosen, key=lambda k: chosen[k]) if done else None}
+
+
+def pilot_overrides() -> list[str]:
+    """The config keys the pilot's winner sets for every later run ([] in the heads protocol); KeyError-free
+    while the pilot runs: its winner is unknown and the studies wait (``ordered_runs``)."""
+    if "pilot" not in PROTOCOL:
+        return []
+    winner = pilot()["winner"]
+    return [] if winner is None else [f"{k}={json.dumps(v)}" for k, v in PROTOCOL["pilot"][winner].items()]
+
+
+def control_config() -> dict[str, dict[str, Any]]:
+    """``{label: options}`` of the positive control: each method at 1e-3, with (``_prefix``) and without the
+    task's name in the input."""
+    return {f"control_{m}{'_prefix' if prefix else ''}": {"name": m, "train.lr": 1e-3, "model.task_prefix": prefix}
+            for prefix in (False, True) for m in PROTOCOL["control"]}
+
+
+def _control_runs() -> list[Any]:
+    extra = control_config()
+    runs = _runs(list(extra), PROTOCOL["control_seeds"], extra, config=CONFIG.parent / "control.yaml",
+                 out=OUT / "control")
+    order = list(extra)   # seed by seed, so that the comparison grows one complete seed at a time
+    return sorted(runs, key=lambda r: (r.seed, order.index(r.label)))
+
+
+def headroom_steps() -> dict[str, int]:
+    """``{task: steps}``: the optimizer steps task gets in the grid's multi-task run, train.max_steps x its
+    sampling probability (data.sampling over the tasks' training sizes)."""
+    from morelora.config import load_config
+    from morelora.data.sampling import task_probabilities
+    from morelora.training.build import build_tasks, load_data
+
+    cfg = load_config(CONFIG, SET)
+    sizes = [len(d["train"]) for d in load_data(cfg, build_tasks(cfg))]
+    probs = task_probabilities(sizes, cfg.data.sampling, cfg.data.temperature)
+    return {t: max(1, round(cfg.train.max_steps * p)) for t, p in zip(cfg.tasks, probs)}
+
+
+def _headroom_runs(lr: str) -> list[Any]:
+    """LoRA alone on each task at ``lr`` (LoRA's winner), ``headroom_seeds`` seeds, warm-up scaled with the steps."""
+    from morelora.config import load_config
+
+    cfg = load_config(CONFIG, SET)
+    runs = []
+    for task, steps in headroom_steps().items():
+        label = f"alone_{task}"
+        extra = {label: {"name": "lora", "train.lr": float(lr)}}
+        keys = [f"tasks=[{task}]", f"train.max_steps={steps}", "train.eval_steps=0",
+                f"train.warmup_steps={round(cfg.train.warmup_steps * steps / cfg.train.max_steps)}",
+                f"train.save_steps={min(cfg.train.save_steps, steps)}"]
+        runs += _runs([label], PROTOCOL["headroom_seeds"], extra, out=OUT / "headroom",
+                      overrides=[*pilot_overrides(), *keys])
+    return sorted(runs, key=lambda r: r.seed)
+
+
+def studies() -> list[tuple[Any, str | None]]:
+    """The shared protocol's runs before its grid: the pilot, then (once it has a winner) the control."""
+    out: list[tuple[Any, str | None]] = [(r, None) for r in _pilot_runs()]
+    if pilot()["winner"] is None:
+        return out + [(None, "the pilot (the scorer's form)")]
+    return out + [(r, None) for r in _control_runs()]
 
 
 def final_validation(run_dir: Path) -> float | None:
@@ -200,6 +326,10 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
     ``early_ablations`` in their listed order (all seeds of one, then the next); the other ablations last, those in
     ``next_ablations`` first."""
     out: list[tuple[Any, str | None]] = []
+    if "pilot" in PROTOCOL:
+        out = studies()
+        if out[-1][0] is None:   # every later run takes the pilot's winner
+            return out
     for i, group in enumerate(PROTOCOL["groups"]):
         seeded, waiting = [], []
         for m in group:
@@ -214,6 +344,9 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
             for r in runs:
                 r.cfg.train.eval_steps = 0   # the curve was for the choice: the other seeds skip it
             seeded.append([(r, None) for r in runs])
+        if i == 0 and "headroom_seeds" in PROTOCOL:   # right after LoRA's sweep, before the seeds
+            winner = sweep("lora")["winner"]
+            out += ([(r, None) for r in _headroom_runs(winner)] if winner else [(None, "lora (the headroom)")])
         out += [run for same_seed in zip(*seeded) for run in same_seed] + waiting
         if i == 0:
             out += ablation_runs(PROTOCOL["early_ablations"], wait_line=False)
@@ -367,7 +500,7 @@ def archive() -> None:
 def restore() -> int:
     """Copy every archived run that the run folder lacks (or holds unfinished) into it; returns how many."""
     n = 0
-    for src in sorted(ARCHIVE.glob("*/seed*")):
+    for src in sorted(ARCHIVE.glob("**/seed*")):   # <label>/seed<s>, and <study>/<label>/seed<s>
         dest = OUT / src.relative_to(ARCHIVE)
         if (src / "eval.json.gz").is_file() and not (dest / "eval.json").is_file():
             dest.mkdir(parents=True, exist_ok=True)
@@ -428,7 +561,7 @@ def park() -> int:
     from morelora.training.checkpoint import latest_checkpoint
 
     n = 0
-    for run_dir in sorted(d for d in OUT.glob("*/seed*") if d.is_dir() and not (d / "eval.json").is_file()):
+    for run_dir in sorted(d for d in OUT.glob("**/seed*") if d.is_dir() and not (d / "eval.json").is_file()):
         dest = ARCHIVE / run_dir.relative_to(OUT) / PARKED
         for _ in range(3):   # the worker may replace its checkpoint while it is copied: take the new one
             checkpoint = latest_checkpoint(run_dir)
@@ -450,7 +583,7 @@ def unpark() -> list[tuple[str, int]]:
     from morelora.training.checkpoint import latest_checkpoint
 
     out = []
-    for path in sorted(ARCHIVE.glob(f"*/seed*/{PARKED}")):
+    for path in sorted(ARCHIVE.glob(f"**/seed*/{PARKED}")):
         rel = path.parent.relative_to(ARCHIVE)
         dest = OUT / rel
         step = _parked_step(path)
@@ -522,7 +655,7 @@ def status() -> None:
         f" (+{PROTOCOL['seeds'] - 1} seed runs for each of the {waiting} methods whose sweep is not finished)"
         if waiting else ""))
     print(_time_left(rows, finished))
-    parked = sorted(ARCHIVE.glob(f"*/seed*/{PARKED}"))
+    parked = sorted(ARCHIVE.glob(f"**/seed*/{PARKED}"))
     if parked:
         print("  parked in the archive (resumed from there on a new machine): " + ", ".join(
             f"{p.parent.relative_to(ARCHIVE)} at step {_parked_step(p)}" for p in parked))
@@ -533,7 +666,8 @@ def status() -> None:
     width = max((len(r.label) for r, w in rows if w is None), default=0)
     for r, w in rows:
         if w is not None:
-            print(f"  {w}: seeds wait for its learning-rate sweep")
+            print(f"  {w}: seeds wait for its learning-rate sweep" if w in PROTOCOL["methods"] else
+                  f"  then: the runs that wait for {w}")
             continue
         claimed = _lock(r).exists()
         state = "done" if (r.run_dir / "eval.json").is_file() else ("claimed" if claimed else (

@@ -112,6 +112,12 @@ class ModelConfig:
     # encoder heads: "cross" (text pair / query+choice in one sequence, as BertFor* models) or "siamese"
     # (each text encoded alone, Sentence-BERT features; for sentence-embedding checkpoints such as MiniLM)
     encoding: str = field(default="cross", metadata=_choices("cross", "siamese"))
+    # encoder scoring: "heads" (a trainable head per task) or "shared" (no task-specific parameter outside the
+    # adapter: every task is a choice among texts -- a classification task among its label words -- scored by one
+    # shared scorer: the fixed cosine 20 * cos(u, v) with siamese encoding, one trained Linear(H, 1) with cross)
+    scorer: str = field(default="heads", metadata=_choices("heads", "shared"))
+    # encoder inputs start with "<task>: " (the task's name is visible to the shared model, as in T5's GLUE format)
+    task_prefix: bool = False
     # null: full precision (``dtype``); else the base's linear layers are loaded 4-bit / 8-bit by bitsandbytes
     quantization: QuantizationConfig | None = None
     # recompute each transformer block in backward instead of keeping its activations (transformers' gradient

@@ -47,6 +47,12 @@ class MultiTaskHeadModel(nn.Module):
     (Sentence-BERT's classifier features plus the cosine; a single text uses ``v = u``). Multiple-choice
     heads start as ``20 * cos(u, v_c)`` (the other weights zero), i.e. at the checkpoint's zero-shot
     similarity ranking. Siamese heads cannot be exported as ``BertFor*`` either.
+
+    ``scorer="shared"``: no head per task. Every task is a choice among texts (the collator casts a
+    classification example to a choice among its label words: ``EncoderCollator(as_choices=True)``), scored by
+    one scorer for all tasks: siamese, the fixed ``20 * cos(u, v_c)`` (no parameter at all); cross, one trained
+    ``Linear(H, 1)`` (``score``) over each ``(query, choice)`` sequence. Whatever specialises per task then lives
+    in the adapter alone, as in the paper's text-to-text settings.
     """
 
     #: Cosine weight a siamese multiple-choice head starts with (sentence-transformers' similarity scale).
@@ -56,23 +62,38 @@ class MultiTaskHeadModel(nn.Module):
     per_task_modules = ("heads",)
 
     def __init__(self, backbone: nn.Module, specs: Sequence[TaskSpec], pooling: str = "cls",
-                 encoding: str = "cross") -> None:
+                 encoding: str = "cross", scorer: str = "heads") -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         if encoding not in ("cross", "siamese"):
             raise ValueError(f"encoding must be 'cross' or 'siamese', got {encoding!r}")
+        if scorer not in ("heads", "shared"):
+            raise ValueError(f"scorer must be 'heads' or 'shared', got {scorer!r}")
         self.pooling = pooling
         self.encoding = encoding
+        self.scorer = scorer
         self.backbone = backbone
         self.config = backbone.config
         self.specs = list(specs)
         self.task_names = [s.name for s in self.specs]
         dropout = getattr(self.config, "classifier_dropout", None)
         self.dropout = nn.Dropout(dropout if dropout is not None else self.config.hidden_dropout_prob)
-        self.heads = nn.ModuleList([self._linear(s) for s in self.specs])
-        for spec, head in zip(self.specs, self.heads):
-            self._init_head(head, spec)
+        if scorer == "shared":
+            from morelora.data.collate import label_texts
+
+            for spec in self.specs:
+                if spec.kind != "multiple_choice":
+                    label_texts(spec)   # a choice among texts, or a ValueError naming the task
+            self.heads = nn.ModuleList()
+            # one head for every task (a name in PEFT's modules_to_save: trained and saved); siamese: none
+            self.score = nn.Linear(self.config.hidden_size, 1) if encoding == "cross" else None
+            if self.score is not None:
+                self._init_head(self.score, None)
+        else:
+            self.heads = nn.ModuleList([self._linear(s) for s in self.specs])
+            for spec, head in zip(self.specs, self.heads):
+                self._init_head(head, spec)
 
     def new_head(self, spec: TaskSpec) -> nn.Linear:
         """A freshly initialised head for ``spec`` (e.g. for a task added after training)."""
@@ -84,11 +105,11 @@ class MultiTaskHeadModel(nn.Module):
         hidden = self.config.hidden_size
         return nn.Linear(4 * hidden + 1 if self.encoding == "siamese" else hidden, self._head_size(spec))
 
-    def _init_head(self, head: nn.Linear, spec: TaskSpec) -> None:
+    def _init_head(self, head: nn.Linear, spec: TaskSpec | None) -> None:
         """BERT's initialisation of classifier layers; a siamese multiple-choice head starts at the cosine."""
         nn.init.normal_(head.weight, mean=0.0, std=getattr(self.config, "initializer_range", 0.02))
         nn.init.zeros_(head.bias)
-        if self.encoding == "siamese" and spec.kind == "multiple_choice":
+        if self.encoding == "siamese" and spec is not None and spec.kind == "multiple_choice":
             with torch.no_grad():
                 head.weight.zero_()
                 head.weight[:, -1] = self.SIAMESE_COS_SCALE
@@ -145,6 +166,8 @@ class MultiTaskHeadModel(nn.Module):
         else:
             features = out.pooler_output
         pooled = self.dropout(features).view(batch, choices, -1)
+        if self.scorer == "shared":
+            return self._shared_output(pooled, choice_mask, labels, out)
         if self.encoding == "siamese":
             pooled, choices = self._siamese_features(pooled, choice_mask), choices - 1
 
@@ -175,6 +198,30 @@ class MultiTaskHeadModel(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         attentions=out.attentions)
 
+    def _shared_output(self, pooled: torch.Tensor, choice_mask: torch.Tensor, labels: torch.Tensor | None,
+                       out: Any) -> SequenceClassifierOutput:
+        """The shared scorer: every example a choice among its rows (``(B, C)`` logits, ``-inf`` where absent)."""
+        if self.encoding == "siamese":
+            logits = self.SIAMESE_COS_SCALE * F.cosine_similarity(pooled[:, :1], pooled[:, 1:], dim=-1, eps=1e-6)
+        else:
+            logits = self.score(pooled).squeeze(-1)
+        logits = logits.masked_fill(~choice_mask, float("-inf"))
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels.long())
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
+
+    def shared_head(self) -> nn.Linear:
+        """The shared scorer as a head over this encoding's features (what ``save_task_head`` writes): cross, the
+        trained ``score``; siamese, ``20 * cos(u, v)`` as a ``Linear(4H + 1, 1)`` (weight 20 on the cosine)."""
+        if self.score is not None:
+            return self.score
+        head = nn.Linear(4 * self.config.hidden_size + 1, 1)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.weight[0, -1] = self.SIAMESE_COS_SCALE
+        return head
+
     @staticmethod
     def _siamese_features(pooled: torch.Tensor, second_mask: torch.Tensor) -> torch.Tensor:
         """``(B, 1 + C, H)`` row embeddings -> ``(B, max(C, 1), 4H + 1)`` pair features (``v = u`` if no pair)."""
@@ -189,8 +236,8 @@ class MultiTaskHeadModel(nn.Module):
 
     @property
     def standard_heads(self) -> bool:
-        """Whether a task maps onto a standard ``BertFor*`` model (cls pooling, cross encoding)."""
-        return self.pooling == "cls" and self.encoding == "cross"
+        """Whether a task maps onto a standard ``BertFor*`` model (cls pooling, cross encoding, a head per task)."""
+        return self.pooling == "cls" and self.encoding == "cross" and self.scorer == "heads"
 
     def save_task_head(self, task: int | str, directory: str | Path) -> Path:
         """Write task ``task``'s head as ``task_head.safetensors`` (``weight``, ``bias``) + ``morelora_task.json``.
@@ -204,7 +251,8 @@ class MultiTaskHeadModel(nn.Module):
         from safetensors.torch import save_file
 
         index = self._task_index(task)
-        spec, head = self.specs[index], self.heads[index]
+        spec = self.specs[index]
+        head = self.shared_head() if self.scorer == "shared" else self.heads[index]
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         save_file({"weight": head.weight.detach().float().contiguous().cpu(),
@@ -214,6 +262,11 @@ class MultiTaskHeadModel(nn.Module):
                 "pooling": self.pooling, "encoding": self.encoding, "num_labels": head.out_features,
                 "id2label": dict(enumerate(words)) if words else None,
                 "siamese_features": "[u, v, |u - v|, u * v, cos(u, v)]" if self.encoding == "siamese" else None}
+        if self.scorer == "shared":   # every task a choice: classes are scored as their label texts
+            from morelora.data.collate import label_texts
+
+            meta.update(scorer="shared", num_labels=spec.num_labels,
+                        choices=label_texts(spec) if spec.kind == "classification" else None)
         (out / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return out / HEAD_FILE
 
@@ -225,7 +278,8 @@ class MultiTaskHeadModel(nn.Module):
         weights go under ``"<prefix>."``) and ``head_state`` (``classifier.weight`` / ``classifier.bias``).
         """
         if not self.standard_heads:
-            what = f"{self.pooling!r} pooling" if self.pooling != "cls" else "siamese encoding"
+            what = (f"{self.pooling!r} pooling" if self.pooling != "cls" else "siamese encoding"
+                    if self.encoding == "siamese" else "the shared scorer")
             raise ValueError(f"heads on {what} have no standard transformers model: use save_task_head, or train "
                              "with model.pooling=cls and model.encoding=cross for a BertFor* model")
         index = self._task_index(task)

@@ -62,6 +62,21 @@ def to_text2text(spec: TaskSpec, example: Example, task_prefix: bool = True) -> 
     return (f"{spec.name}: {body}" if task_prefix else body), target
 
 
+def label_texts(spec: TaskSpec) -> list[str]:
+    """The texts a task's classes are scored as by the shared scorer: its label words, ``_`` read as a space
+    (``not_equivalent`` -> ``not equivalent``); ValueError for a task without them or of another kind."""
+    if spec.kind == "multiple_choice":
+        raise ValueError(f"task {spec.name!r} is multiple choice: its choices are its texts")
+    if spec.kind != "classification":
+        raise ValueError(f"task {spec.name!r} is {spec.kind}: the shared scorer (model.scorer: shared) scores "
+                         "choices among texts, so it takes classification and multiple-choice tasks only")
+    words = spec.label_words or []
+    if len(words) != spec.num_labels or len(set(words)) != len(words):
+        raise ValueError(f"task {spec.name!r} needs one distinct label word per class for the shared scorer "
+                         f"(model.scorer: shared), has {words or 'none'}; give the task label_words")
+    return [w.replace("_", " ") for w in words]
+
+
 # ----------------------------------------------------------------------------------------------- padding
 
 
@@ -95,17 +110,26 @@ class EncoderCollator:
     of an example is its ``text`` / ``query``, rows ``1..C`` its ``text_pair`` / choices, so the shape is
     ``(B, 1 + C, L)`` and ``choice_mask`` ``(B, C)`` marks the second texts present (all False for a
     single-text example). Each text is truncated to ``max_length`` on its own.
+
+    ``as_choices=True`` (the shared scorer, ``model.scorer: shared``): a classification example becomes a choice
+    among its task's label words (:func:`label_texts`), its text (and pair, joined by the tokenizer's separator)
+    the query, so every task is scored as multiple choice. ``task_prefix=True``: the first text of every example
+    starts with ``"<task>: "``.
     """
 
     def __init__(self, tokenizer: Any, specs: Sequence[TaskSpec], max_length: int = 128,
-                 siamese: bool = False) -> None:
+                 siamese: bool = False, as_choices: bool = False, task_prefix: bool = False) -> None:
         self.tokenizer = tokenizer
         self.specs = list(specs)
         self.max_length = max_length
         self.siamese = siamese
+        self.as_choices = as_choices
+        self.task_prefix = task_prefix
         for spec in self.specs:
             if spec.kind == "text2text":
                 raise ValueError(f"task {spec.name!r} is text2text: use Text2TextCollator")
+            if as_choices and spec.kind != "multiple_choice":
+                label_texts(spec)   # raises for a task that cannot be a choice among texts
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token")
 
@@ -124,15 +148,23 @@ class EncoderCollator:
         seqs: list[tuple[int, int, str, str | None, str]] = []  # (example, row, first, second, truncation)
         labels, regression = [], False
         for i, (task_index, ex) in enumerate(features):
-            kind = self.specs[task_index].kind
+            spec = self.specs[task_index]
+            kind = spec.kind
             if kind == "multiple_choice":
                 first, seconds = ex["query"], list(ex["choices"])
                 labels.append(ex["gold"])
+            elif self.as_choices:   # classification as a choice among the label texts
+                pair = ex.get("text_pair")
+                first = ex["text"] if pair is None else f"{ex['text']} {self.tokenizer.sep_token or chr(10)} {pair}"
+                seconds, kind = label_texts(spec), "multiple_choice"
+                labels.append(ex["label"])
             else:
                 pair = ex.get("text_pair")
                 first, seconds = ex["text"], [] if pair is None else [pair]
                 labels.append(ex["label"])
                 regression |= kind == "regression"
+            if self.task_prefix:
+                first = f"{spec.name}: {first}"
             if self.siamese:  # row 0: the first text; rows 1..: each second text, alone
                 seqs += [(i, 0, first, None, "")] + [(i, 1 + c, t, None, "") for c, t in enumerate(seconds)]
             elif kind == "multiple_choice":

@@ -418,6 +418,11 @@ def list_tasks(source: str | None = None) -> list[str]:
     return [n for n, s in _REGISTRY.items() if source is None or s.source == source]
 
 
+def flipped_labels(splits: Splits) -> Splits:
+    """The same examples with the two classes of a binary task swapped (``label`` -> ``1 - label``)."""
+    return {k: [{**ex, "label": 1 - int(ex["label"])} for ex in v] for k, v in splits.items()}
+
+
 def _register_builtin() -> None:
     for name in offline.OFFLINE_SUITE:
         info = offline.TASK_INFO[name]
@@ -426,6 +431,13 @@ def _register_builtin() -> None:
             label_words=info["label_words"], loader=lambda n=name: offline.load_offline_task(n),
             source="offline", description=info["description"],
         ))
+    sst2 = offline.TASK_INFO["sst2"]
+    register_task(TaskSpec(
+        name="sst2_flipped", kind="classification", metrics=list(sst2["metrics"]), num_labels=2,
+        label_words=list(sst2["label_words"]), loader=lambda: flipped_labels(offline.load_offline_task("sst2")),
+        source="offline", description="SST-2 with every label swapped: a task in conflict with sst2 by "
+                                      "construction (the positive control of docs/RESULTS.md)",
+    ))
     for task, (_, _, words, metrics) in _GLUE.items():
         register_task(TaskSpec(
             name=f"glue/{task}", kind="classification" if words else "regression", metrics=list(metrics),

@@ -120,7 +120,11 @@ def build_base_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[
     if kind == "encoder":
         from morelora.heads import MultiTaskHeadModel
 
-        base = MultiTaskHeadModel(load(AutoModel), specs, pooling=cfg.model.pooling, encoding=cfg.model.encoding)
+        try:
+            base = MultiTaskHeadModel(load(AutoModel), specs, pooling=cfg.model.pooling,
+                                      encoding=cfg.model.encoding, scorer=cfg.model.scorer)
+        except ValueError as e:   # a task the shared scorer cannot score
+            raise ConfigError(f"model.scorer: {e}") from None
     elif kind == "seq2seq":
         base = load(AutoModelForSeq2SeqLM)
     else:

@@ -36,7 +36,8 @@ __all__ = ["evaluate", "make_collator", "predict_batch"]
 def make_collator(run: Run, train: bool = True) -> EncoderCollator | Text2TextCollator:
     m = run.cfg.model
     if run.kind == "encoder":
-        return EncoderCollator(run.tokenizer, run.specs, max_length=m.max_length, siamese=m.encoding == "siamese")
+        return EncoderCollator(run.tokenizer, run.specs, max_length=m.max_length, siamese=m.encoding == "siamese",
+                               as_choices=m.scorer == "shared", task_prefix=m.task_prefix)
     return Text2TextCollator(run.tokenizer, run.specs, max_length=m.max_length,
                              max_target_length=m.max_target_length, causal=run.kind == "causal")
 
