@@ -736,3 +736,62 @@ def test_pool_joins_an_earlier_reports_seeds_with_this_folders(protocol, capsys)
     path.write_text(json.dumps(prev))
     with pytest.raises(SystemExit, match="has no row lora_lr1e-3"):
         p.pool(path)
+
+
+@pytest.fixture()
+def shared_protocol(tmp_path, monkeypatch):
+    monkeypatch.setenv("MORELORA_PROTOCOL", "shared")
+    monkeypatch.setenv("MORELORA_PROTOCOL_DIR", str(tmp_path / "s"))
+    monkeypatch.setenv("MORELORA_PROTOCOL_ARCHIVE", str(tmp_path / "archive"))
+    spec = importlib.util.spec_from_file_location("protocol_script_shared", ROOT / "bench" / "protocol.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shared_protocol_pilot_then_control_then_the_grid_with_the_headroom(shared_protocol):
+    """The pilot first (its two chosen forms, then the reported one) and nothing else until it has a winner;
+    the winner's encoding then reaches every later run: the control (sst2 against sst2_flipped, seed by seed,
+    with and without the task's name), the grid's sweeps, and after LoRA's sweep the single-task runs whose
+    steps are train.max_steps x each task's exp-sampling probability."""
+    import numpy as np
+
+    from morelora.data import get_task
+
+    p = shared_protocol
+    rows = p.ordered_runs()
+    assert [r.label for r, _ in rows[:3]] == ["pilot_siamese_prefix", "pilot_cross_prefix", "pilot_siamese"]
+    assert rows[3] == (None, "the pilot (the scorer's form)") and len(rows) == 4
+    first = rows[0][0].cfg
+    assert (first.model.scorer, first.model.encoding, first.model.task_prefix, first.method["name"],
+            first.train.max_steps, first.train.eval_steps) == ("shared", "siamese", True, "lora", 500, 250)
+    assert rows[2][0].cfg.model.task_prefix is False
+    # the reported run does not take part in the choice, however it scores
+    _finish(p.OUT / "pilot_siamese" / "seed0", 0.90, steps=500)
+    _finish(p.OUT / "pilot_siamese_prefix" / "seed0", 0.50, steps=500)
+    assert p.pilot()["winner"] is None
+    _finish(p.OUT / "pilot_cross_prefix" / "seed0", 0.55, steps=500)
+    assert p.pilot()["winner"] == "pilot_cross_prefix"
+    rows = p.ordered_runs()
+    control = [r for r, _ in rows if r is not None and r.label.startswith("control_")]
+    assert [(r.label, r.seed) for r in control[:7]] == [
+        ("control_lora", 0), ("control_multilora", 0), ("control_more", 0), ("control_lora_prefix", 0),
+        ("control_multilora_prefix", 0), ("control_more_prefix", 0), ("control_lora", 1)]
+    assert len(control) == 18 and all(r.cfg.tasks == ["sst2", "sst2_flipped"] for r in control)
+    assert all(r.cfg.model.encoding == "cross" and r.cfg.train.lr == pytest.approx(1e-3) for r in control)
+    assert [r.cfg.model.task_prefix for r in control[:6]] == [False] * 3 + [True] * 3
+    assert control[0].run_dir == p.OUT / "control" / "control_lora" / "seed0"
+    grid = [r for r, _ in rows if r is not None and r.label.startswith("lora_lr")]
+    assert grid and all(r.cfg.model.encoding == "cross" and r.cfg.model.task_prefix for r in grid)
+    assert (None, "lora (the headroom)") in rows and not any(r and r.label.startswith("alone_") for r, _ in rows)
+    for lr, val in [("3e-4", 0.5), ("1e-3", 0.6), ("3e-3", 0.55)]:
+        _finish(p.OUT / f"lora_lr{lr}" / "seed0", val, steps=1500)
+    alone = [r for r, _ in p.ordered_runs() if r is not None and r.label.startswith("alone_")]
+    tasks = ["sst2", "piqa", "openbookqa", "arc_easy", "arc_challenge"]
+    sizes = np.array([len(get_task(t).load()["train"]) for t in tasks], dtype=float)
+    probs = np.exp(sizes / sizes.sum()) / np.exp(sizes / sizes.sum()).sum()   # the paper's exp(n_t / N)
+    assert [(r.label, r.seed) for r in alone[:5]] == [(f"alone_{t}", 0) for t in tasks] and len(alone) == 15
+    assert [r.cfg.train.max_steps for r in alone[:5]] == [round(1500 * q) for q in probs]
+    assert all(r.cfg.tasks == [r.label.removeprefix("alone_")] and r.cfg.train.lr == pytest.approx(1e-3)
+               and r.cfg.model.encoding == "cross" and r.cfg.method["name"] == "lora" for r in alone)
+    assert p.ablations() == {}

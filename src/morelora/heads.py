@@ -62,7 +62,7 @@ class MultiTaskHeadModel(nn.Module):
     per_task_modules = ("heads",)
 
     def __init__(self, backbone: nn.Module, specs: Sequence[TaskSpec], pooling: str = "cls",
-                 encoding: str = "cross", scorer: str = "heads") -> None:
+                 encoding: str = "cross", scorer: str = "heads", task_prefix: bool = False) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -73,6 +73,7 @@ class MultiTaskHeadModel(nn.Module):
         self.pooling = pooling
         self.encoding = encoding
         self.scorer = scorer
+        self.task_prefix = task_prefix   # the collator's: inputs start with "<task>: " (exports record it)
         self.backbone = backbone
         self.config = backbone.config
         self.specs = list(specs)
@@ -261,7 +262,8 @@ class MultiTaskHeadModel(nn.Module):
         meta = {"task": spec.name, "kind": spec.kind, "auto_class": "AutoModel", "head_file": HEAD_FILE,
                 "pooling": self.pooling, "encoding": self.encoding, "num_labels": head.out_features,
                 "id2label": dict(enumerate(words)) if words else None,
-                "siamese_features": "[u, v, |u - v|, u * v, cos(u, v)]" if self.encoding == "siamese" else None}
+                "siamese_features": "[u, v, |u - v|, u * v, cos(u, v)]" if self.encoding == "siamese" else None,
+                "task_prefix": f"{spec.name}: " if self.task_prefix else None}
         if self.scorer == "shared":   # every task a choice: classes are scored as their label texts
             from morelora.data.collate import label_texts
 

@@ -435,7 +435,7 @@ def _register_builtin() -> None:
     register_task(TaskSpec(
         name="sst2_flipped", kind="classification", metrics=list(sst2["metrics"]), num_labels=2,
         label_words=list(sst2["label_words"]), loader=lambda: flipped_labels(offline.load_offline_task("sst2")),
-        source="offline", description="SST-2 with every label swapped: a task in conflict with sst2 by "
+        source="control", description="SST-2 with every label swapped: a task in conflict with sst2 by "
                                       "construction (the positive control of docs/RESULTS.md)",
     ))
     for task, (_, _, words, metrics) in _GLUE.items():

@@ -122,7 +122,8 @@ def build_base_model(cfg: RunConfig, kind: str, specs: list[TaskSpec]) -> tuple[
 
         try:
             base = MultiTaskHeadModel(load(AutoModel), specs, pooling=cfg.model.pooling,
-                                      encoding=cfg.model.encoding, scorer=cfg.model.scorer)
+                                      encoding=cfg.model.encoding, scorer=cfg.model.scorer,
+                                      task_prefix=cfg.model.task_prefix)
         except ValueError as e:   # a task the shared scorer cannot score
             raise ConfigError(f"model.scorer: {e}") from None
     elif kind == "seq2seq":
