@@ -747,6 +747,90 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
     compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, overrides=SET, method_config=str(mc), baseline=base)
 
 
+def report_study(study: str) -> dict[str, Any]:
+    """The shared protocol's studies, from their finished runs (the seeds every row has finished):
+
+    * ``pilot``: each form's validation average at its last step and per task (the choice), and its test
+      average (reported, never chosen from) -> OUT/pilot.json;
+    * ``control``: MultiLoRA and MoRE against LoRA on sst2 / sst2_flipped, without and with the task's name ->
+      OUT/control/{no_prefix,prefix}/results.*;
+    * ``headroom``: per task, LoRA alone against the multi-task LoRA (its winner's seeds), paired over seeds and
+      test examples (the combined test of `morelora compare`) -> OUT/headroom/results.{json,md}."""
+    from morelora.experiments.report import summarize, write_report
+
+    if "pilot" not in PROTOCOL:
+        raise SystemExit("protocol: --study is for the shared protocol (MORELORA_PROTOCOL=shared)")
+    if study == "pilot":
+        out = {}
+        for r in _pilot_runs():
+            if not _finished(r):
+                continue
+            rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+            last = [x for x in rows if x.get("split") == "validation"][-1]
+            test = json.loads((r.run_dir / "eval.json").read_text())
+            out[r.label] = {"validation": last["eval_average"], "step": last["step"],
+                            "validation_tasks": {k.removeprefix("eval_"): v for k, v in last.items()
+                                                 if k.startswith("eval_") and k != "eval_average"},
+                            "test": test["average"]}
+            print(f"{r.label:<22} validation {100 * last['eval_average']:.2f} (step {last['step']}; "
+                  + ", ".join(f"{k} {100 * v:.1f}" for k, v in out[r.label]["validation_tasks"].items())
+                  + f")  test {100 * test['average']:.2f}")
+        winner = pilot()["winner"]
+        print(f"winner (validation, among {', '.join(PROTOCOL['pilot'])}): {winner or '(not yet)'}")
+        (OUT / "pilot.json").write_text(json.dumps({"runs": out, "winner": winner}, indent=1) + "\n")
+        return out
+    if study == "control":
+        runs = [r for r in _control_runs() if _finished(r)]
+        result = {}
+        for name, suffix in (("no_prefix", ""), ("prefix", "_prefix")):
+            labels = [f"control_{m}{suffix}" for m in PROTOCOL["control"]]
+            mine = [r for r in runs if r.label in labels]
+            seeds = [s for s in sorted({r.seed for r in mine}) if sum(r.seed == s for r in mine) == len(labels)]
+            if not seeds:
+                print(f"control ({name}): no seed finished for every row yet")
+                continue
+            chosen = sorted((r for r in mine if r.seed in seeds), key=lambda r: (labels.index(r.label), r.seed))
+            result[name] = summarize(chosen, baseline=labels[0])
+            title = (f"positive control ({'task name in the input' if suffix else 'no task name'}): sst2 vs "
+                     f"sst2_flipped, seeds {', '.join(map(str, seeds))}, against {labels[0]}")
+            print(write_report(result[name], OUT / "control" / name, title))
+        return result
+    if study == "headroom":
+        lora = _winner_runs("lora")
+        if not lora:
+            raise SystemExit("protocol: LoRA's sweep has no winner yet; the headroom runs wait for it")
+        winner = sweep("lora")["winner"]
+        alone = [r for r in _headroom_runs(winner) if _finished(r)]
+        rows, lines = {}, ["| task | LoRA alone | multi-task LoRA | alone − multi-task (95 % CI) | p | MDE | seeds |",
+                           "|---|---|---|---|---|---|---|"]
+        for task in grid_tasks():
+            mine = [r for r in alone if r.label == f"alone_{task}"]
+            seeds = [r.seed for r in mine if _finished(lora[r.seed])]
+            if not seeds:
+                continue
+            summary = summarize([r for r in mine if r.seed in seeds] + [lora[s] for s in seeds],
+                                baseline=lora[0].label)
+            test = summary["tests"][f"alone_{task}"]["combined_tasks"][task]
+            a, b = (summary["methods"][x]["tasks"][task]["mean"] for x in (f"alone_{task}", lora[0].label))
+            rows[task] = {"alone": a, "multi_task": b, "seeds": seeds, **test}
+            lines.append(f"| {task} | {100 * a:.2f} | {100 * b:.2f} | {100 * test['diff']:+.2f} "
+                         f"({100 * test['ci_low']:+.2f} to {100 * test['ci_high']:+.2f}) | {test['p']:.3f} | "
+                         f"{100 * test['mde']:.2f} | {len(seeds)} |")
+        (OUT / "headroom").mkdir(parents=True, exist_ok=True)
+        (OUT / "headroom" / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (OUT / "headroom" / "results.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return rows
+    raise SystemExit(f"protocol: unknown study {study!r}; use pilot, control or headroom")
+
+
+def grid_tasks() -> list[str]:
+    """The grid's tasks (the config's)."""
+    from morelora.config import load_config
+
+    return load_config(CONFIG, SET).tasks
+
+
 def report_interim(baseline: str = "lora") -> None:
     """The rows whose sweep has a winner, over the seeds every one of them has finished (``baseline``'s row first
     and the others against it), while the grid is still running: OUT/interim/results.* against ``lora``,
@@ -1142,6 +1226,8 @@ def main() -> None:
     p.add_argument("--method", default="more", help="power: the row tested (default more; or an ablation row)")
     p.add_argument("--target", type=float, default=1.0,
                    help="power: the MDE to reach, in points of the test average (default 1.0)")
+    p.add_argument("--study", choices=["pilot", "control", "headroom"],
+                   help="report (MORELORA_PROTOCOL=shared): the pilot, the positive control or the headroom")
     p.add_argument("--interim", action="store_true",
                    help="report: the swept rows (with --ablations: the ablation rows) over the seeds finished so far "
                         "(OUT/interim, OUT/ablations_interim)")
@@ -1151,8 +1237,8 @@ def main() -> None:
     for run, step in unpark():
         print(f"protocol: {run} unparked at step {step} from {ARCHIVE} (it resumes there)")
     {"run": lambda: run_worker(args.poll), "status": status,
-     "report": lambda: report(args.baseline, with_ablations=args.ablations, interim=args.interim,
-                             against_lora=args.against_lora),
+     "report": lambda: report_study(args.study) if args.study else report(
+         args.baseline, with_ablations=args.ablations, interim=args.interim, against_lora=args.against_lora),
      "params": params, "diagnose": diagnose,
      "power": lambda: power(args.method, args.baseline, args.target / 100), "pool": lambda: pool(args.previous),
      "archive": archive,

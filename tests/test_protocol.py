@@ -795,3 +795,58 @@ def test_shared_protocol_pilot_then_control_then_the_grid_with_the_headroom(shar
     assert all(r.cfg.tasks == [r.label.removeprefix("alone_")] and r.cfg.train.lr == pytest.approx(1e-3)
                and r.cfg.model.encoding == "cross" and r.cfg.method["name"] == "lora" for r in alone)
     assert p.ablations() == {}
+
+
+def _fake_run(run, scores: dict[str, list[int]], refs: dict[str, list[int]], validation: float = 0.5) -> None:
+    """A finished run whose test predictions are ``scores[t]`` (predicted classes) against ``refs[t]``."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.cfg.dump(run.run_dir / "config.yaml")
+    acc = {t: sum(int(a == b) for a, b in zip(scores[t], refs[t])) / len(refs[t]) for t in scores}
+    (run.run_dir / "eval.json").write_text(json.dumps({
+        "average": sum(acc.values()) / len(acc), "train": {"steps": run.cfg.train.max_steps},
+        "tasks": {t: {"score": a, "main_metric": "accuracy", "num_examples": len(refs[t])} for t, a in acc.items()}}))
+    (run.run_dir / "test_predictions.json").write_text(json.dumps({"tasks": {
+        t: {"predictions": scores[t], "references": refs[t], "main_metric": "accuracy", "num_labels": 2}
+        for t in scores}}))
+    rows = [{"step": run.cfg.train.max_steps, "split": "validation", "eval_average": validation}]
+    (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_shared_protocol_headroom_report_pairs_each_task_alone_with_the_multi_task_lora(shared_protocol, capsys):
+    """`report --study headroom`: per task, LoRA alone minus the multi-task LoRA of the same seed, averaged over
+    the seeds (a hand computation), with the combined test's CI / p / MDE, as JSON and a markdown table."""
+    import numpy as np
+
+    p = shared_protocol
+    for label in p.PROTOCOL["pilot"]:
+        (p.OUT / label / "seed0").mkdir(parents=True)
+    _finish(p.OUT / "pilot_siamese_prefix" / "seed0", 0.6, steps=500)
+    _finish(p.OUT / "pilot_cross_prefix" / "seed0", 0.5, steps=500)
+    for lr, val in [("3e-4", 0.5), ("1e-3", 0.6), ("3e-3", 0.55)]:
+        _finish(p.OUT / f"lora_lr{lr}" / "seed0", val, steps=1500)
+    (p.OUT / "lora_lr1e-3" / "seed0" / "eval.json").unlink()   # the winner's seed 0 is rewritten below
+    tasks = p.grid_tasks()
+    rng = np.random.default_rng(0)
+    refs = {t: rng.integers(0, 2, 40).tolist() for t in tasks}
+
+    def guesses(right: float) -> dict[str, list[int]]:
+        return {t: [r if rng.random() < right else 1 - r for r in refs[t]] for t in tasks}
+
+    multi = {s: guesses(0.6) for s in range(3)}
+    alone = {s: guesses(0.8) for s in range(3)}
+    lora = {r.seed: r for r in p._runs(["lora_lr1e-3"], 3)}
+    for s in range(3):
+        _fake_run(lora[s], multi[s], refs, validation=0.6)   # seed 0 is the sweep's winning run
+    for r in p._headroom_runs("1e-3"):
+        task = r.label.removeprefix("alone_")
+        _fake_run(r, {task: alone[r.seed][task]}, {task: refs[task]})
+    capsys.readouterr()
+    rows = p.report_study("headroom")
+    printed = capsys.readouterr().out
+    for t in tasks:
+        acc = [[np.mean(np.equal(g[s][t], refs[t])) for s in range(3)] for g in (alone, multi)]
+        assert rows[t]["diff"] == pytest.approx(np.mean(acc[0]) - np.mean(acc[1]))
+        assert rows[t]["alone"] == pytest.approx(np.mean(acc[0])) and rows[t]["seeds"] == [0, 1, 2]
+        assert rows[t]["ci_low"] < rows[t]["diff"] < rows[t]["ci_high"] and rows[t]["mde"] > 0
+        assert f"| {t} | {100 * np.mean(acc[0]):.2f} | {100 * np.mean(acc[1]):.2f} | " in printed
+    assert json.loads((p.OUT / "headroom" / "results.json").read_text()).keys() == set(tasks)
