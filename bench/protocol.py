@@ -1225,9 +1225,9 @@ def _plot_pooled(out: dict[str, Any], path: Path) -> None:
             d = 100 * np.asarray(out["seed_diffs"][key])
             ax.plot(d, np.full(len(d), y + 0.22), "o", ms=4, color="0.3", alpha=0.7,
                     label="one seed's difference" if y == 0 else None)
-    counts = {k: len(v) for k, v in out["seed_diffs"].items()}
-    counts["pooled"] = sum(counts.values())
-    ax.set_yticks(range(len(rows)), [f"{name} ({counts[k]} seeds)" for k, name in rows])
+    counts = {k: f"{len(v)} seeds" for k, v in out["seed_diffs"].items()}
+    counts["pooled"] = f"{len(out['cluster_diffs'])} seed clusters"
+    ax.set_yticks(range(len(rows)), [f"{name} ({counts[k]})" for k, name in rows])
     ax.set_ylim(len(rows) - 0.6, -0.5)
     ax.set_xlabel(f"{out['method']} − {out['baseline']}, test average (points)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
