@@ -292,3 +292,14 @@ def test_readme_architecture_table_matches_the_matrix():
 
 if __name__ == "__main__":      # python tests/test_architectures.py: print the README table
     print(coverage_table())
+
+
+@pytest.mark.parametrize("label", ["GPT-2", "OPT", "BART", "DeBERTa-v2"])
+def test_model_kind_of_a_saved_model(label, tmp_path):
+    """`model.kind: auto` reads the saved config: GPT-2's class is GPT2LMHeadModel, not *ForCausalLM."""
+    from morelora.config import ModelConfig
+    from morelora.training.build import model_kind
+
+    arch = ARCHITECTURES[label]
+    arch.build().save_pretrained(tmp_path)
+    assert model_kind(ModelConfig(name_or_path=str(tmp_path))) == arch.kind
