@@ -303,3 +303,32 @@ def test_model_kind_of_a_saved_model(label, tmp_path):
     arch = ARCHITECTURES[label]
     arch.build().save_pretrained(tmp_path)
     assert model_kind(ModelConfig(name_or_path=str(tmp_path))) == arch.kind
+
+
+def test_train_and_reload_a_gpt2_run(tmp_path, minilm_tokenizer, run_config):
+    """`morelora train` end to end on GPT-2 (Conv1D targets by default, kind read from GPT2LMHeadModel): the run
+    trains, evaluates, and `load_run` rebuilds it with the trained adapter."""
+    import json
+
+    from morelora.config import RunConfig
+    from morelora.training import load_run, train
+
+    tok = minilm_tokenizer
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                             n_positions=128, bos_token_id=tok.cls_token_id,
+                                             eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    cfg = run_config(str(tmp_path / "gpt2"), tmp_path / "run", max_steps=4, save_steps=0)
+    cfg["tasks"] = ["sst2", "arc_easy"]
+    cfg["data"]["max_eval_per_task"] = 6
+    run_dir = train(RunConfig.from_dict(cfg))
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert set(result["tasks"]) == {"sst2", "arc_easy"}
+    run = load_run(run_dir)
+    assert run.kind == "causal"
+    adapted = dict(run.model.adapter_layers())
+    assert adapted and all(name.endswith("attn.c_attn") for name in adapted)
+    assert all(type(layer.base_layer).__name__ == "Conv1D" for layer in adapted.values())
+    assert any(layer.lora_B.abs().sum() > 0 for layer in adapted.values())   # trained (B starts at zero)
