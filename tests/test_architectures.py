@@ -3,8 +3,9 @@
 One test per (architecture, method): build with the default targets, a mixed-task training step (loss, gradients,
 auxiliary losses), a mixed-task forward equal to each example run alone with its own task, generation with task
 ids (causal and seq2seq: the batch equals each row generated alone), save / load (equal outputs), and where the
-method is mergeable: merge (equal to the unmerged adapter; unmerge restores the weights bit for bit) and export
-to PEFT (PEFT's `PeftModel` on a fresh base, and its `merge_and_unload`, equal to the adapter).
+method is mergeable: merge (equal to the unmerged adapter; unmerge restores the weights bit for bit), export
+to PEFT (PEFT's `PeftModel` on a fresh base, and its `merge_and_unload`, equal to the adapter) and our own
+`merge_and_unload`.
 The README's architecture table is checked against `ARCHITECTURES` and the default-target tables.
 """
 
@@ -179,6 +180,9 @@ def check_method_on_architecture(arch: Arch, method: str, tmp_path: Path) -> Non
     with torch.no_grad():
         _close(_run(peft_model, x), want_b)
         _close(_run(peft_model.merge_and_unload(), x), want_b)
+        plain = m.merge_and_unload("b")      # our own: a plain transformers model with task b merged in
+        assert not any(hasattr(mod, "base_layer") for mod in plain.modules())
+        _close(_run(plain, x), want_b)
 
 
 @pytest.mark.parametrize("arch,method", [pytest.param(a, m, id=f"{a}-{m}") for a in ARCHITECTURES for m in METHODS])
