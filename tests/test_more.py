@@ -157,7 +157,7 @@ def test_bad_input_errors():
         m(input_ids=ids(1, 4), task_ids=torch.tensor([3]))
     with pytest.raises(MoreLoraError, match="r must be an integer >= 1"):
         MoREConfig(r=0, tasks=TASKS)
-    with pytest.raises(MoreLoraError, match="no nn.Linear module matches target_modules"):
+    with pytest.raises(MoreLoraError, match="no nn.Linear or Conv1D module matches target_modules"):
         get_more_model(tiny_bert(), MoREConfig(tasks=TASKS, target_modules=["nonexistent"]))
     with pytest.raises(MoreLoraError, match="unknown option"):
         morelora.build_method("more", tiny_bert(), TASKS, rank=3)

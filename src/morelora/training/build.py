@@ -49,11 +49,13 @@ def model_kind(model_cfg: ModelConfig) -> str:
     if model_cfg.kind != "auto":
         return model_cfg.kind
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     hf = AutoConfig.from_pretrained(model_cfg.name_or_path)
     if getattr(hf, "is_encoder_decoder", False):
         return "seq2seq"
-    if any(a.endswith("ForCausalLM") for a in getattr(hf, "architectures", None) or []):
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())   # GPT-2's is GPT2LMHeadModel
+    if any(a.endswith("ForCausalLM") or a in causal_classes for a in getattr(hf, "architectures", None) or []):
         return "causal"
     return "encoder"
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from morelora.errors import CheckpointError, MoreLoraError, UnknownTaskError  # noqa: F401 (re-exported)
 
@@ -42,6 +43,23 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Last name components treated as task heads: trainable and saved (PEFT's `modules_to_save`).
 DEFAULT_HEAD_NAMES = ("classifier", "score", "heads", "qa_outputs")
+#: The layers an adapter wraps: `nn.Linear` (weight (out, in)) and transformers' `Conv1D` (GPT-2 family: the same
+#: map with its weight stored transposed, (in, out); PEFT's LoRA calls that `fan_in_fan_out`).
+ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an `nn.Linear`, a `Conv1D` or an adapter layer around one; None otherwise."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    if isinstance(layer, nn.Linear) or hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.in_features, layer.out_features
+    return None
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """The last name components of `model`'s `nn.Linear` and `Conv1D` layers, sorted (for error messages)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, ADAPTABLE_LAYERS)})
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -51,10 +69,15 @@ def is_quantized(layer: nn.Module) -> bool:
                               or type(w).__name__ in ("Params4bit", "Int8Params"))
 
 
+def base_layer_of(layer: nn.Module) -> nn.Module:
+    """The frozen layer inside an adapter layer (ours: `base_layer`; PEFT's: `get_base_layer()`), else `layer`."""
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else getattr(layer, "base_layer", layer)
+
+
 def refuse_quantized_merge(layers: Any) -> None:
     """Raise MoreLoraError when any adapted layer's base is quantised (``layers``: (name, adapter layer) pairs)."""
     for name, layer in layers:
-        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else getattr(layer, "base_layer", layer)
+        base = base_layer_of(layer)
         if is_quantized(base):
             raise MoreLoraError(
                 f"cannot merge into {name}: the base is quantised ({type(base).__name__}, packed weights) and "
@@ -94,7 +117,7 @@ class CallState:
 
 # --------------------------------------------------------------------------------------------- layers
 class TaskAdapterLayer(nn.Module):
-    """A frozen `nn.Linear` plus a task-conditioned adapter.
+    """A frozen `nn.Linear` (or `Conv1D`: `fan_in_fan_out`) plus a task-conditioned adapter.
 
     Subclasses implement `adapter_forward(x, task_ids)` (the added output) — or, when that output is one
     last matmul `scale * z @ W^T`, `low_rank_parts(x, task_ids) -> (z, W, scale)`, which also lets
@@ -119,13 +142,14 @@ class TaskAdapterLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, num_tasks: int) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise MoreLoraError(f"only nn.Linear layers can be adapted, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, ADAPTABLE_LAYERS):
+            raise MoreLoraError(f"only nn.Linear and Conv1D layers can be adapted, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         for p in base_layer.parameters():   # frozen also when a layer is built outside TaskAdapterModel
             p.requires_grad_(False)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = linear_shape(base_layer)
+        #: the base weight is stored (in, out) (`Conv1D`): merging adds delta W transposed
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.num_tasks = num_tasks
         self.merged_task: int | None = None
         #: what a training call leaves for the model to collect (`TaskAdapterModel._collect_aux_losses`)
@@ -181,8 +205,14 @@ class TaskAdapterLayer(nn.Module):
         return call.ids_for(rows)
 
     def delta_weight(self, task: int) -> torch.Tensor:
+        """delta W of `task`, (out, in) in float32."""
         a, b, scale = self.lora_factors(task)
         return (b.float() @ a.float()) * scale
+
+    def _delta_in_base_layout(self, task: int) -> torch.Tensor:
+        """`delta_weight` laid out as the base weight: transposed for a `Conv1D`, on its device."""
+        dw = self.delta_weight(task)
+        return (dw.T if self.fan_in_fan_out else dw).to(self.base_layer.weight.device)
 
     @torch.no_grad()
     def merge(self, task: int, restorable: bool = True) -> None:
@@ -193,7 +223,7 @@ class TaskAdapterLayer(nn.Module):
         if self.merged_task is not None:
             raise MoreLoraError(f"layer already has task {self.merged_task} merged; unmerge first")
         w = self.base_layer.weight
-        merged = (w.data.float() + self.delta_weight(task).to(w.device)).to(w.dtype)   # a new tensor
+        merged = (w.data.float() + self._delta_in_base_layout(task)).to(w.dtype)   # a new tensor
         if restorable:
             self.unmerged_weight = w.data
         w.data = merged
@@ -208,7 +238,7 @@ class TaskAdapterLayer(nn.Module):
             w.data = self.unmerged_weight.to(w.device)
             self.unmerged_weight = None
         else:   # merged without keeping W0: undo up to rounding
-            w.data = (w.data.float() - self.delta_weight(self.merged_task).to(w.device)).to(w.dtype)
+            w.data = (w.data.float() - self._delta_in_base_layout(self.merged_task)).to(w.dtype)
         self.merged_task = None
 
     @property
@@ -352,19 +382,17 @@ class TaskAdapterModel(nn.Module):
 
     # -- construction
     def make_layer(self, name: str, base: nn.Linear) -> TaskAdapterLayer:
-        """The adapter layer replacing the target linear `name`: `layer_class(base, number of tasks, config)`."""
+        """The adapter layer replacing the target linear (or `Conv1D`) `name`: `layer_class(base, number of tasks,
+        config)`."""
         return self.layer_class(base, len(self.config.tasks), self.config)
 
     def _inject(self) -> list[str]:
         targets = resolve_target_modules(self.base_model, self.config.target_modules)
-        names = [n for n, m in self.base_model.named_modules() if matches_target(n, targets)]
-        linear = [n for n in names if isinstance(self.base_model.get_submodule(n), nn.Linear)]
+        linear = adaptable_targets(self.base_model, targets)
         if not linear:
-            examples = sorted({n.split(".")[-1] for n, m in self.base_model.named_modules()
-                               if isinstance(m, nn.Linear)})
             raise MoreLoraError(
-                f"no nn.Linear module matches target_modules={targets!r}; linear layer names in this "
-                f"model: {examples}"
+                f"no nn.Linear or Conv1D module matches target_modules={targets!r}; linear layer names in this "
+                f"model: {adaptable_names(self.base_model)}"
             )
         for name in linear:
             parent_name, _, child = name.rpartition(".")
@@ -814,7 +842,9 @@ class TaskAdapterModel(nn.Module):
         def rename(name: str) -> str:
             return prefix + name.removeprefix("backbone.") if heads is not None else name
         state, ranks, alphas = {}, {}, {}
+        conv1d = False   # PEFT's LoRA layer on a Conv1D needs fan_in_fan_out (it sets it itself, with a warning)
         for name, layer in self.adapter_layers():
+            conv1d |= isinstance(base_layer_of(self.base_model.get_submodule(name)), Conv1D)
             a, b, scale = layer.lora_factors(t)
             k = a.shape[0]
             pname = rename(name)
@@ -840,7 +870,7 @@ class TaskAdapterModel(nn.Module):
             target_modules=sorted(ranks),
             rank_pattern={} if uniform_rank else {re.escape(n): k for n, k in ranks.items()},
             alpha_pattern={} if uniform_rank else {re.escape(n): a for n, a in alphas.items()},
-            modules_to_save=modules_to_save or None, lora_dropout=0.0,
+            modules_to_save=modules_to_save or None, lora_dropout=0.0, fan_in_fan_out=conv1d,
             base_model_name_or_path=base_model_name_or_path or hub_id(getattr(base_cfg, "_name_or_path", None)),
         )
         out = Path(save_directory)
@@ -936,16 +966,38 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(cfg, "model_type", None)
 
 
-def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str] | str:
-    if target_modules is not None:
-        return target_modules if isinstance(target_modules, str) else list(target_modules)
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+#: Default targets for model types PEFT's LoRA table (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`) lacks, in
+#: its convention: the attention's query and value projections, or the fused qkv projection.
+EXTRA_LORA_TARGET_MODULES: dict[str, list[str]] = {
+    "phi3": ["qkv_proj"], "modernbert": ["Wqkv"], "distilbert": ["q_lin", "v_lin"], "albert": ["query", "value"],
+    **dict.fromkeys(["olmo", "olmo2", "granite", "cohere", "smollm3", "starcoder2", "mbart", "marian", "pegasus"],
+                    ["q_proj", "v_proj"]),
+}
+
+
+def default_target_modules(model: nn.Module) -> list[str] | str | None:
+    """PEFT's LoRA default targets for `model`'s type, else morelora's (`EXTRA_LORA_TARGET_MODULES`); None: neither."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
     mtype = model_type_of(model)
-    if mtype in MAPPING:
-        return list(MAPPING[mtype])
-    raise MoreLoraError(f"no default target_modules for model type {mtype!r}: set target_modules, e.g. "
-                        "['q_proj', 'v_proj']")
+    value = PEFT_TARGETS.get(mtype, EXTRA_LORA_TARGET_MODULES.get(mtype))
+    return value if value is None or isinstance(value, str) else list(value)
+
+
+def no_default_targets(model: nn.Module, what: str = "") -> MoreLoraError:
+    """The error for a model type without default targets: it names the model's own linear / Conv1D layers."""
+    return MoreLoraError(f"no default {what}target_modules for model type {model_type_of(model)!r}: set "
+                         f"target_modules to some of this model's linear layers: {adaptable_names(model)}")
+
+
+def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str] | str:
+    """`target_modules` as given, or the default for `model`'s type (`default_target_modules`)."""
+    if target_modules is not None:
+        return target_modules if isinstance(target_modules, str) else list(target_modules)
+    targets = default_target_modules(model)
+    if targets is None:
+        raise no_default_targets(model)
+    return targets
 
 
 def matches_target(name: str, targets: Sequence[str] | str) -> bool:
@@ -954,9 +1006,14 @@ def matches_target(name: str, targets: Sequence[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def adaptable_targets(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
+    """Names of `model`'s `nn.Linear` / `Conv1D` layers that `targets` match, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE_LAYERS) and matches_target(n, targets)]
+
+
 def base_model_signature(model: nn.Module, adapted: Sequence[str]) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
-    shapes = {n: [model.get_submodule(n).in_features, model.get_submodule(n).out_features] for n in adapted}
+    shapes = {n: list(linear_shape(model.get_submodule(n))) for n in adapted}
     return {"model_type": model_type_of(model), "class": type(model).__name__,
             "name_or_path": getattr(cfg, "_name_or_path", None), "adapted_shapes": shapes}
 
@@ -974,9 +1031,10 @@ def check_base_model(model: nn.Module, expected: dict[str, Any], directory: Any)
             layer = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{directory}: the base model has no module {name!r}") from None
-        if (getattr(layer, "in_features", None), getattr(layer, "out_features", None)) != (d_in, d_out):
+        shape = linear_shape(layer)
+        if shape != (d_in, d_out):
             raise CheckpointError(
-                f"{directory}: module {name} is {layer.in_features}x{layer.out_features} in this base model "
+                f"{directory}: module {name} is {'x'.join(map(str, shape or ('?', '?')))} in this base model "
                 f"but {d_in}x{d_out} in the checkpoint: it was trained on another model size "
                 f"({expected.get('name_or_path')})"
             )

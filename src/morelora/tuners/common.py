@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterLayer, lora_pair, model_type_of
+from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterLayer, lora_pair, model_type_of, no_default_targets
 
 
 # --------------------------------------------------------------------------------------------- checks and configs
@@ -75,31 +75,39 @@ class LoRAExpertsConfig(LowRankConfig):
 
 
 # --------------------------------------------------------------------------------------------- default targets
+# PEFT has no table of whole FFNs (its IA3 feed-forward table names only the down projection): this is one, by model
+# type, checked against tiny models of every type in tests/test_architectures.py. Suffixes with a parent
+# ("mlp.c_proj") where the attention has a layer of the same name.
 _BERT_FFN = r"(.*\.)?layer\.\d+\.(intermediate|output)\.dense"   # not attention.output.dense
 _LLAMA_FFN = ["gate_proj", "up_proj", "down_proj"]
-#: model type -> the FFN linear layers (names as target_modules takes them)
+_GPT2_FFN = ["mlp.c_fc", "mlp.c_proj"]                           # not attn.c_proj
+_FC_FFN = ["fc1", "fc2"]
+_NEOX_FFN = ["dense_h_to_4h", "dense_4h_to_h"]
+#: model type -> the FFN linear (or Conv1D) layers (names as target_modules takes them)
 FFN_TARGET_MODULES: dict[str, list[str] | str] = {
-    "bert": _BERT_FFN, "roberta": _BERT_FFN, "xlm-roberta": _BERT_FFN, "electra": _BERT_FFN,
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2"], _BERT_FFN),
     "t5": ["wi", "wi_0", "wi_1", "wo"], "mt5": ["wi", "wi_0", "wi_1", "wo"],
-    "llama": _LLAMA_FFN, "mistral": _LLAMA_FFN, "qwen2": _LLAMA_FFN, "qwen3": _LLAMA_FFN, "gemma": _LLAMA_FFN,
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                     "granite", "cohere", "stablelm", "smollm3"], _LLAMA_FFN),
+    "phi3": ["gate_up_proj", "down_proj"],
+    **dict.fromkeys(["gpt2", "gpt_bigcode", "gpt_neo", "starcoder2"], _GPT2_FFN),
+    **dict.fromkeys(["gpt_neox", "bloom"], _NEOX_FFN),
+    "gptj": ["fc_in", "fc_out"],
+    **dict.fromkeys(["opt", "bart", "mbart", "marian", "pegasus", "phi"], _FC_FFN),
+    "distilbert": ["lin1", "lin2"], "albert": ["ffn", "ffn_output"], "modernbert": ["mlp.Wi", "mlp.Wo"],
 }
 
 
 def ffn_target_modules(model: nn.Module) -> list[str] | str:
     """The feed-forward linear layers of `model`'s architecture (MixLoRA's default targets)."""
-    mtype = model_type_of(model)
-    if mtype not in FFN_TARGET_MODULES:
-        raise MoreLoraError(f"no default FFN target_modules for model type {mtype!r}: set target_modules, e.g. "
-                            "['gate_proj', 'up_proj', 'down_proj']")
-    return FFN_TARGET_MODULES[mtype]
+    return default_targets(model, FFN_TARGET_MODULES, "FFN")
 
 
 def default_targets(model: nn.Module, table: dict[str, Any], what: str) -> list[str] | str:
-    """`table[model_type]`, or a MoreLoraError asking for explicit target_modules."""
+    """`table[model_type]`, or a MoreLoraError asking for explicit target_modules (naming the model's linears)."""
     mtype = model_type_of(model)
     if mtype not in table:
-        raise MoreLoraError(f"no default {what} target_modules for model type {mtype!r}: set target_modules, "
-                            "e.g. ['up_proj', 'down_proj']")
+        raise no_default_targets(model, what + " ")
     value = table[mtype]
     return value if isinstance(value, str) else list(value)
 

@@ -23,8 +23,17 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .base import CallState, MoreLoraError, TaskAdapterModel, refuse_quantized_merge, resolve_target_modules
+from .base import (
+    CallState,
+    MoreLoraError,
+    TaskAdapterModel,
+    adaptable_names,
+    adaptable_targets,
+    refuse_quantized_merge,
+    resolve_target_modules,
+)
 from .common import LowRankConfig
 
 ADAPTER = "default"
@@ -64,18 +73,20 @@ class SingleLoRAModel(TaskAdapterModel):
     def lora_config(self) -> LoraConfig:
         """The `peft.LoraConfig` this adapter is built from."""
         c = self.config
+        targets = resolve_target_modules(self.base_model, c.target_modules)
+        conv1d = any(isinstance(self.base_model.get_submodule(n), Conv1D) for n in adaptable_targets(self.base_model,
+                                                                                                      targets))
         return LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                          init_lora_weights=c.init_lora_weights,
-                          target_modules=resolve_target_modules(self.base_model, c.target_modules))
+                          init_lora_weights=c.init_lora_weights, target_modules=targets,
+                          fan_in_fan_out=conv1d)   # GPT-2's Conv1D stores its weight (in, out)
 
     def _inject(self) -> list[str]:
         cfg = self.lora_config()
         try:
             inject_adapter_in_model(cfg, self.base_model, adapter_name=ADAPTER)
         except ValueError as e:
-            linear = sorted({n.split(".")[-1] for n, m in self.base_model.named_modules() if isinstance(m, nn.Linear)})
             raise MoreLoraError(f"PEFT could not inject LoRA with target_modules={cfg.target_modules!r} ({e}); "
-                                f"linear layer names in this model: {linear}") from e
+                                f"linear layer names in this model: {adaptable_names(self.base_model)}") from e
         self.base_model.__dict__.pop("peft_config", None)  # PEFT's bookkeeping; self.config is the record
         cast_adapter_dtype(self.base_model, ADAPTER)   # float32 adapter on a bf16 / fp16 base, as PeftModel does
         return [n for n, m in self.base_model.named_modules() if isinstance(m, LoraLayer)]

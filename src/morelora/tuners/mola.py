@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import MoreLoraError, TaskAdapterModel, matches_target, resolve_target_modules
+from .base import MoreLoraError, TaskAdapterModel, adaptable_targets, resolve_target_modules
 from .common import LoRAExpertsConfig, LoRAExpertsLinear, check, top_k_balancing_loss
 
 SCHEDULES: dict[str, tuple[int, int, int, int]] = {
@@ -105,8 +105,7 @@ class MoLAModel(TaskAdapterModel):
         """{module name: experts} for every layer that will be adapted (computed once, before injection)."""
         if self.__dict__.get("_counts") is None:
             targets = resolve_target_modules(self.base_model, self.config.target_modules)
-            names = [n for n, m in self.base_model.named_modules()
-                     if isinstance(m, nn.Linear) and matches_target(n, targets)]
+            names = adaptable_targets(self.base_model, targets)
             depths = {n: layer_index(n) for n in names}
             indexed = [d for d in depths.values() if d is not None]
             if not indexed:

@@ -21,6 +21,12 @@ from torch import nn
 from .base import MoreLoraError, TaskAdapterConfig, TaskAdapterModel
 from .common import TokenRoutedLayer, check, default_targets, route, token_router
 
+#: IA3 default targets for model types PEFT's IA3 table lacks, in its convention (keys, values, FFN output)
+EXTRA_IA3_TARGET_MODULES: dict[str, list[str]] = {
+    "phi3": ["qkv_proj", "down_proj"],
+    **dict.fromkeys(["olmo", "olmo2", "granite", "cohere", "stablelm", "smollm3"], ["k_proj", "v_proj", "down_proj"]),
+}
+
 
 @dataclass
 class MoVConfig(TaskAdapterConfig):
@@ -83,5 +89,5 @@ class MoVModel(TaskAdapterModel):
 
     def __init__(self, model: nn.Module, config: MoVConfig) -> None:
         if config.target_modules is None:
-            config.target_modules = default_targets(model, IA3, "IA3")
+            config.target_modules = default_targets(model, {**EXTRA_IA3_TARGET_MODULES, **IA3}, "IA3")
         super().__init__(model, config)
