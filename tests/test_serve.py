@@ -1,5 +1,7 @@
-"""`morelora serve`: answers equal the offline predictions under concurrent mixed-task load, bad input,
-queue full / timeouts / failing batches, SIGTERM drain and kill -9 + restart; `morelora export --all-tasks`."""
+"""`morelora serve`: answers equal the offline predictions under concurrent mixed-task load (inputs longer than
+the run's max_length included: truncated as in evaluation), bad input and the error shape, body-size and body-time
+limits, abandoned requests, queue full / timeouts / failing batches, bounded shutdown, SIGTERM drain and kill -9 +
+restart; `morelora export --all-tasks` and exports' max length."""
 
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ import torch
 
 from morelora.cli import main
 from morelora.config import RunConfig
-from morelora.serve import MAX_CHOICES, Batcher, ServeOptions, _Metrics, serving
+from morelora.serve import MAX_CHOICES, BackgroundServer, Batcher, ServeOptions, _Metrics, serving
 from morelora.training import load_run, train
 from morelora.training.evaluate import make_collator
 
 TASKS = ["rte", "sst2", "arc_easy"]
+MAX_LENGTH = 32
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def run_dir(tmp_path_factory, tiny_bert) -> Path:
     from conftest import tiny_run_config
 
     cfg = tiny_run_config(tiny_bert, tmp_path_factory.mktemp("serve") / "run", max_steps=2, save_steps=0)
-    cfg["model"]["max_length"] = 128
+    cfg["model"]["max_length"] = MAX_LENGTH   # most rte / arc_easy inputs are longer: truncated
     return train(RunConfig.from_dict(cfg))
 
 
@@ -50,18 +53,17 @@ def offline(run_dir) -> dict[str, list]:
     return {t: v["predictions"] for t, v in tasks.items()}
 
 
-def _fits(run, t: int, ex: dict) -> bool:
-    """Inputs the server accepts: not cut by max_length (offline evaluation cuts longer ones)."""
+def _cut(run, ex: dict) -> bool:
+    """Whether the collator truncates ``ex`` (cross encoding: the longest (text, pair) / (query, choice) sequence)."""
     tok, limit = run.tokenizer, run.cfg.model.max_length
     pairs = [(ex["query"], c) for c in ex["choices"]] if "choices" in ex else [(ex["text"], ex.get("text_pair"))]
-    return max(len(tok(a, b)["input_ids"]) for a, b in pairs) <= limit
+    return max(len(tok(a, b)["input_ids"]) for a, b in pairs) > limit
 
 
 def _inputs(run, t: int) -> list[tuple[int, dict]]:
-    """(index in the test split, input without its label) of the test examples that fit."""
+    """(index in the test split, input without its label) of every test example."""
     drop = {"label", "gold"}
-    return [(i, {k: v for k, v in ex.items() if k not in drop}) for i, ex in enumerate(run.data[t]["test"])
-            if _fits(run, t, ex)]
+    return [(i, {k: v for k, v in ex.items() if k not in drop}) for i, ex in enumerate(run.data[t]["test"])]
 
 
 def _alone(run, t: int, ex: dict) -> torch.Tensor:
@@ -111,6 +113,25 @@ def test_concurrent_clients_get_offline_predictions(run, offline) -> None:
                                            atol=1e-5, rtol=1e-5)
 
 
+def test_every_test_input_is_served_with_its_offline_prediction(run, offline) -> None:
+    """All test inputs of the run, long ones included (max_length 32: cut as evaluation cuts them, and the answer
+    says so): each served answer is the prediction in test_predictions.json."""
+    cut = 0
+    with serving(run, ServeOptions(max_batch_size=8)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        for t, task in enumerate(TASKS):
+            inputs = _inputs(run, t)
+            assert len(inputs) == len(offline[task]) == 16
+            for start in range(0, len(inputs), 8):
+                chunk = inputs[start:start + 8]
+                r = http.post("/v1/predict", json={"task": task, "inputs": [x for _, x in chunk]})
+                assert r.status_code == 200, r.text
+                for (i, x), out in zip(chunk, r.json()["outputs"]):
+                    assert out["choice" if task == "arc_easy" else "label"] == offline[task][i], (task, i)
+                    assert out["truncated"] is _cut(run, x)
+                    cut += out["truncated"]
+    assert 16 <= cut < 48   # both kinds were served
+
+
 def _queued_then_run(run, requests: list[list[tuple[int, dict]]], metrics: _Metrics) -> list:
     """Every request queued before the batcher's worker starts (so they can share a batch), then their answers."""
 
@@ -138,7 +159,6 @@ def test_requests_of_three_tasks_share_one_forward_pass(run, offline) -> None:
 
 def test_bad_inputs_get_clear_errors_and_the_server_goes_on(run) -> None:
     good = {"task": "sst2", "inputs": ["a fine film"]}
-    long = " ".join(["word"] * 200)
     cases = [
         ({"task": "nope", "inputs": ["x"]}, 404, "unknown task 'nope'; this server has tasks: rte, sst2, arc_easy"),
         ({"inputs": ["x"]}, 422, "field 'task': Field required"),
@@ -152,17 +172,39 @@ def test_bad_inputs_get_clear_errors_and_the_server_goes_on(run) -> None:
         ({"task": "sst2", "inputs": [{"query": "q", "choices": ["a"]}]}, 422,
          'classification task \'sst2\' takes {"text"'),
         ({"task": "sst2", "inputs": [{"text": 3}]}, 422, "inputs[0].text must be a string, got int"),
-        ({"task": "sst2", "inputs": ["ok", long]}, 422, "inputs[1] is 202 tokens long; this model reads at most 128"),
+        ({"task": "sst2", "inputs": ["ok", ""]}, 422, "inputs[1].text is empty: send some text"),
+        ({"task": "sst2", "inputs": [{"text": " \n\t "}]}, 422, "inputs[0].text is empty"),
+        ({"task": "rte", "inputs": [{"text": "a", "text_pair": "  "}]}, 422, "inputs[0].text_pair is empty"),
+        ({"task": "arc_easy", "inputs": [{"query": "q", "choices": ["a", ""]}]}, 422, "inputs[0].choices[1] is empty"),
+        ({"task": "sst2", "inputs": [{"text": "fine", "lable": 1}]}, 422,
+         "inputs[0] has unknown field 'lable'; classification task 'sst2' takes text, text_pair"),
+        ({"task": "arc_easy", "inputs": [{"query": "q", "choices": ["a", "b"], "gold": 0}]}, 422,
+         "inputs[0] has unknown field 'gold'; multiple_choice task 'arc_easy' takes query, choices"),
+        ({"task": "sst2", "inputs": [{"text": "fine", "text_pair": "dull"}]}, 422,
+         "inputs[0].text_pair: task 'sst2' takes single texts (its data has no text_pair)"),
+        ({"task": "sst2", "inputs": ["bad \ud800 text"]}, 422, "inputs[0].text is not valid Unicode (it holds a lone"),
+        ({"task": "bad \ud800", "inputs": ["x"]}, 404, "unknown task 'bad \\ud800'; this server has tasks"),
         ({"task": "sst2", "inputs": ["x"] * 5}, 422, "5 inputs in one request; at most 4 (--max-batch-size)"),
     ]
     with serving(run, ServeOptions(max_batch_size=4)) as url, httpx.Client(base_url=url, timeout=60) as http:
-        for body, status, message in cases:
-            r = http.post("/v1/predict", json=body)
+        for body, status, message in cases:   # json.dumps: ASCII, so a lone surrogate travels as \ud800
+            r = http.post("/v1/predict", content=json.dumps(body), headers={"content-type": "application/json"})
             assert r.status_code == status, (body, r.text)
             assert message in r.json()["error"]["message"], (message, r.text)
         r = http.post("/v1/predict", content=b'{"task": "sst2", "inputs": [',
                       headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["message"].startswith("malformed JSON body")
+        raw = [  # bodies that fail before validation, and routes that do not exist: the same error shape
+            ("POST", "/v1/predict", b'{"task": "sst2", "inputs": ["\xff\xfe"]}', 400,
+             "the body is not a JSON object in UTF-8 (or nests too deeply)"),
+            ("POST", "/v1/predict", b"[" * 100_000 + b"]" * 100_000, 400, "the body is not a JSON object in UTF-8"),
+            ("GET", "/v1/nothing", b"", 404, "no endpoint /v1/nothing; see GET /v1/models, POST /v1/predict"),
+            ("GET", "/v1/predict", b"", 405, "GET is not allowed on /v1/predict (allowed: POST)"),
+        ]
+        for method, path, content, status, message in raw:
+            r = http.request(method, path, content=content, headers={"content-type": "application/json"})
+            assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
+            assert set(r.json()) == {"error"} and r.json()["error"]["message"].startswith(message), r.text
         r = http.post("/v1/completions", json={"model": "sst2", "prompt": "x"})
         assert r.status_code == 400 and "encoder model with task heads: use POST /v1/predict" in r.text
         assert http.post("/v1/predict", json=good).status_code == 200
@@ -178,8 +220,10 @@ class _Gated(torch.nn.Module):
         super().__init__()
         self.inner, self.boom_id = inner, boom_id
         self.gate, self.entered = threading.Event(), threading.Event()
+        self.examples = 0   # examples that reached the model
 
     def forward(self, **kwargs):
+        self.examples += len(kwargs["task_ids"])
         self.entered.set()
         assert self.gate.wait(30)
         if (kwargs["input_ids"] == self.boom_id).any():
@@ -225,6 +269,166 @@ def test_queue_full_timeout_and_a_failing_request(run, offline) -> None:
             assert bad.result().json()["error"]["message"] == "prediction failed: RuntimeError: boom"
             assert ok.result().status_code == 200 and ok.result().json()["outputs"][0]["label"] == offline["sst2"][i]
         assert httpx.post(url + "/v1/predict", json=body, timeout=60).status_code == 200   # the worker lives
+
+
+def _wait_queue(http: httpx.Client, depth: int) -> None:
+    deadline = time.monotonic() + 10
+    while http.get("/health").json()["queue_depth"] != depth:
+        assert time.monotonic() < deadline, f"queue_depth never became {depth}"
+        time.sleep(0.02)
+
+
+def test_abandoned_requests_leave_the_queue_and_never_run(run, offline) -> None:
+    """Clients that disconnect, and requests that time out, free their place in the queue at once (no needless
+    503) and never reach the model."""
+    gated = _Gated(run.model, -1)
+    gated_run = replace(run, model=gated)
+    i, x = _inputs(run, 1)[0]
+    body = {"task": "sst2", "inputs": [x]}
+
+    def post(url: str, timeout: float = 60) -> httpx.Response:
+        return httpx.post(url + "/v1/predict", json=body, timeout=timeout)
+
+    with serving(gated_run, ServeOptions(max_batch_size=1, max_queue=2)) as url, httpx.Client(base_url=url) as http:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(post, url)
+            assert gated.entered.wait(30)                        # the worker holds the first request
+            gone = [pool.submit(post, url, 1.0) for _ in range(2)]   # these clients give up after 1 s
+            for f in gone:
+                with pytest.raises(httpx.ReadTimeout):
+                    f.result()
+            _wait_queue(http, 0)                                 # their places are free again
+            fresh = [pool.submit(post, url) for _ in range(2)]
+            _wait_queue(http, 2)
+            gated.gate.set()
+            for f in [first, *fresh]:
+                assert f.result().status_code == 200 and f.result().json()["outputs"][0]["label"] == offline["sst2"][i]
+    assert gated.examples == 3                                   # the two abandoned requests never ran
+
+    gated.gate.clear()
+    gated.entered.clear()
+    gated.examples = 0
+    with serving(gated_run, ServeOptions(max_batch_size=1, max_queue=1, request_timeout_s=0.5)) as url, \
+            httpx.Client(base_url=url) as http:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, url)
+            assert gated.entered.wait(30)
+            late = post(url)                                     # queued behind the first, then timed out
+            assert late.status_code == 504
+            assert http.get("/health").json()["queue_depth"] == 0
+            assert first.result().status_code == 504              # it runs on, but nobody waits for it
+            gated.gate.set()
+            assert post(url).status_code == 200
+    assert gated.examples == 2                                   # the first and the last: the late one never ran
+
+
+def _raw(port: int, head: bytes, wait_s: float = 10) -> tuple[bytes, float]:
+    """Send ``head`` (request line, headers, part of a body) and read until the server closes: (reply, seconds)."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
+        s.sendall(head)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply, time.monotonic() - t0
+
+
+def test_a_stalled_body_gets_408_and_shutdown_is_bounded(run) -> None:
+    """A client that never finishes its body is answered 408 after --body-timeout-s (and closed), and neither it nor
+    a request stuck in the model holds a shutdown longer than --shutdown-timeout-s."""
+    head = (b"POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n"
+            b"\r\n{\"task\": ")
+    gated = _Gated(run.model, -1)
+    options = ServeOptions(body_timeout_s=0.5, shutdown_timeout_s=1.0)
+    server = BackgroundServer(replace(run, model=gated), options)
+    with server:
+        port = int(server.url.rsplit(":", 1)[1])
+        reply, seconds = _raw(port, head)
+        assert reply.startswith(b"HTTP/1.1 408 ") and 0.4 < seconds < 5, (reply, seconds)
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"] == \
+            "the request body did not arrive within 0.5 s (--body-timeout-s)"
+
+        with ThreadPoolExecutor(2) as pool:
+            stuck = pool.submit(httpx.post, server.url + "/v1/predict", json={"task": "sst2", "inputs": ["x"]},
+                                timeout=30)
+            assert gated.entered.wait(30)                        # one request in the model, which never returns
+            stalled = pool.submit(_raw, port, head)              # one body that never ends
+            time.sleep(0.2)
+            server.server.should_exit = True
+            t0 = time.monotonic()
+            server.thread.join(timeout=15)
+            stopped = time.monotonic() - t0
+            gated.gate.set()
+            assert not server.thread.is_alive() and stopped < 4, stopped
+            assert stalled.result()[0].startswith(b"HTTP/1.1 408 ")
+            with pytest.raises(httpx.HTTPError):
+                stuck.result().raise_for_status()
+
+
+class _SlowTokenizer:
+    """The run's tokenizer, taking ``delay`` seconds more for a text over 1000 characters (as a large body does)."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    def __call__(self, *texts, **kwargs):
+        if any(len(t) > 1000 for x in texts for t in ([x] if isinstance(x, str) else x or [])):
+            time.sleep(self.delay)
+        return self.inner(*texts, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __deepcopy__(self, memo: dict) -> _SlowTokenizer:
+        return _SlowTokenizer(copy.deepcopy(self.inner, memo), self.delay)
+
+
+def test_a_large_body_does_not_stall_the_server_and_the_size_limit_holds(run) -> None:
+    """Tokenising a large input (made 1.5 s slower here) happens off the event loop: /health answers meanwhile
+    (it used to wait for the whole tokenisation). A 300 kB input is served, truncated; a body over --max-body-bytes
+    gets 413, announced (content-length) or not (chunked)."""
+    big = "a gripping and funny film " * 40_000
+    slow = replace(run, tokenizer=_SlowTokenizer(run.tokenizer, 1.5))
+    with serving(slow) as url, httpx.Client(base_url=url, timeout=60) as http:
+        with ThreadPoolExecutor(1) as pool:
+            t0 = time.perf_counter()
+            f = pool.submit(httpx.post, url + "/v1/predict", json={"task": "sst2", "inputs": [big[:2000]]},
+                            timeout=60)
+            waits = []
+            while not f.done():
+                t = time.perf_counter()
+                assert http.get("/health").status_code == 200
+                waits.append(time.perf_counter() - t)
+                time.sleep(0.01)
+            took = time.perf_counter() - t0
+        assert took > 1.5 and len(waits) >= 5 and max(waits) < 0.5, (took, len(waits), max(waits))
+        assert f.result().status_code == 200 and f.result().json()["outputs"][0]["truncated"] is True
+    with serving(run) as url:   # the default limit, 1 MiB
+        r = httpx.post(url + "/v1/predict", json={"task": "sst2", "inputs": [big[:300_000]]}, timeout=300)
+        assert r.status_code == 200 and r.json()["outputs"][0]["truncated"] is True
+    with serving(run, ServeOptions(max_body_bytes=1000)) as url:
+        message = "the request body is over 1000 bytes (--max-body-bytes); send fewer or shorter inputs"
+        for content in (b"x" * 1001, iter([b"x" * 600, b"x" * 600])):
+            r = httpx.post(url + "/v1/predict", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["message"] == message, r.text
+            assert r.headers["connection"] == "close"
+        assert httpx.post(url + "/v1/predict", json={"task": "sst2", "inputs": ["fine"]}).status_code == 200
+
+
+def test_an_unexpected_error_is_a_json_500_without_traceback(run, monkeypatch) -> None:
+    import morelora.serve
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal detail")
+
+    monkeypatch.setattr(morelora.serve, "format_output", broken)
+    with serving(run) as url:
+        r = httpx.post(url + "/v1/predict", json={"task": "sst2", "inputs": ["fine"]}, timeout=60)
+    assert r.status_code == 500 and r.json() == {"error": {
+        "message": "internal server error (ValueError); the server log has the details", "type": "server_error",
+        "param": None}}
 
 
 def _free_port() -> int:
@@ -303,6 +507,31 @@ def test_export_all_tasks_uniform_rank_loads_in_peft(run, run_dir, tiny_bert, tm
         torch.testing.assert_close(got, want[:, :got.shape[1]], atol=1e-4, rtol=1e-4)
 
 
+def test_export_carries_the_runs_max_length(run, run_dir, tiny_bert, tmp_path) -> None:
+    """The exported tokenizer cuts where the run cut (model_max_length = model.max_length, not the base's 512), so
+    the README's plain-PEFT call (truncation=True) gives the run's logits on inputs longer than that too."""
+    import transformers
+    from peft import PeftModel
+
+    out = tmp_path / "rte"
+    assert main(["export", str(run_dir), "--task", "rte", "--out", str(out)]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.model_max_length == MAX_LENGTH
+    updates = json.loads((out / "morelora_task.json").read_text())["config_updates"]
+    updates["id2label"] = {int(i): word for i, word in updates["id2label"].items()}
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, **updates)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    examples = [x for _, x in _inputs(run, 0) if _cut(run, x)][:4]
+    assert len(examples) == 4
+    batch = make_collator(run)([(0, {**x, "label": 0}) for x in examples])
+    batch.pop("labels")
+    with torch.no_grad():
+        want = run.model(**batch).logits
+        got = peft_model(**tokenizer([x["text"] for x in examples], [x["text_pair"] for x in examples],
+                                     return_tensors="pt", padding=True, truncation=True)).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_uniform_rank_export_of_a_causal_lm_matches_more(tmp_path) -> None:
     """The engine-neutral form on a LLaMA: rank r everywhere, outputs of plain PEFT equal MoRE's per task."""
     from _tiny import ids, tiny_llama
@@ -330,19 +559,6 @@ def test_uniform_rank_export_of_a_causal_lm_matches_more(tmp_path) -> None:
     assert min(k for ranks in m.task_ranks().values() for k in ranks.values()) < 8   # padding was exercised
 
 
-def _accepted(run, t: int) -> list[tuple[int, dict]]:
-    """``_inputs`` cut to those the server takes whole (a causal prompt leaves room for the template and answer)."""
-    from morelora.serve import RequestError, parse_inputs
-
-    def takes(x: dict) -> bool:
-        try:
-            return bool(parse_inputs(run, t, [x]))
-        except RequestError:
-            return False
-
-    return [(i, x) for i, x in _inputs(run, t) if takes(x)]
-
-
 @pytest.fixture(scope="module")
 def causal_run(tmp_path_factory, tiny_llama):
     """A LLaMA run (text-to-text through the causal LM) on a pair, a single-text and a choice task."""
@@ -351,7 +567,7 @@ def causal_run(tmp_path_factory, tiny_llama):
     cfg = tiny_run_config(tiny_llama, tmp_path_factory.mktemp("serve_causal") / "run", max_steps=2, save_steps=0)
     cfg["method"]["target_modules"] = ["q_proj", "v_proj"]
     cfg["data"]["max_eval_per_task"] = 8
-    cfg["model"]["max_length"] = 128
+    cfg["model"]["max_length"] = 40   # 31 prompt tokens: long prompts are cut at their beginning
     return train(RunConfig.from_dict(cfg))
 
 
@@ -366,8 +582,8 @@ def test_completions_on_a_causal_run_give_the_offline_generations(causal_run) ->
     offline = {t: v["predictions"] for t, v in
                json.loads((causal_run / "test_predictions.json").read_text())["tasks"].items()}
     sst2, rte = TASKS.index("sst2"), TASKS.index("rte")
-    prompts = [(i, x["text"]) for i, x in _accepted(run, sst2)]
-    pairs = _accepted(run, rte)
+    prompts = [(i, x["text"]) for i, x in _inputs(run, sst2)]
+    pairs = _inputs(run, rte)
     assert len(prompts) >= 6 and len(pairs) >= 4
     collator = make_collator(run, train=False)
 
@@ -412,10 +628,17 @@ def test_completions_on_a_causal_run_give_the_offline_generations(causal_run) ->
             made += len(run.tokenizer(text, add_special_tokens=False)["input_ids"])
         used = sum(len(run.tokenizer(p)["input_ids"]) for _, p in batch)
         assert body["usage"] == {"prompt_tokens": used, "completion_tokens": made, "total_tokens": used + made}
+    def cut(t: int, x: dict) -> bool:   # the prompt has more tokens than max_length leaves it (40 - 8 - 1)
+        prompt, _ = collator.texts((t, {**x, "label": 0}))
+        return len(run.tokenizer(prompt)["input_ids"]) > 31
+
+    for batch, body in comp:
+        assert [c["truncated"] for c in body["choices"]] == [cut(sst2, {"text": p}) for _, p in batch]
     for i, x, body in pred:
         prediction, text = alone(rte, x)
-        assert body["outputs"] == [{"prediction": prediction, "text": text}]
+        assert body["outputs"] == [{"prediction": prediction, "text": text, "truncated": cut(rte, x)}]
         assert prediction == offline["rte"][i]
+    assert all(cut(rte, x) for i, x, _ in pred)   # long prompts too give the offline answer
 
 
 def test_causal_generations_do_not_depend_on_the_batch(causal_run) -> None:
@@ -423,7 +646,7 @@ def test_causal_generations_do_not_depend_on_the_batch(causal_run) -> None:
     run = load_run(causal_run)
     metrics = _Metrics()
     sst2, rte = TASKS.index("sst2"), TASKS.index("rte")
-    mine = [(sst2, x) for _, x in _accepted(run, sst2)[:3]] + [(rte, x) for _, x in _accepted(run, rte)[:3]]
+    mine = [(sst2, x) for _, x in _inputs(run, sst2)[:3]] + [(rte, x) for _, x in _inputs(run, rte)[:3]]
     results = _queued_then_run(run, [[f] for f in mine], metrics)
     assert metrics.batch_size._sum.get() == 6 and metrics.batch_tasks._sum.get() == 2   # one batch, 2 tasks
     lengths = {len(run.tokenizer(x["text"], x.get("text_pair"))["input_ids"]) for _, x in mine}

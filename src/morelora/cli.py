@@ -169,6 +169,13 @@ def _head_note(model: object, base: str) -> str:
             "task_head.safetensors (README, 'Exported heads': model outputs -> logits)")
 
 
+def _save_tokenizer(run: object, folder: Path) -> None:
+    """The run's tokenizer with its ``model_max_length`` set to the run's ``model.max_length``: ``truncation=True``
+    then cuts inputs where the run cut them (in training and evaluation), not at the base model's limit."""
+    run.tokenizer.model_max_length = run.cfg.model.max_length
+    run.tokenizer.save_pretrained(folder)
+
+
 def _export(args: argparse.Namespace) -> None:
     from morelora.training import load_run
 
@@ -178,7 +185,7 @@ def _export(args: argparse.Namespace) -> None:
     for task in tasks:
         folder = out / task if args.all_tasks else out
         run.model.export_lora(task, folder, base_model_name_or_path=args.base_model, uniform_rank=args.uniform_rank)
-        run.tokenizer.save_pretrained(folder)
+        _save_tokenizer(run, folder)
         base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
         print(f"exported task {task!r} as a PEFT LoRA adapter for {base}{_head_note(run.model, base)} -> {folder}")
 
@@ -203,7 +210,7 @@ def _merge(args: argparse.Namespace) -> None:
     if not hasattr(merged, "save_pretrained"):
         raise UsageError(f"the merged {type(merged).__name__} cannot be saved as a transformers model")
     merged.save_pretrained(out)
-    run.tokenizer.save_pretrained(out)
+    _save_tokenizer(run, out)
     quant = load_run_config(args.run_dir).model.quantization
     note += f" (trained on a {quant.bits}-bit base; merged into its full-precision weights)" if quant else ""
     print(f"merged task {args.task!r} into the base model{note} -> {out}")
@@ -242,6 +249,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="queued requests; beyond: 503 + Retry-After (default 256)")
     p.add_argument("--request-timeout-s", type=float, default=60.0,
                    help="a request not answered in time gets 504 (default 60)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="a larger request body gets 413 (default 1048576 = 1 MiB)")
+    p.add_argument("--body-timeout-s", type=float, default=10.0,
+                   help="a request body not received in full in time gets 408 (default 10)")
+    p.add_argument("--shutdown-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM / SIGINT, the longest wait for requests in flight (default 30)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest complete one)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 
@@ -254,7 +267,9 @@ def _serve(args: argparse.Namespace) -> None:
 
     _run_tasks(args.run_dir)
     options = ServeOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                           max_queue=args.max_queue, request_timeout_s=args.request_timeout_s)
+                           max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
+                           max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
+                           shutdown_timeout_s=args.shutdown_timeout_s)
     run = load_run(args.run_dir, checkpoint=args.checkpoint)
     run.model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"serving {len(run.task_names)} tasks ({run.cfg.method_name}, {run.kind}) of {args.run_dir} on "
