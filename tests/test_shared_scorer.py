@@ -182,8 +182,13 @@ def test_a_trained_shared_run_exports_to_plain_peft_and_serves_its_offline_answe
         torch.testing.assert_close(torch.stack(scores), row, atol=1e-4, rtol=1e-4)
 
     offline = json.loads((run_dir / "test_predictions.json").read_text())["tasks"]["sst2"]["predictions"]
-    with serving(run, ServeOptions(max_batch_size=4)) as url:
-        r = httpx.post(url + "/v1/predict", json={"task": "sst2", "inputs": [ex["text"] for ex in examples]},
-                       timeout=60)
+    long = " ".join(["good"] * 46)   # 48 tokens: fits max_length alone, not after its "sst2: " prefix
+    assert len(tok(long)["input_ids"]) == 48 < len(tok(f"sst2: {long}")["input_ids"])
+    texts = [ex["text"] for ex in examples] + [long]
+    with serving(run, ServeOptions(max_batch_size=8)) as url:
+        r = httpx.post(url + "/v1/predict", json={"task": "sst2", "inputs": texts}, timeout=60)
     assert r.status_code == 200, r.text
-    assert [o["label"] for o in r.json()["outputs"]] == offline[:4]
+    outputs = r.json()["outputs"]
+    assert [o["label"] for o in outputs[:4]] == offline[:4]
+    assert [o["truncated"] for o in outputs] == [len(tok(f"sst2: {t}")["input_ids"]) > 48 for t in texts]
+    assert outputs[-1]["truncated"]

@@ -174,15 +174,10 @@ def parse_inputs(run: Run, task: int, inputs: list[Any], param: str = "inputs", 
 def is_truncated(run: Run, task: int, ex: dict, tokenizer: Any) -> bool:
     """Whether the collator cuts ``ex`` (it has more tokens than the run's ``model.max_length`` allows)."""
     m, tok = run.cfg.model, tokenizer
-    if run.kind == "encoder":
-        if m.encoding == "siamese":   # each text is its own sequence
-            seqs = [(t, None) for t in [ex.get("query", ex.get("text")), *ex.get("choices", []),
-                                        *([ex["text_pair"]] if "text_pair" in ex else [])]]
-        elif "choices" in ex:
-            seqs = [(ex["query"], c) for c in ex["choices"]]
-        else:
-            seqs = [(ex["text"], ex.get("text_pair"))]
-        return max(len(tok(a, b)["input_ids"]) for a, b in seqs) > m.max_length
+    if run.kind == "encoder":   # the collator's own sequences (siamese rows, choices, task prefix, label texts)
+        from morelora.training.evaluate import make_collator
+
+        return make_collator(run, train=False, tokenizer=tok).truncates(task, ex)
     from morelora.data.collate import to_text2text
     from morelora.training.evaluate import with_placeholder_label
 

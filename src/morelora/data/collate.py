@@ -144,33 +144,40 @@ class EncoderCollator:
                 enc = self.tokenizer(firsts, seconds, truncation="longest_first", max_length=self.max_length)
         return [{k: v[j] for k, v in enc.items()} for j in range(len(firsts))]
 
+    def sequences(self, task_index: int, ex: Example) -> list[tuple[int, str, str | None, str]]:
+        """The sequences one example is scored as: ``(row, first text, second text or None, truncation)``."""
+        spec = self.specs[task_index]
+        kind = spec.kind
+        if kind == "multiple_choice":
+            first, seconds = ex["query"], list(ex["choices"])
+        elif self.as_choices:   # classification as a choice among the label texts
+            pair = ex.get("text_pair")
+            first = ex["text"] if pair is None else f"{ex['text']} {self.tokenizer.sep_token or chr(10)} {pair}"
+            seconds, kind = label_texts(spec), "multiple_choice"
+        else:
+            pair = ex.get("text_pair")
+            first, seconds = ex["text"], [] if pair is None else [pair]
+        if self.task_prefix:
+            first = f"{spec.name}: {first}"
+        if self.siamese:  # row 0: the first text; rows 1..: each second text, alone
+            return [(0, first, None, "")] + [(1 + c, t, None, "") for c, t in enumerate(seconds)]
+        if kind == "multiple_choice":
+            return [(c, first, choice, "only_first") for c, choice in enumerate(seconds)]
+        return [(0, first, seconds[0] if seconds else None, "longest_first")]
+
+    def truncates(self, task_index: int, ex: Example) -> bool:
+        """Whether any of the example's sequences is longer than ``max_length`` (the collator cuts it)."""
+        return any(len(self.tokenizer(a, b)["input_ids"]) > self.max_length
+                   for _, a, b, _ in self.sequences(task_index, ex))
+
     def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
         seqs: list[tuple[int, int, str, str | None, str]] = []  # (example, row, first, second, truncation)
         labels, regression = [], False
         for i, (task_index, ex) in enumerate(features):
-            spec = self.specs[task_index]
-            kind = spec.kind
-            if kind == "multiple_choice":
-                first, seconds = ex["query"], list(ex["choices"])
-                labels.append(ex["gold"])
-            elif self.as_choices:   # classification as a choice among the label texts
-                pair = ex.get("text_pair")
-                first = ex["text"] if pair is None else f"{ex['text']} {self.tokenizer.sep_token or chr(10)} {pair}"
-                seconds, kind = label_texts(spec), "multiple_choice"
-                labels.append(ex["label"])
-            else:
-                pair = ex.get("text_pair")
-                first, seconds = ex["text"], [] if pair is None else [pair]
-                labels.append(ex["label"])
-                regression |= kind == "regression"
-            if self.task_prefix:
-                first = f"{spec.name}: {first}"
-            if self.siamese:  # row 0: the first text; rows 1..: each second text, alone
-                seqs += [(i, 0, first, None, "")] + [(i, 1 + c, t, None, "") for c, t in enumerate(seconds)]
-            elif kind == "multiple_choice":
-                seqs += [(i, c, first, choice, "only_first") for c, choice in enumerate(seconds)]
-            else:
-                seqs.append((i, 0, first, seconds[0] if seconds else None, "longest_first"))
+            kind = self.specs[task_index].kind
+            labels.append(ex["gold"] if kind == "multiple_choice" else ex["label"])
+            regression |= kind == "regression"
+            seqs += [(i, *row) for row in self.sequences(task_index, ex)]
 
         groups: dict[tuple[bool, str], list[int]] = {}  # one tokenizer call per (single?, truncation)
         for k, (_, _, _, second, truncation) in enumerate(seqs):

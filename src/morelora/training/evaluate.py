@@ -33,12 +33,13 @@ if TYPE_CHECKING:
 __all__ = ["evaluate", "make_collator", "predict_batch"]
 
 
-def make_collator(run: Run, train: bool = True) -> EncoderCollator | Text2TextCollator:
-    m = run.cfg.model
+def make_collator(run: Run, train: bool = True, tokenizer: Any = None) -> EncoderCollator | Text2TextCollator:
+    """The run's collator (``tokenizer``: another copy of the run's tokenizer, e.g. one per thread)."""
+    m, tokenizer = run.cfg.model, tokenizer or run.tokenizer
     if run.kind == "encoder":
-        return EncoderCollator(run.tokenizer, run.specs, max_length=m.max_length, siamese=m.encoding == "siamese",
+        return EncoderCollator(tokenizer, run.specs, max_length=m.max_length, siamese=m.encoding == "siamese",
                                as_choices=m.scorer == "shared", task_prefix=m.task_prefix)
-    return Text2TextCollator(run.tokenizer, run.specs, max_length=m.max_length,
+    return Text2TextCollator(tokenizer, run.specs, max_length=m.max_length,
                              max_target_length=m.max_target_length, causal=run.kind == "causal")
 
 
