@@ -523,6 +523,13 @@ class TaskAdapterModel(nn.Module):
             out.loss = loss
         return out
 
+    def weighted_aux_loss(self) -> torch.Tensor | None:
+        """The last forward's auxiliary losses times their weights, summed (what `forward` added to `out.loss`); None
+        without any. For a trainer that computes its own loss from the logits (TRL's SFTTrainer)."""
+        terms = [getattr(self.config, self.aux_loss_weights.get(name, ""), 0.0) * value
+                 for name, value in self.aux_losses.items()]
+        return sum(terms[1:], terms[0]) if terms else None
+
     # -- gradient checkpointing
     def _keep_call_state_for_checkpointing(self) -> None:
         """Wrap the checkpoint function transformers gave its layers (`gradient_checkpointing_enable()`, before or
