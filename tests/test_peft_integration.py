@@ -141,6 +141,18 @@ def test_a_morelora_save_loads_through_peft(tmp_path):
     again = morelora.MoREModel.from_pretrained(tiny_llama(), tmp_path / "adapter")   # morelora's loader still reads it
     with torch.no_grad():
         assert torch.equal(again.eval()(input_ids=X, task_ids=[2, 0, 1]).logits, ref)
+    # a folder saved before adapter_config.json carried peft_type: PEFT needs the config passed explicitly
+    path = tmp_path / "adapter" / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    del meta["peft_type"], meta["base_model_name_or_path"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(KeyError, match="peft_type"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    config = MoREConfig.from_pretrained(tmp_path / "adapter")
+    assert config.tasks == TASKS and config.r == 8 and config.peft_type == "MORE"
+    old = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter", config=config)
+    with torch.no_grad():
+        assert torch.equal(old(input_ids=X, task_ids=[2, 0, 1]).logits, ref)
 
 
 def test_disable_adapter_gives_the_base_model_and_merge():
