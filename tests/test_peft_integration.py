@@ -168,15 +168,25 @@ def test_disable_adapter_gives_the_base_model_and_merge():
         assert torch.allclose(merged(input_ids=X).logits, adapted, atol=1e-5)
 
 
-def test_sequence_classification_with_bert():
+def test_sequence_classification_with_bert(tmp_path):
+    """PEFT wraps the head (ModulesToSaveWrapper): it trains, and a save restores it onto a base with another head."""
     torch.manual_seed(0)
     cfg = MoREConfig(tasks=TASKS, init_lora_weights=False, lora_dropout=0.0, task_type="SEQ_CLS",
                      target_modules=["query", "value"])
     pm = peft.get_peft_model(tiny_bert(), cfg).train()
     out = pm(input_ids=X, labels=torch.tensor([0, 1, 2]), task_ids=[0, 1, 2])
     out.loss.backward()
-    assert pm.base_model.model.classifier.weight.grad is not None     # the head is trained (modules_to_save)
-    assert "contrastive" in pm.aux_losses
+    head = pm.base_model.model.classifier.modules_to_save["default"]
+    assert head.weight.grad is not None and "contrastive" in pm.aux_losses     # the head is trained
+    with torch.no_grad():
+        head.weight.add_(1.0)
+        pm.eval()
+        ref = pm(input_ids=X, task_ids=[0, 1, 2]).logits
+        pm.save_pretrained(tmp_path)
+        base = tiny_bert()
+        torch.nn.init.normal_(base.classifier.weight)          # a fresh random head, as from_pretrained gives
+        loaded = PeftModel.from_pretrained(base, tmp_path)
+        assert torch.equal(loaded(input_ids=X, task_ids=[0, 1, 2]).logits, ref)
 
 
 @pytest.mark.parametrize("method", sorted(set(METHODS) - set(PEFT_OWN_METHODS) - {"more"}))
@@ -195,3 +205,15 @@ def test_every_other_method_through_peft(method, tmp_path):
         pm.save_pretrained(tmp_path)
         loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
         assert torch.equal(loaded(input_ids=X, task_ids=[0, 1, 2]).logits, ref)
+
+
+def test_what_is_refused_says_why():
+    pm = peft.get_peft_model(tiny_llama(), more_config(task_type="CAUSAL_LM"))
+    with pytest.raises(morelora.MoreLoraError, match="every task in one adapter"):
+        pm.add_adapter("second", more_config())
+    with pytest.raises(morelora.MoreLoraError, match=r"name the task to merge: merge_and_unload\(task=...\)"):
+        pm.merge_and_unload()
+    with pytest.raises(ValueError, match="uses shared state"):
+        peft.inject_adapter_in_model(more_config(), tiny_llama())
+    with pytest.raises(morelora.UnknownTaskError, match="unknown task 'z'"):
+        pm(input_ids=X, task_ids=["a", "b", "z"])
