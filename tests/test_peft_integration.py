@@ -9,7 +9,7 @@ import json
 import peft
 import pytest
 import torch
-from _tiny import ids, nontrivial_options, tiny_bert, tiny_llama
+from _tiny import ids, nontrivial_options, tiny_bert, tiny_llama, tiny_t5
 from packaging.specifiers import SpecifierSet
 from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM
 from peft.utils import PeftType, register_peft_method
@@ -217,3 +217,18 @@ def test_what_is_refused_says_why():
         peft.inject_adapter_in_model(more_config(), tiny_llama())
     with pytest.raises(morelora.UnknownTaskError, match="unknown task 'z'"):
         pm(input_ids=X, task_ids=["a", "b", "z"])
+
+
+def test_seq2seq_forward_and_generate():
+    torch.manual_seed(0)
+    ours = get_more_model(tiny_t5(), more_config(task_embedding_std=1.0)).eval()
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(tiny_t5(), more_config(task_type="SEQ_2_SEQ_LM", task_embedding_std=1.0)).eval()
+    assert type(pm).__name__ == "PeftModelForSeq2SeqLM"
+    with torch.no_grad():
+        a = ours(input_ids=X, labels=X[:, :3].contiguous(), task_ids=[0, 1, 2])
+        b = pm(input_ids=X, labels=X[:, :3].contiguous(), task_ids=["a", "b", "c"])
+        assert torch.equal(a.logits, b.logits)
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=2)
+    assert torch.equal(ours.generate(input_ids=X, task_ids=[2, 1, 0], **kw),
+                       pm.generate(input_ids=X, task_ids=[2, 1, 0], **kw))
