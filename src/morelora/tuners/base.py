@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from peft import PeftConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -302,9 +303,14 @@ def grow_rows(param: nn.Parameter, init_from: int | None, std: float = 0.0) -> n
 
 
 # --------------------------------------------------------------------------------------------- model
+#: PeftConfig's own fields: bookkeeping of PEFT (method, base model id, inference mode), not what the adapter computes
+PEFT_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig))
+
+
 @dataclasses.dataclass
-class TaskAdapterConfig:
-    """Fields shared by every method's config."""
+class TaskAdapterConfig(PeftConfig):
+    """Fields shared by every method's config. A `peft.PeftConfig`: `peft.get_peft_model(model, config)` works for the
+    methods `morelora.peft_integration` registers with PEFT (`peft_type` is set from the method)."""
 
     #: fields a checkpoint may be loaded with a different value of: they only shape the initial weights, which the
     #: checkpoint replaces (every other field changes what the loaded adapter computes)
@@ -327,6 +333,10 @@ class TaskAdapterConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        from morelora.peft_integration import peft_type_of  # registers morelora's methods with PEFT once
+
+        self.peft_type = peft_type_of(type(self))
         if isinstance(self.tasks, str):
             self.tasks = [self.tasks]
         self.tasks = list(self.tasks)
@@ -347,6 +357,17 @@ class TaskAdapterConfig:
                 f"unknown option(s) {unknown} for {cls.__name__}; valid options: {sorted(names)}"
             )
         return cls(**d)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any):
+        """The config in an `adapter_config.json` that PEFT reads (`PeftConfig.from_pretrained`): PEFT's flat format
+        (what `PeftModel.save_pretrained` writes) or morelora's (`TaskAdapterModel.save_pretrained`: the fields under
+        "config"); PEFT's bookkeeping fields come from the top level in both."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        own = kwargs["config"] if isinstance(kwargs.get("config"), dict) else kwargs
+        values = {k: v for k, v in own.items() if k in fields and k not in PEFT_FIELDS}
+        values.update({k: v for k, v in kwargs.items() if k in PEFT_FIELDS and k != "peft_type"})
+        return cls(**values)
 
 
 class TaskAdapterModel(nn.Module):
@@ -530,6 +551,13 @@ class TaskAdapterModel(nn.Module):
             out.loss = loss
         return out
 
+    def weighted_aux_loss(self) -> torch.Tensor | None:
+        """The last forward's auxiliary losses times their weights, summed (what `forward` added to `out.loss`); None
+        without any. For a trainer that computes its own loss from the logits (TRL's SFTTrainer)."""
+        terms = [getattr(self.config, self.aux_loss_weights.get(name, ""), 0.0) * value
+                 for name, value in self.aux_losses.items()]
+        return sum(terms[1:], terms[0]) if terms else None
+
     # -- gradient checkpointing
     def _keep_call_state_for_checkpointing(self) -> None:
         """Wrap the checkpoint function transformers gave its layers (`gradient_checkpointing_enable()`, before or
@@ -712,6 +740,10 @@ class TaskAdapterModel(nn.Module):
         try:
             save_file(self.adapter_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             meta = {
+                # read by PEFT (`PeftModel.from_pretrained` on this folder): the method and the base model's hub id
+                "peft_type": self.config.peft_type,
+                "base_model_name_or_path": hub_id(getattr(getattr(self.base_model, "config", None), "_name_or_path",
+                                                          None)) or None,
                 "morelora_method": self.method_name,
                 "config": self.config.to_dict(),
                 "tasks": self.tasks,
@@ -778,7 +810,8 @@ class TaskAdapterModel(nn.Module):
         saved, own = meta["config"], json.loads(json.dumps(self.config.to_dict()))
         tasks = list(saved.get("tasks", self.tasks))
         diffs = [f"{k}: checkpoint {saved[k]!r}, this model {own[k]!r}" for k in own
-                 if k in saved and k != "tasks" and k not in self.config.load_may_differ and saved[k] != own[k]]
+                 if k in saved and k != "tasks" and k not in self.config.load_may_differ and k not in PEFT_FIELDS
+                 and saved[k] != own[k]]
         if sorted(tasks) != sorted(self.tasks):
             diffs.insert(0, f"tasks: checkpoint {tasks!r}, this model {self.tasks!r}")
         if diffs:
