@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from morelora.values import as_float  # re-exported: the name callers know
+
 __all__ = [
     "AUTO_HEAD_LR",
     "ConfigError",
@@ -481,15 +483,3 @@ def _check(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None = None
             raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
         return value
     raise bad()  # pragma: no cover - a field type this module does not handle
-
-
-def as_float(value: Any) -> float | None:
-    """Numbers and numeric strings ("1e-3": YAML 1.1 reads it as a string) as float; None for anything else."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from morelora.config import as_float
 from morelora.data import offline
 from morelora.data.splits import SPLIT_SEED, SPLITS, Example, Splits, hold_out, split_by_fractions, subsample
 from morelora.errors import MoreLoraError, UnknownTaskError
+from morelora.values import as_float
 
 KINDS = ("classification", "regression", "multiple_choice", "text2text")
 #: Seed of evaluation subsampling (``max_eval``): fixed, so every training seed sees the same eval set.
