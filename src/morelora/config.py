@@ -3,7 +3,7 @@
 A run config has five blocks::
 
     model:  {name_or_path, kind, max_length, max_target_length, dtype, quantization}
-    tasks:  [names]             task_files: {name: {path, kind}}
+    tasks:  [names]             task_files: {name: {path, kind, labels}}
     data:   {source, max_train_per_task, max_eval_per_task, sampling, temperature, mixed_batches}
     method: {name: more, <options passed to morelora.methods.build_method>}
     train:  {output_dir, seed, lr, weight_decay, batch_size, ..., max_steps, save_steps, eval_steps}
@@ -131,6 +131,9 @@ class TaskFileConfig:
 
     path: str
     kind: str = field(metadata=_choices(*TASK_KINDS))
+    #: classification: the class names in index order. Declared, every label must be one of them (or an index
+    #: below their number); undeclared, mixed names and indices or indices with gaps are refused
+    labels: list[str] | None = None
 
 
 @dataclass

@@ -66,7 +66,7 @@ def build_tasks(cfg: RunConfig) -> list[TaskSpec]:
     for name in cfg.tasks:
         if name in cfg.task_files:
             f = cfg.task_files[name]
-            spec = TaskSpec.from_file(name, f.path, f.kind)
+            spec = TaskSpec.from_file(name, f.path, f.kind, labels=f.labels)
         else:
             spec = get_task(_source_name(name, cfg.data.source))
             spec.name = name
