@@ -174,8 +174,16 @@ class TrainConfig:
     # matches) trains at ``ratio`` x its learning rate (``lr``, or ``head_lr`` for task heads); e.g. a MoRE router
     # at 10x (YAML): ``{'\.(task_embedding|gate\.(weight|bias)|router_logits)$': 10}``; LoRA+: ``{lora_B: 16}``
     lr_ratios: dict[str, float] = field(default_factory=dict)
+    # the checkpoint with the best validation average (evaluated every eval_steps) is the run's result: the test
+    # evaluation, and load_run / eval / export / serve by default; evaluation steps are checkpoint steps then
+    select_best: bool = False
+    # stop when the validation average has not risen for this many evaluations in a row
+    early_stopping_patience: int | None = field(default=None, metadata=_at_least(1))
 
     def __post_init__(self) -> None:
+        if (self.select_best or self.early_stopping_patience) and not self.eval_steps:
+            raise ConfigError("train.select_best and train.early_stopping_patience work on validation scores: "
+                              "set train.eval_steps (evaluate every N steps)")
         for pattern, ratio in self.lr_ratios.items():
             try:
                 re.compile(pattern)

@@ -28,6 +28,7 @@ from morelora.errors import CheckpointError, MoreLoraError
 
 __all__ = [
     "ADAPTER_DIR",
+    "BEST_NAME",
     "LOCK_NAME",
     "LOG_FILES",
     "ROUTING_FILE",
@@ -37,6 +38,7 @@ __all__ = [
     "RunError",
     "RunLock",
     "TrainingStopped",
+    "best_checkpoint",
     "check_new_run_dir",
     "finalize_checkpoint",
     "latest_checkpoint",
@@ -200,15 +202,29 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint to load from a run folder: `checkpoint` if given, else the newest complete one."""
+    """The checkpoint to load from a run folder: `checkpoint` if given, else the run's selected one
+    (``train.select_best``: :func:`best_checkpoint`), else the newest complete one."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    path = Path(checkpoint) if checkpoint else best_checkpoint(run_dir) or latest_checkpoint(run_dir)
     if path is None or not (path / ADAPTER_DIR).is_dir():
         raise RunError(f"no complete checkpoint in {run_dir}" if checkpoint is None
                        else f"{checkpoint} is not a complete checkpoint folder")
     return path
+
+
+#: ``train.select_best``: the checkpoint with the best validation score, ``{"step", "metric", "score"}``
+BEST_NAME = "best_checkpoint.json"
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``train.select_best`` chose (``RUN/best_checkpoint.json``), when it exists and is complete."""
+    path = run_dir / BEST_NAME
+    if not path.is_file():
+        return None
+    step = json.loads(path.read_text())["step"]
+    return next((p for s, p in list_checkpoints(run_dir) if s == step), None)
 
 
 def tmp_checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -261,12 +277,14 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
 
 
-def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
-    """Delete the oldest complete checkpoints beyond ``keep`` (None or <= 0: keep all)."""
+def prune_checkpoints(run_dir: Path, keep: int | None, protect: int | None = None) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep`` (None or <= 0: keep all), except that of step
+    ``protect`` (the best one so far, ``train.select_best``), which is kept besides them."""
     if not keep or keep <= 0:
         return
-    for _, path in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    for step, path in list_checkpoints(run_dir)[:-keep]:
+        if step != protect:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:

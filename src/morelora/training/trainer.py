@@ -140,6 +140,9 @@ def _train(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, resume: bool
     routing = _RoutingLogger(run_dir, accelerator)
     tracker = _LossTracker()
     tracker.load_state_dict(state.window, accelerator.device)
+    history = _validation_history(run_dir) if resume else []   # (step, validation average), for select_best
+    if accelerator.is_main_process:
+        (run_dir / ckpt.BEST_NAME).unlink(missing_ok=True)   # chosen again at the end
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
 
@@ -147,9 +150,9 @@ def _train(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, resume: bool
         model.train()
         if resume and _eval_due(tc, state.step) and not _validation_logged(run_dir, state.step):
             # stopped between the checkpoint of an evaluation step and its evaluation: that evaluation is done now
-            _evaluate_during_training(run, accelerator, logger, state.step)
+            history.append((state.step, _evaluate_during_training(run, accelerator, logger, state.step, history)))
             model.train()
-        while state.step < tc.max_steps:
+        while state.step < tc.max_steps and not _patience_out(history, tc.early_stopping_patience):
             t0 = time.perf_counter()
             finite = _train_step(run, model, batches, optimizer, scheduler, accelerator, state.step, tracker)
             state.step += 1
@@ -163,12 +166,20 @@ def _train(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, resume: bool
                 bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
                 logger.log(row)
                 routing.log(run.model, state.step)
-            saved = (tc.save_steps and state.step % tc.save_steps == 0) or state.step == tc.max_steps
+            saved = ((tc.save_steps and state.step % tc.save_steps == 0) or state.step == tc.max_steps
+                     or (tc.select_best and _eval_due(tc, state.step)))
             if saved or stopping:
-                _save_checkpoint(accelerator, run, run_dir, state, tracker)
-            if _eval_due(tc, state.step):
-                _evaluate_during_training(run, accelerator, logger, state.step)   # the curve ends at the last step
+                _save_checkpoint(accelerator, run, run_dir, state, tracker, _best(history))
+            if _eval_due(tc, state.step):   # the curve ends at the last step
+                history.append((state.step, _evaluate_during_training(run, accelerator, logger, state.step,
+                                                                      history)))
                 model.train()
+                if _patience_out(history, tc.early_stopping_patience):
+                    accelerator.print(f"early stopping at step {state.step}: the validation average has not risen "
+                                      f"for {tc.early_stopping_patience} evaluations (best "
+                                      f"{_best(history)[1]:.4f} at step {_best(history)[0]})")
+                    if not (saved or stopping):
+                        _save_checkpoint(accelerator, run, run_dir, state, tracker, _best(history))
             if stopping:
                 raise stop.stopped(run_dir, state.step)
     except BaseException:   # stopped: the logs' files closed, the bar ended
@@ -178,11 +189,21 @@ def _train(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, resume: bool
     bar.close()
     stop.restore()   # the checkpoint of the last step exists: a signal during the test pass just ends the process
 
+    tested, selected = f"checkpoint-{state.step}", None
+    if tc.select_best and history:
+        step, score = _best(history)
+        selected, tested = {"metric": "validation eval_average", "step": step, "score": score}, f"checkpoint-{step}"
+        if step != state.step:
+            run.model.load_adapter(run_dir / tested / ckpt.ADAPTER_DIR)
+        if accelerator.is_main_process:
+            _write_json(run_dir / ckpt.BEST_NAME, selected)
+        accelerator.print(f"selected {tested}: the best validation average, {score:.4f}")
     result = evaluate(run, "test", tc.eval_batch_size, accelerator, keep_predictions=True, progress=True)
     if accelerator.is_main_process:
-        predictions = {"split": "test", "checkpoint": f"checkpoint-{state.step}",
-                       "tasks": result.pop("predictions")}
+        predictions = {"split": "test", "checkpoint": tested, "tasks": result.pop("predictions")}
         _write_json(run_dir / "test_predictions.json", predictions, indent=None)
+        if selected:
+            result["selected"] = selected
         _write_eval(run_dir / "eval.json", result, run, state)
     accelerator.wait_for_everyone()
     logger.close()
@@ -578,7 +599,7 @@ def _register_checkpointing(accelerator: Accelerator, sampler: MultiTaskSampler)
 
 
 def _save_checkpoint(accelerator: Accelerator, run: Run, run_dir: Path, state: TrainState,
-                     tracker: _LossTracker) -> None:
+                     tracker: _LossTracker, best: tuple[int, float] | None = None) -> None:
     """``accelerator.save_state`` into ``checkpoint-<step>.tmp``, then an atomic rename. Refuses non-finite adapter
     weights (:class:`~morelora.training.checkpoint.NonFiniteError`); a full disk removes the partial folder and
     raises :class:`~morelora.training.checkpoint.DiskFullError`, older checkpoints kept."""
@@ -604,7 +625,8 @@ def _save_checkpoint(accelerator: Accelerator, run: Run, run_dir: Path, state: T
         shutil.rmtree(tmp, ignore_errors=True)
         raise ckpt.DiskFullError(ckpt.disk_full_message(run_dir, state.step, needed)) from None
     if accelerator.is_main_process:
-        ckpt.prune_checkpoints(run_dir, run.cfg.train.save_total_limit)
+        protect = best[0] if best is not None and run.cfg.train.select_best else None
+        ckpt.prune_checkpoints(run_dir, run.cfg.train.save_total_limit, protect)
     accelerator.wait_for_everyone()
 
 
@@ -669,12 +691,39 @@ def _validation_logged(run_dir: Path, step: int) -> bool:
     return any(r.get("split") == "validation" and r.get("step") == step for r in rows)
 
 
-def _evaluate_during_training(run: Run, accelerator: Accelerator, logger: _MetricsLogger, step: int) -> None:
+def _evaluate_during_training(run: Run, accelerator: Accelerator, logger: _MetricsLogger, step: int,
+                              history: list[tuple[int, float]]) -> float:
+    """The validation row of ``step`` (logged and printed); returns the validation average."""
     with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG stream
         result = evaluate(run, "validation", run.cfg.train.eval_batch_size, accelerator)
     row = {"step": step, "split": "validation", "eval_average": result["average"]}
     row.update({f"eval_{t}": r["score"] for t, r in result["tasks"].items()})
     logger.log(row)
+    best = _best(history)
+    mark = ("  (best so far)" if best is None or result["average"] > best[1]
+            else f"  (best {best[1]:.4f} at step {best[0]})")
+    scores = ", ".join(f"{t} {r['score']:.4f}" for t, r in result["tasks"].items())
+    accelerator.print(f"validation at step {step}: average {result['average']:.4f} ({scores}){mark}")
+    return result["average"]
+
+
+def _validation_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation average) of every validation row in ``metrics.jsonl`` (a resumed run's, truncated)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [(r["step"], r["eval_average"]) for r in rows if r.get("split") == "validation"]
+
+
+def _best(history: list[tuple[int, float]]) -> tuple[int, float] | None:
+    """The (step, score) of the highest validation average (the earliest of equal ones), None before any."""
+    return max(history, key=lambda h: (h[1], -h[0])) if history else None
+
+
+def _patience_out(history: list[tuple[int, float]], patience: int | None) -> bool:
+    """``train.early_stopping_patience``: the last ``patience`` evaluations all came after the best one."""
+    if not patience or not history:
+        return False
+    return len(history) - 1 - history.index(_best(history)) >= patience
 
 
 def _write_eval(path: Path, result: dict[str, Any], run: Run, state: TrainState | None) -> None:
@@ -709,7 +758,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Pat
     ``eval_<split>_no_adapter.json`` (marked ``"adapter": "disabled"``; no predictions file), beside the others."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, checkpoint)
-    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
     accelerator = Accelerator(mixed_precision=run.cfg.train.mixed_precision)
     run.model.to(accelerator.device)
     with run.model.disable_adapter() if no_adapter else contextlib.nullcontext():
