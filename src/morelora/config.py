@@ -148,6 +148,10 @@ class DataConfig:
     mixed_batches: bool = False
 
 
+#: ``train.report_to``: the trackers (accelerate's classes) a run's metrics rows can go to
+REPORT_TO = ("tensorboard", "wandb", "mlflow")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, logging and checkpointing. Steps are optimizer steps."""
@@ -179,8 +183,15 @@ class TrainConfig:
     select_best: bool = False
     # stop when the validation average has not risen for this many evaluations in a row
     early_stopping_patience: int | None = field(default=None, metadata=_at_least(1))
+    # trackers for the metrics rows, through accelerate's tracker classes: tensorboard (RUN/tensorboard), wandb
+    # (RUN/wandb; WANDB_MODE=offline works), mlflow (RUN/mlflow.db unless MLFLOW_TRACKING_URI is set); null =
+    # tensorboard when it is installed, [] = none (metrics.jsonl is always written)
+    report_to: list[str] | None = None
 
     def __post_init__(self) -> None:
+        unknown = [r for r in self.report_to or [] if r not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"train.report_to: unknown tracker {unknown[0]!r}; choose from {', '.join(REPORT_TO)}")
         if (self.select_best or self.early_stopping_patience) and not self.eval_steps:
             raise ConfigError("train.select_best and train.early_stopping_patience work on validation scores: "
                               "set train.eval_steps (evaluate every N steps)")
@@ -324,7 +335,7 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
 
 #: Train keys that do not change what a run learns (where it writes, how often it logs / saves / evaluates).
 BOOKKEEPING_TRAIN_KEYS = ("output_dir", "logging_steps", "save_steps", "eval_steps", "save_total_limit",
-                          "eval_batch_size")
+                          "eval_batch_size", "report_to")
 
 
 def config_diff(old: RunConfig, new: RunConfig, ignore: Iterable[str] = ()) -> list[str]:

@@ -115,6 +115,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, resume: bool
            stop: _StopSignals) -> Path:
     tc = cfg.train
     ckpt.check_new_run_dir(run_dir, resume)
+    report_to(cfg)   # a tracker that is not installed: refused before anything loads
     if checkpoint is not None:
         checkpoint = ckpt.resolve_checkpoint(run_dir, checkpoint)
     if resume:
@@ -136,7 +137,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, resume: bool
     if accelerator.is_main_process:   # the code each stretch of the run trained with (runs span sessions)
         ckpt.record_provenance(run_dir, "resume" if resume else "start", state.step)
     batches = _batches(sampler, make_collator(run, train=True), run, accelerator)
-    logger = _MetricsLogger(run_dir, accelerator)
+    logger = _MetricsLogger(run_dir, accelerator, cfg)
     routing = _RoutingLogger(run_dir, accelerator)
     tracker = _LossTracker()
     tracker.load_state_dict(state.window, accelerator.device)
@@ -532,34 +533,79 @@ class _LossTracker:
 
 
 class _MetricsLogger:
-    """``metrics.jsonl`` (main process) and TensorBoard when it is installed."""
+    """``metrics.jsonl`` and the ``train.report_to`` trackers (accelerate's tracker classes), main process only."""
 
-    def __init__(self, run_dir: Path, accelerator: Accelerator) -> None:
+    def __init__(self, run_dir: Path, accelerator: Accelerator, cfg: RunConfig) -> None:
         self.main = accelerator.is_main_process
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if self.main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
+        self.trackers = _make_trackers(cfg, run_dir) if self.main else []
+        for tracker in self.trackers:
+            tracker.start()
+            tracker.store_init_configuration(_flat_config(cfg))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, row["step"])
+        values = {k: v for k, v in row.items()
+                  if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)}
+        for tracker in self.trackers:
+            tracker.log(values, step=row["step"])
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+def report_to(cfg: RunConfig) -> list[str]:
+    """The trackers a run logs to: ``train.report_to``, or TensorBoard when it is installed (null). A tracker
+    that is not installed is a ConfigError naming the package."""
+    import importlib.util
+
+    names = cfg.train.report_to
+    if names is None:
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        raise ConfigError(f"train.report_to: {missing[0]} is not installed (pip install {missing[0]}), or remove it "
+                          "from train.report_to")
+    return list(names)
+
+
+def _make_trackers(cfg: RunConfig, run_dir: Path) -> list[Any]:
+    """accelerate's tracker objects, each writing beside the run (offline / local modes work as their docs say)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    trackers = []
+    for name in report_to(cfg):
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker("tensorboard", run_dir))
+        elif name == "wandb":
+            trackers.append(WandBTracker("morelora", name=run_dir.name, dir=str(run_dir)))
+        else:
+            if "MLFLOW_TRACKING_URI" not in os.environ:
+                import mlflow
+
+                mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")   # MLflow's local store
+            trackers.append(MLflowTracker(experiment_name="morelora", run_name=run_dir.name))
+    return trackers
+
+
+def _flat_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as ``{"train.lr": 0.001, ...}`` of scalars (lists and mappings as text): tracker hparams."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node and prefix.count(".") < 1:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = node if isinstance(node, (bool, int, float, str)) else json.dumps(node)
+
+    walk("", cfg.to_dict())
+    return flat
 
 
 class _RoutingLogger:
