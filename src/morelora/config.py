@@ -119,6 +119,9 @@ class ModelConfig:
     # recompute each transformer block in backward instead of keeping its activations (transformers' gradient
     # checkpointing, non-reentrant): less memory (a 7B model on one GPU), ~1/3 more compute per step
     gradient_checkpointing: bool = False
+    # causal models: each prompt as a user turn of the tokenizer's chat template (then its generation prompt), the
+    # answer after it; false: the plain "<task>: <input> answer:" prompt (the default, as earlier runs trained)
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         if self.name_or_path in ("", "minilm"):

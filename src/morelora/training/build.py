@@ -181,7 +181,12 @@ def build_run(cfg: RunConfig, with_data: bool = True) -> Run:
     check_method(cfg, [s.name for s in specs])
     data = load_data(cfg, specs) if with_data else [{"train": [], "validation": [], "test": []} for _ in specs]
     kind = model_kind(cfg.model)
+    if cfg.model.chat_template and kind != "causal":
+        raise ConfigError(f"model.chat_template applies to causal models; {cfg.model.name_or_path} is {kind}")
     tokenizer, model = build_model(cfg, kind, specs)
+    if cfg.model.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"model.chat_template: the tokenizer of {cfg.model.name_or_path} has no chat template; "
+                          "set model.chat_template: false (the plain prompt)")
     return Run(cfg, kind, specs, data, tokenizer, model)
 
 

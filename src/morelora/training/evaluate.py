@@ -38,7 +38,8 @@ def make_collator(run: Run, train: bool = True) -> EncoderCollator | Text2TextCo
     if run.kind == "encoder":
         return EncoderCollator(run.tokenizer, run.specs, max_length=m.max_length, siamese=m.encoding == "siamese")
     return Text2TextCollator(run.tokenizer, run.specs, max_length=m.max_length,
-                             max_target_length=m.max_target_length, causal=run.kind == "causal")
+                             max_target_length=m.max_target_length, causal=run.kind == "causal",
+                             chat=m.chat_template)
 
 
 @torch.no_grad()
