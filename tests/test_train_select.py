@@ -25,7 +25,9 @@ def _rows(run_dir: Path) -> list[dict]:
 def _scripted_validation(monkeypatch, averages: list[float]) -> None:
     """Validation averages as given (the per-task scores stay real): the selection is checked against known
     numbers, whatever a tiny random model's scores do."""
-    real, scripted = trainer_module.evaluate, iter(averages)
+    from morelora.training.evaluate import evaluate as real
+
+    scripted = iter(averages)
 
     def fake(run, split, *args, **kwargs):
         result = real(run, split, *args, **kwargs)
@@ -100,3 +102,26 @@ def test_selection_needs_validation_scores() -> None:
     for key in ("select_best", "early_stopping_patience"):
         with pytest.raises(ConfigError, match="set train.eval_steps"):
             RunConfig.from_dict({"train": {key: 3 if key == "early_stopping_patience" else True}})
+
+
+def test_a_resumed_run_selects_on_the_whole_validation_curve(tmp_path: Path, tiny_bert: str, run_config,
+                                                             monkeypatch) -> None:
+    """Stopped after step 6 and resumed: the best (step 4, 0.7) comes from the validation rows logged before the
+    stop, not only from the evaluations after the resume (which alone would pick step 8, 0.65)."""
+    import shutil
+
+    _scripted_validation(monkeypatch, [0.5, 0.7, 0.6, 0.65])
+    config = _config(tiny_bert, tmp_path / "straight", run_config, tmp_path, max_steps=8, select_best=True)
+    cfg = yaml.safe_load(config.read_text())
+    straight = trainer_module.train(RunConfig.from_dict(cfg))
+    stopped = shutil.copytree(straight, tmp_path / "stopped")
+    shutil.rmtree(stopped / "checkpoint-8")
+    for name in ("eval.json", "best_checkpoint.json", "test_predictions.json"):
+        (stopped / name).unlink()
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(straight) if r["step"] <= 6))
+    _scripted_validation(monkeypatch, [0.65])
+    trainer_module.train(RunConfig.from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(stopped)}}),
+                         resume=True)
+    assert json.loads((stopped / "best_checkpoint.json").read_text())["step"] == 4
+    assert json.loads((stopped / "eval.json").read_text())["selected"] == {
+        "metric": "validation eval_average", "step": 4, "score": 0.7}
