@@ -107,8 +107,8 @@ def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_core_modules_import_alone_without_the_experiments_layer() -> None:
     """Each module of the two former circles, first in a fresh interpreter: it imports, and the core ones load
     nothing of ``morelora.experiments``."""
-    modules = ["morelora.metrics", "morelora.config", "morelora.data", "morelora.data.tasks", "morelora.training",
-               "morelora.training.evaluate", "morelora.experiments.statistics", "morelora.experiments.runs"]
+    modules = ["morelora.metrics", "morelora.config", "morelora.data.tasks", "morelora.training.evaluate",
+               "morelora.experiments.statistics", "morelora.experiments.runs"]
     code = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('morelora.experiments'))))")
     for module in modules:
