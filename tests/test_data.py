@@ -551,3 +551,72 @@ def test_the_commonsense_extra_tasks_read_the_package_files_by_hand():
         assert want in train_docs
         assert len(splits["validation"]) == 500 and len(splits["test"]) == len(val_docs)
         assert all(len(ex["choices"]) == n_choices and 0 <= ex["gold"] < n_choices for s in splits.values() for ex in s)
+
+
+# ------------------------------------------------------------------------------------------ odd labels (issue 38)
+
+
+def _labels_file(tmp_path: Path, suffix: str, labels: list) -> Path:
+    return _write_rows(tmp_path / f"labels{suffix}", [{"text": f"t{i}", "label": v} for i, v in enumerate(labels)])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_class_index_among_class_names_is_refused_naming_its_line(tmp_path, suffix):
+    """Names plus one integer 1 used to make classes ['1', 'negative', 'positive'], shifting the others."""
+    path = _labels_file(tmp_path, suffix, ["positive", "negative"] * 5 + [1] + ["negative"])
+    message = _file_error(path, "classification")
+    assert message == (f"{path}, {_WHERE[suffix](10)}: label {1 if suffix == '.jsonl' else '1'!r} is a class index, "
+                       f"but the other rows' labels are class names (e.g. 'positive' at {_WHERE[suffix](0)}); use "
+                       "one or the other, or declare the task's labels (task_files.<task>.labels: [names in index "
+                       "order])")
+    # declared labels: the index means the declared class; names map in the declared order, not sorted
+    spec = TaskSpec.from_file("x", path, "classification", labels=["positive", "negative"])
+    assert spec.num_labels == 2 and spec.label_words == ["positive", "negative"]
+    got = sorted((e["text"], e["label"]) for s in spec.load().values() for e in s)
+    assert got == sorted([(f"t{i}", i % 2) for i in range(10)] + [("t10", 1), ("t11", 1)])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_integer_labels_with_a_gap_are_refused_unless_declared(tmp_path, suffix):
+    """0/1 plus one 7 used to give num_labels 8."""
+    path = _labels_file(tmp_path, suffix, [0, 1] * 5 + [7])
+    message = _file_error(path, "classification")
+    assert message == (f"{path}, {_WHERE[suffix](10)}: label 7 leaves a gap: no row has class 2 to 6, so this label "
+                       "would make 8 classes; class indices run 0 to N-1, or declare the task's labels "
+                       "(task_files.<task>.labels: [names in index order])")
+    with pytest.raises(TaskFileError, match=r"line \d+: label '?7'? is not a class index of the task's 2 declared "
+                                            r"labels \(0 to 1: no, yes\)"):
+        TaskSpec.from_file("x", path, "classification", labels=["no", "yes"])
+    spec = TaskSpec.from_file("x", path, "classification", labels=[f"c{i}" for i in range(8)])
+    assert spec.num_labels == 8   # declared: the file holds some of the task's classes only
+    assert TaskSpec.from_file("x", _labels_file(tmp_path, ".jsonl", [0, 1, 2, 1]), "classification").num_labels == 3
+
+
+def test_a_class_seen_once_is_warned_about_and_an_undeclared_name_refused(tmp_path, caplog):
+    path = _labels_file(tmp_path, ".jsonl", ["positive", "negative"] * 5 + ["neutral"])
+    with caplog.at_level("WARNING", logger="morelora.data.tasks"):
+        spec = TaskSpec.from_file("x", path, "classification")
+    assert spec.num_labels == 3 and spec.label_words == ["negative", "neutral", "positive"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {path}, line 11: class 'neutral' occurs in this row only (of 11): a typo? Declare the task's "
+        "labels to keep it without this warning"]
+    caplog.clear()
+    with pytest.raises(TaskFileError) as err:
+        TaskSpec.from_file("x", path, "classification", labels=["negative", "positive"])
+    assert str(err.value) == (f"{path}, line 11: label 'neutral' is not one of the task's declared labels "
+                              "(negative, positive)")
+    with caplog.at_level("WARNING", logger="morelora.data.tasks"):
+        TaskSpec.from_file("x", path, "classification", labels=["negative", "neutral", "positive"])
+    assert caplog.records == []
+
+
+def test_task_files_declare_labels_in_the_run_config(tmp_path):
+    from morelora.config import RunConfig
+    from morelora.training.build import build_tasks
+
+    path = _labels_file(tmp_path, ".jsonl", ["b", "a"] * 4)
+    cfg = RunConfig.from_dict({"task_files": {"t": {"path": str(path), "kind": "classification",
+                                                    "labels": ["b", "a"]}}})
+    spec, = build_tasks(cfg)
+    labels = {e["text"]: e["label"] for s in spec.load().values() for e in s}
+    assert spec.label_words == ["b", "a"] and labels["t0"] == 0 and labels["t1"] == 1   # declared order, not sorted

@@ -420,8 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MORELORA_DEBUG"):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"morelora: error: {message}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", None)   # a run stopped by a signal: 128 + its number, and not an error
+        print(f"morelora: {'' if code else 'error: '}{message}", file=sys.stderr)
+        return code or 2
     except KeyboardInterrupt:
         print("morelora: interrupted", file=sys.stderr)
         return 130

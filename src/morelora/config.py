@@ -3,7 +3,7 @@
 A run config has five blocks::
 
     model:  {name_or_path, kind, max_length, max_target_length, dtype, quantization}
-    tasks:  [names]             task_files: {name: {path, kind}}
+    tasks:  [names]             task_files: {name: {path, kind, labels}}
     data:   {source, max_train_per_task, max_eval_per_task, sampling, temperature, mixed_batches}
     method: {name: more, <options passed to morelora.methods.build_method>}
     train:  {output_dir, seed, lr, weight_decay, batch_size, ..., max_steps, save_steps, eval_steps}
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from morelora.values import as_float  # re-exported: the name callers know
 
 __all__ = [
     "AUTO_HEAD_LR",
@@ -123,6 +125,9 @@ class ModelConfig:
     # recompute each transformer block in backward instead of keeping its activations (transformers' gradient
     # checkpointing, non-reentrant): less memory (a 7B model on one GPU), ~1/3 more compute per step
     gradient_checkpointing: bool = False
+    # causal models: each prompt as a user turn of the tokenizer's chat template (then its generation prompt), the
+    # answer after it; false: the plain "<task>: <input> answer:" prompt (the default, as earlier runs trained)
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         if self.name_or_path in ("", "minilm"):
@@ -135,6 +140,9 @@ class TaskFileConfig:
 
     path: str
     kind: str = field(metadata=_choices(*TASK_KINDS))
+    #: classification: the class names in index order. Declared, every label must be one of them (or an index
+    #: below their number); undeclared, mixed names and indices or indices with gaps are refused
+    labels: list[str] | None = None
 
 
 @dataclass
@@ -147,6 +155,10 @@ class DataConfig:
     sampling: str = field(default="exp", metadata=_choices("exp", "proportional", "uniform", "temperature"))
     temperature: float = field(default=1.0, metadata=_at_least(1e-6))
     mixed_batches: bool = False
+
+
+#: ``train.report_to``: the trackers (accelerate's classes) a run's metrics rows can go to
+REPORT_TO = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass
@@ -175,8 +187,23 @@ class TrainConfig:
     # matches) trains at ``ratio`` x its learning rate (``lr``, or ``head_lr`` for task heads); e.g. a MoRE router
     # at 10x (YAML): ``{'\.(task_embedding|gate\.(weight|bias)|router_logits)$': 10}``; LoRA+: ``{lora_B: 16}``
     lr_ratios: dict[str, float] = field(default_factory=dict)
+    # the checkpoint with the best validation average (evaluated every eval_steps) is the run's result: the test
+    # evaluation, and load_run / eval / export / serve by default; evaluation steps are checkpoint steps then
+    select_best: bool = False
+    # stop when the validation average has not risen for this many evaluations in a row
+    early_stopping_patience: int | None = field(default=None, metadata=_at_least(1))
+    # trackers for the metrics rows, through accelerate's tracker classes: tensorboard (RUN/tensorboard), wandb
+    # (RUN/wandb; WANDB_MODE=offline works), mlflow (RUN/mlflow.db unless MLFLOW_TRACKING_URI is set); null =
+    # tensorboard when it is installed, [] = none (metrics.jsonl is always written)
+    report_to: list[str] | None = None
 
     def __post_init__(self) -> None:
+        unknown = [r for r in self.report_to or [] if r not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"train.report_to: unknown tracker {unknown[0]!r}; choose from {', '.join(REPORT_TO)}")
+        if (self.select_best or self.early_stopping_patience) and not self.eval_steps:
+            raise ConfigError("train.select_best and train.early_stopping_patience work on validation scores: "
+                              "set train.eval_steps (evaluate every N steps)")
         for pattern, ratio in self.lr_ratios.items():
             try:
                 re.compile(pattern)
@@ -317,7 +344,7 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
 
 #: Train keys that do not change what a run learns (where it writes, how often it logs / saves / evaluates).
 BOOKKEEPING_TRAIN_KEYS = ("output_dir", "logging_steps", "save_steps", "eval_steps", "save_total_limit",
-                          "eval_batch_size")
+                          "eval_batch_size", "report_to")
 
 
 def config_diff(old: RunConfig, new: RunConfig, ignore: Iterable[str] = ()) -> list[str]:
@@ -487,15 +514,3 @@ def _check(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None = None
             raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
         return value
     raise bad()  # pragma: no cover - a field type this module does not handle
-
-
-def as_float(value: Any) -> float | None:
-    """Numbers and numeric strings ("1e-3": YAML 1.1 reads it as a string) as float; None for anything else."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None

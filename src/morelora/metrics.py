@@ -23,7 +23,6 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from morelora.data.tasks import Example, TaskSpec
-from morelora.experiments.statistics import bootstrap_tail
 
 
 def _correlation(fn: Callable) -> Callable[[Sequence, Sequence, TaskSpec], float]:
@@ -143,6 +142,15 @@ def _constant_prediction(spec: TaskSpec, train: Sequence[Example]) -> Any:
     return min(counts, key=lambda v: (-counts[v], v))
 
 
+def bootstrap_tail(diffs: np.ndarray, upper: bool = False) -> float:
+    """One-sided bootstrap p-value: the add-one fraction ``(#{d <= 0} + 1) / (B + 1)`` of the resampled
+    differences at or below 0 (``upper``: at or above 0). The add-one keeps it above 0 with finitely many
+    resamples."""
+    d = np.asarray(diffs)
+    count = np.count_nonzero(d >= 0) if upper else np.count_nonzero(d <= 0)
+    return float((count + 1) / (len(d) + 1))
+
+
 def reference_gap(spec: TaskSpec, predictions: Sequence, train: Sequence[Example], test: Sequence[Example],
                   n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
     """How far the main score is above the trivial predictor's (:func:`reference_score`), with uncertainty.
@@ -151,7 +159,7 @@ def reference_gap(spec: TaskSpec, predictions: Sequence, train: Sequence[Example
     and the trivial predictor's score are computed. Returns ``diff`` (observed score - reference score), the
     percentile ``confidence`` interval ``low`` / ``high`` of the difference, and the one-sided bootstrap
     ``p`` of "no better than the reference": ``(#{diff* <= 0} + 1) / (n_resamples + 1)``
-    (:func:`morelora.experiments.statistics.bootstrap_tail`, the tail of compare's two-sided p).
+    (:func:`bootstrap_tail`, the tail of compare's two-sided p in :mod:`morelora.experiments.statistics`).
     """
     refs, preds = references(spec, test), list(predictions)
     n, main = len(refs), spec.main_metric

@@ -172,18 +172,12 @@ def parse_inputs(run: Run, task: int, inputs: list[Any], param: str = "inputs", 
 
 
 def is_truncated(run: Run, task: int, ex: dict, tokenizer: Any) -> bool:
-    """Whether the collator cuts ``ex`` (it has more tokens than the run's ``model.max_length`` allows)."""
-    m, tok = run.cfg.model, tokenizer
-    if run.kind == "encoder":   # the collator's own sequences (siamese rows, choices, task prefix, label texts)
-        from morelora.training.evaluate import make_collator
+    """Whether the collator cuts ``ex``: the run's own collator decides (siamese rows, choices, task prefix, label
+    texts, causal prompts with their answer cue or chat template)."""
+    from morelora.training.evaluate import make_collator, with_placeholder_label
 
-        return make_collator(run, train=False, tokenizer=tok).truncates(task, ex)
-    from morelora.data.collate import to_text2text
-    from morelora.training.evaluate import with_placeholder_label
-
-    prompt, _ = to_text2text(run.specs[task], with_placeholder_label(run.specs[task], ex))
-    limit = m.max_length - (m.max_target_length + 1 if run.kind == "causal" else 0)
-    return len(tok(prompt + (" answer:" if run.kind == "causal" else ""))["input_ids"]) > limit
+    return make_collator(run, train=False, tokenizer=tokenizer).truncates(task, with_placeholder_label(run.specs[task],
+                                                                                                       ex))
 
 
 def format_output(run: Run, task: int, prediction: Any, output: Any, truncated: bool = False) -> dict[str, Any]:

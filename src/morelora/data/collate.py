@@ -218,6 +218,9 @@ class Text2TextCollator:
     tokens, in training and in :meth:`generation_inputs` alike; if longer, its *beginning* is cut (keeping
     the options and the answer cue). Seq2seq prompts are cut at the end by the tokenizer. Targets are cut
     to ``max_target_length`` tokens (causal: plus the eos).
+
+    ``chat`` (causal, ``model.chat_template``): the prompt is one user turn of the tokenizer's chat template with
+    its generation prompt (no ``" answer:"``; the template's own special tokens, none added), the target follows.
     """
 
     def __init__(
@@ -228,8 +231,14 @@ class Text2TextCollator:
         max_target_length: int = 8,
         causal: bool = False,
         task_prefix: bool = True,
+        chat: bool = False,
     ) -> None:
+        if chat and not causal:
+            raise ValueError("chat templates apply to causal models")
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template")
         self.tokenizer = tokenizer
+        self.chat = chat
         self.specs = list(specs)
         self.max_length = max_length
         self.max_target_length = max_target_length
@@ -246,7 +255,7 @@ class Text2TextCollator:
         if self._prompt_budget < 1:
             raise ValueError(f"max_length={max_length} leaves no room for a prompt")
         # BPE tokenizers need the space before the answer in the target; SentencePiece ones add it themselves.
-        self._target_space = causal and len(self._ids(" yes")) == len(self._ids("yes"))
+        self._target_space = causal and not chat and len(self._ids(" yes")) == len(self._ids("yes"))
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -255,12 +264,21 @@ class Text2TextCollator:
         """``(prompt, target)`` of one ``(task_index, example)``."""
         task_index, ex = feature
         prompt, target = to_text2text(self.specs[task_index], ex, self.task_prefix)
+        if self.chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True), target
         return (prompt + " answer:", target) if self.causal else (prompt, target)
+
+    def truncates(self, task_index: int, ex: Example) -> bool:
+        """Whether the example's prompt is longer than its token budget (the collator cuts it)."""
+        prompt, _ = self.texts((task_index, ex))
+        return len(self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]) > self._prompt_budget
 
     def _prompt_ids(self, prompt: str, budget: int) -> list[int]:
         if not self.causal:
             return self.tokenizer(prompt, truncation=True, max_length=budget)["input_ids"]
-        ids = self.tokenizer(prompt)["input_ids"]  # with the model's BOS, if it adds one
+        # with the model's BOS, if it adds one (a chat template writes its own)
+        ids = self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
         if len(ids) > budget:
             n_bos = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
             ids = ids[:n_bos] + ids[len(ids) - budget + n_bos:]

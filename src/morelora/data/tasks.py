@@ -18,16 +18,19 @@ multiple choice ``{"query", "choices", "gold"}``, classification / regression
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from morelora.config import as_float
 from morelora.data import offline
 from morelora.data.splits import SPLIT_SEED, SPLITS, Example, Splits, hold_out, split_by_fractions, subsample
 from morelora.errors import MoreLoraError, UnknownTaskError
+from morelora.values import as_float
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("classification", "regression", "multiple_choice", "text2text")
 #: Seed of evaluation subsampling (``max_eval``): fixed, so every training seed sees the same eval set.
@@ -94,15 +97,17 @@ class TaskSpec:
         label_words: Sequence[str] | None = None,
         seed: int = SPLIT_SEED,
         fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        labels: Sequence[str] | None = None,
     ) -> TaskSpec:
         """A task from a local JSONL / CSV / Parquet file in the generic format of ``kind``.
 
         An optional ``split`` column (train / validation / test; ``val`` and ``dev`` also accepted) assigns
         rows to splits; without it rows are split by ``fractions`` with a seeded permutation. String class
-        labels are mapped to indices in sorted order and become the label words. The file is read and
-        validated here, so a bad file fails immediately.
+        labels are mapped to indices in sorted order and become the label words; ``labels`` declares the class
+        names in index order instead (see :func:`read_task_file`). The file is read and validated here, so a bad
+        file fails immediately.
         """
-        splits, label_names = read_task_file(path, kind, seed=seed, fractions=fractions)
+        splits, label_names = read_task_file(path, kind, seed=seed, fractions=fractions, labels=labels)
         if kind == "classification":
             label_words = label_words if label_words is not None else label_names
             num_labels = 1 + max(ex["label"] for s in splits.values() for ex in s)
@@ -144,11 +149,18 @@ class TaskFileError(MoreLoraError):
 def read_task_file(
     path: str | os.PathLike, kind: str, seed: int = SPLIT_SEED,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    labels: Sequence[str] | None = None,
 ) -> tuple[Splits, list[str] | None]:
-    """Read and validate a generic task file; returns (splits, class names if labels were strings).
+    """Read and validate a generic task file; returns (splits, class names if labels were strings or declared).
 
     Every problem raises :class:`TaskFileError` naming the file, the row (``line N`` of a JSONL / CSV
     file, 1-based, the CSV header being line 1; ``row N`` of a Parquet file) and the field.
+
+    Classification labels are class names or class indices. With ``labels`` (the task's class names in index
+    order) each must be one of those names or an index below their number. Without, a file mixing names and
+    indices, or whose indices leave a gap (0, 1, 7), is refused naming the odd row: such a label is far more often
+    a slip than a class, and it would silently change the number of classes and the others' indices. A class
+    that occurs in one row only is logged as a warning (naming the row).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -178,12 +190,8 @@ def read_task_file(
                                   f"{', '.join(_REQUIRED[kind])}")
 
     label_names = None
-    if kind == "classification" and any(isinstance(r["label"], str) and not _is_int_text(r["label"])
-                                        for _, r in rows):
-        label_names = sorted({str(r["label"]).strip() for _, r in rows})
-        index = {w: i for i, w in enumerate(label_names)}
-        for _, r in rows:
-            r["label"] = index[str(r["label"]).strip()]
+    if kind == "classification":
+        label_names = _class_labels(rows, labels, fail, path)
     examples = [_to_generic(row, kind, lambda m, w=where: fail(w, m)) for where, row in rows]
 
     if any(not _missing(row.get("split")) for _, row in rows):
@@ -197,6 +205,70 @@ def read_task_file(
     else:
         splits = split_by_fractions(examples, fractions, seed)
     return splits, label_names
+
+
+def _is_name(label: Any) -> bool:
+    """A class name, not a class index (``1``, ``"1"``, ``1.0``)."""
+    return isinstance(label, str) and as_float(label) is None
+
+
+def _class_labels(rows: list[tuple[str, dict]], declared: Sequence[str] | None,
+                  fail: Callable[[str, str], TaskFileError], path: str) -> list[str] | None:
+    """Map class names to indices in place; refuse odd labels (see :func:`read_task_file`). Returns the class
+    names (the declared ones, or the sorted names found), None for a file of indices."""
+    if declared is not None:
+        names = [str(n).strip() for n in declared]
+        index = {w: i for i, w in enumerate(names)}
+        for where, r in rows:
+            label = r["label"]
+            if _is_name(label):
+                if label.strip() not in index:
+                    raise fail(where, f"label {label!r} is not one of the task's declared labels "
+                                      f"({', '.join(names)})")
+                r["label"] = index[label.strip()]
+            else:
+                number = as_float(label)
+                if number is not None and number.is_integer() and not 0 <= number < len(names):
+                    raise fail(where, f"label {label!r} is not a class index of the task's {len(names)} declared "
+                                      f"labels (0 to {len(names) - 1}: {', '.join(names)})")
+        return names
+    named = [(where, r) for where, r in rows if _is_name(r["label"])]
+    if named and len(named) < len(rows):
+        odd = min(named, [(w, r) for w, r in rows if not _is_name(r["label"])], key=len)
+        where, r = odd[0]
+        first_where, first = next((w, x) for w, x in rows if _is_name(x["label"]) != _is_name(r["label"]))
+        what, others = ("a class name", "indices") if _is_name(r["label"]) else ("a class index", "names")
+        raise fail(where, f"label {r['label']!r} is {what}, but the other rows' labels are class {others} "
+                          f"(e.g. {first['label']!r} at {first_where}); "
+                          "use one or the other, or declare the task's labels (task_files.<task>.labels: "
+                          "[names in index order])")
+    if named:
+        names = sorted({str(r["label"]).strip() for _, r in rows})
+        index = {w: i for i, w in enumerate(names)}
+        for _, r in rows:
+            r["label"] = index[str(r["label"]).strip()]
+    else:
+        values = {int(n) for _, r in rows if (n := as_float(r["label"])) is not None and n.is_integer() and n >= 0}
+        gaps = sorted(set(range(max(values, default=0) + 1)) - values)
+        if gaps:
+            above = min(v for v in values if v > gaps[0])
+            where = next(w for w, r in rows if as_float(r["label"]) == above)
+            missing = f"{gaps[0]}" if len(gaps) == 1 else f"{gaps[0]} to {gaps[-1]}" \
+                if gaps[-1] - gaps[0] == len(gaps) - 1 else ", ".join(map(str, gaps))
+            raise fail(where, f"label {above} leaves a gap: no row has class {missing}, so this label would make "
+                              f"{max(values) + 1} classes; class indices run 0 to N-1, or declare the task's labels "
+                              "(task_files.<task>.labels: [names in index order])")
+        names = None
+    counts: dict[Any, list[str]] = {}
+    for where, r in rows:
+        counts.setdefault(r["label"], []).append(where)
+    if len(counts) > 1 and declared is None:
+        for label, wheres in sorted(counts.items()):
+            if len(wheres) == 1:
+                shown = names[label] if names else label
+                logger.warning(f"warning: {path}, {wheres[0]}: class {shown!r} occurs in this row only (of "
+                               f"{len(rows)}): a typo? Declare the task's labels to keep it without this warning")
+    return names
 
 
 def _missing(value: Any) -> bool:

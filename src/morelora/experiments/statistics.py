@@ -5,8 +5,8 @@ Paired bootstrap
     Per task, test examples are resampled with replacement (the same resample for both methods); each method's
     task score is its main metric on the resample averaged over seeds (for accuracy / exact match: the mean
     per-example correctness pooled over seeds); the statistic is the difference of the task-average scores.
-    Two-sided p = 2 * min(P*(diff <= 0), P*(diff >= 0)), with P* = (count + 1) / (B + 1) (:func:`bootstrap_tail`,
-    also the one-sided p of ``morelora.metrics.reference_gap``).
+    Two-sided p = 2 * min(P*(diff <= 0), P*(diff >= 0)), with P* = (count + 1) / (B + 1)
+    (:func:`morelora.metrics.bootstrap_tail`, also the one-sided p of ``morelora.metrics.reference_gap``).
 
 Seeds and examples together (:func:`combined_test`)
     The bootstrap sees only the test examples' noise, the t-test over seeds only the training noise. The
@@ -55,7 +55,7 @@ import numpy as np
 
 from morelora.experiments.runs import CompareError
 
-__all__ = ["ALPHA", "CONFIDENCE", "POWER", "TaskPredictions", "bootstrap_p_value", "bootstrap_tail",
+__all__ = ["ALPHA", "CONFIDENCE", "POWER", "TaskPredictions", "bootstrap_p_value",
            "combined_test", "format_mean_ci", "mean_ci", "paired_bootstrap", "paired_ttest", "project_mde",
            "seeds_for_mde", "t_interval", "variance_components"]
 
@@ -122,17 +122,10 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ examples
 
 
-def bootstrap_tail(diffs: np.ndarray, upper: bool = False) -> float:
-    """One-sided bootstrap p-value: the add-one fraction ``(#{d <= 0} + 1) / (B + 1)`` of the resampled
-    differences at or below 0 (``upper``: at or above 0). The add-one keeps it above 0 with finitely many
-    resamples."""
-    d = np.asarray(diffs)
-    count = np.count_nonzero(d >= 0) if upper else np.count_nonzero(d <= 0)
-    return float((count + 1) / (len(d) + 1))
-
-
 def bootstrap_p_value(diffs: np.ndarray) -> float:
     """Two-sided p-value of resampled differences: 2 * min of the (add-one) tail fractions, capped at 1."""
+    from morelora.metrics import bootstrap_tail  # the core's (eval.json's vs_reference p); torch loads lazily
+
     return float(min(1.0, 2 * min(bootstrap_tail(diffs), bootstrap_tail(diffs, upper=True))))
 
 

@@ -18,11 +18,12 @@ from accelerate.utils import set_seed
 
 from morelora.config import ConfigError, ModelConfig, RunConfig, load_run_config
 from morelora.data import TaskSpec, get_task
+from morelora.errors import CheckpointError
 from morelora.training import checkpoint as ckpt
 
 __all__ = [
-    "Run", "build_base_model", "build_model", "build_run", "build_tasks", "check_method",
-    "enable_gradient_checkpointing", "load_data", "load_run", "method_options", "model_kind",
+    "Run", "build_base_model", "build_model", "build_run", "build_tasks", "check_finite_adapter", "check_method",
+    "enable_gradient_checkpointing", "load_data", "load_run", "method_options", "model_kind", "nonfinite_tensors",
 ]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
@@ -67,7 +68,7 @@ def build_tasks(cfg: RunConfig) -> list[TaskSpec]:
     for name in cfg.tasks:
         if name in cfg.task_files:
             f = cfg.task_files[name]
-            spec = TaskSpec.from_file(name, f.path, f.kind)
+            spec = TaskSpec.from_file(name, f.path, f.kind, labels=f.labels)
         else:
             spec = get_task(_source_name(name, cfg.data.source))
             spec.name = name
@@ -187,7 +188,12 @@ def build_run(cfg: RunConfig, with_data: bool = True) -> Run:
     check_method(cfg, [s.name for s in specs])
     data = load_data(cfg, specs) if with_data else [{"train": [], "validation": [], "test": []} for _ in specs]
     kind = model_kind(cfg.model)
+    if cfg.model.chat_template and kind != "causal":
+        raise ConfigError(f"model.chat_template applies to causal models; {cfg.model.name_or_path} is {kind}")
     tokenizer, model = build_model(cfg, kind, specs)
+    if cfg.model.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"model.chat_template: the tokenizer of {cfg.model.name_or_path} has no chat template; "
+                          "set model.chat_template: false (the plain prompt)")
     return Run(cfg, kind, specs, data, tokenizer, model)
 
 
@@ -209,4 +215,22 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, full_pre
     set_seed(cfg.train.seed)
     run = build_run(cfg, with_data)
     run.model.load_adapter(path / ckpt.ADAPTER_DIR)
+    check_finite_adapter(run.model, path)
     return run
+
+
+def nonfinite_tensors(model: Any) -> tuple[list[str], int]:
+    """(names of the adapter tensors holding nan / inf, number of adapter tensors) of a method's model."""
+    state = model.adapter_state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return bad, len(state)
+
+
+def check_finite_adapter(model: Any, checkpoint: Path) -> None:
+    """:class:`~morelora.errors.CheckpointError` when ``checkpoint``'s adapter (loaded into ``model``) holds nan /
+    inf: nothing is evaluated, exported or served from a run that diverged."""
+    bad, total = nonfinite_tensors(model)
+    if bad:
+        raise CheckpointError(f"{checkpoint} holds non-finite values (nan / inf) in {len(bad)} of {total} adapter "
+                              f"tensors (e.g. {bad[0]}): the run diverged; use an earlier checkpoint (--checkpoint) "
+                              "or train again with a lower train.lr / train.head_lr")

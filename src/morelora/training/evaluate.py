@@ -40,7 +40,8 @@ def make_collator(run: Run, train: bool = True, tokenizer: Any = None) -> Encode
         return EncoderCollator(tokenizer, run.specs, max_length=m.max_length, siamese=m.encoding == "siamese",
                                as_choices=m.scorer == "shared", task_prefix=m.task_prefix)
     return Text2TextCollator(tokenizer, run.specs, max_length=m.max_length,
-                             max_target_length=m.max_target_length, causal=run.kind == "causal")
+                             max_target_length=m.max_target_length, causal=run.kind == "causal",
+                             chat=m.chat_template)
 
 
 @torch.no_grad()

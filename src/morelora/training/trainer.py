@@ -17,6 +17,18 @@ Checkpoints (``checkpoint-<step>/``) hold the adapter (``adapter/``: trainable s
 scheduler, sampler and RNG states (via ``accelerator.save_state``) and ``trainer_state.json``; they are
 written to ``checkpoint-<step>.tmp`` and renamed when complete. ``resume=True`` continues from the newest
 complete one with the same data order. Under FSDP / DeepSpeed accelerate also stores its own model shards.
+
+What stops a run early, and what each leaves (README, "What an operator gets"):
+
+* SIGTERM / SIGINT (preemption, Ctrl-C): the current step ends, a checkpoint of it is written (with the loss
+  window since the last log row, so ``--resume`` writes the same metrics rows and ``train.examples``) and the
+  process exits 128 + the signal's number; a second signal stops at once.
+* a non-finite loss (or adapter weights at a checkpoint): stops at that step, writing nothing more, with one line
+  naming the step and what to try; the checkpoints written before stay (all finite), and ``load_run`` refuses a
+  non-finite adapter, so nothing diverged is evaluated or served.
+* a full disk while checkpointing: the partial ``checkpoint-<step>.tmp`` is removed, older checkpoints are kept,
+  one line names the folder and the space needed.
+* a second process training into the same folder is refused (``RUN_DIR/.lock``, naming the holder).
 """
 
 from __future__ import annotations
@@ -26,16 +38,21 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pickle
 import re
+import shutil
+import signal
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from morelora.config import (
@@ -50,7 +67,7 @@ from morelora.config import (
 from morelora.data.sampling import MultiTaskSampler
 from morelora.errors import CheckpointError
 from morelora.training import checkpoint as ckpt
-from morelora.training.build import Run, build_run, load_run
+from morelora.training.build import Run, build_run, load_run, nonfinite_tensors
 from morelora.training.evaluate import evaluate, make_collator
 
 __all__ = ["evaluate_run", "time_steps", "train"]
@@ -67,6 +84,9 @@ class TrainState:
     examples: int = 0
     train_time: float = 0.0
     num_processes: int = 1
+    #: the loss window since the last log row (:meth:`_LossTracker.state_dict`): a resume between two logging
+    #: steps continues it, so the next row and ``examples`` are those of an uninterrupted run
+    window: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, checkpoint: Path) -> TrainState:
@@ -79,10 +99,23 @@ def train(cfg: RunConfig, resume: bool = False, checkpoint: str | Path | None = 
 
     ``resume`` continues from the newest complete checkpoint that loads (an older one, with a warning, when the
     newest is damaged); ``checkpoint`` (implies ``resume``) names the checkpoint folder to continue from."""
-    tc, run_dir = cfg.train, Path(cfg.train.output_dir)
+    run_dir = Path(cfg.train.output_dir)
     resume = resume or checkpoint is not None
     accelerator = _make_accelerator(cfg)
+    with _StopSignals() as stop:   # first: a signal from the moment the run folder is locked stops with a step
+        lock = _lock_run_dir(accelerator, run_dir)
+        try:
+            return _train(cfg, accelerator, run_dir, resume, checkpoint, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _train(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, resume: bool, checkpoint: str | Path | None,
+           stop: _StopSignals) -> Path:
+    tc = cfg.train
     ckpt.check_new_run_dir(run_dir, resume)
+    report_to(cfg)   # a tracker that is not installed: refused before anything loads
     if checkpoint is not None:
         checkpoint = ckpt.resolve_checkpoint(run_dir, checkpoint)
     if resume:
@@ -104,40 +137,74 @@ def train(cfg: RunConfig, resume: bool = False, checkpoint: str | Path | None = 
     if accelerator.is_main_process:   # the code each stretch of the run trained with (runs span sessions)
         ckpt.record_provenance(run_dir, "resume" if resume else "start", state.step)
     batches = _batches(sampler, make_collator(run, train=True), run, accelerator)
-    logger = _MetricsLogger(run_dir, accelerator)
+    logger = _MetricsLogger(run_dir, accelerator, cfg)
     routing = _RoutingLogger(run_dir, accelerator)
     tracker = _LossTracker()
+    tracker.load_state_dict(state.window, accelerator.device)
+    history = _validation_history(run_dir) if resume else []   # (step, validation average), for select_best
+    if accelerator.is_main_process:
+        (run_dir / ckpt.BEST_NAME).unlink(missing_ok=True)   # chosen again at the end
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
 
-    model.train()
-    if resume and _eval_due(tc, state.step) and not _validation_logged(run_dir, state.step):
-        # stopped between the checkpoint of an evaluation step and its evaluation: that evaluation is done now
-        _evaluate_during_training(run, accelerator, logger, state.step)
+    try:
         model.train()
-    while state.step < tc.max_steps:
-        t0 = time.perf_counter()
-        _train_step(run, model, batches, optimizer, scheduler, accelerator, state.step, tracker)
-        state.step += 1
-        state.train_time += time.perf_counter() - t0
-        bar.update(1)
-        if state.step % tc.logging_steps == 0 or state.step == tc.max_steps:
-            row = tracker.pop(accelerator, state, lr=scheduler.get_last_lr()[0])
-            bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
-            logger.log(row)
-            routing.log(run.model, state.step)
-        if (tc.save_steps and state.step % tc.save_steps == 0) or state.step == tc.max_steps:
-            _save_checkpoint(accelerator, run_dir, state, tc.save_total_limit)
-        if _eval_due(tc, state.step):
-            _evaluate_during_training(run, accelerator, logger, state.step)   # the curve ends at the last step
+        if resume and _eval_due(tc, state.step) and not _validation_logged(run_dir, state.step):
+            # stopped between the checkpoint of an evaluation step and its evaluation: that evaluation is done now
+            history.append((state.step, _evaluate_during_training(run, accelerator, logger, state.step, history)))
             model.train()
+        while state.step < tc.max_steps and not _patience_out(history, tc.early_stopping_patience):
+            t0 = time.perf_counter()
+            finite = _train_step(run, model, batches, optimizer, scheduler, accelerator, state.step, tracker)
+            state.step += 1
+            state.train_time += time.perf_counter() - t0
+            diverged, stopping = _step_flags(accelerator, finite, stop)
+            if diverged:
+                raise _diverged(cfg, run_dir, state.step, "the loss")
+            bar.update(1)
+            if state.step % tc.logging_steps == 0 or state.step == tc.max_steps:
+                row = tracker.pop(accelerator, state, lr=scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
+                logger.log(row)
+                routing.log(run.model, state.step)
+            saved = ((tc.save_steps and state.step % tc.save_steps == 0) or state.step == tc.max_steps
+                     or (tc.select_best and _eval_due(tc, state.step)))
+            if saved or stopping:
+                _save_checkpoint(accelerator, run, run_dir, state, tracker, _best(history))
+            if _eval_due(tc, state.step):   # the curve ends at the last step
+                history.append((state.step, _evaluate_during_training(run, accelerator, logger, state.step,
+                                                                      history)))
+                model.train()
+                if _patience_out(history, tc.early_stopping_patience):
+                    accelerator.print(f"early stopping at step {state.step}: the validation average has not risen "
+                                      f"for {tc.early_stopping_patience} evaluations (best "
+                                      f"{_best(history)[1]:.4f} at step {_best(history)[0]})")
+                    if not (saved or stopping):
+                        _save_checkpoint(accelerator, run, run_dir, state, tracker, _best(history))
+            if stopping:
+                raise stop.stopped(run_dir, state.step)
+    except BaseException:   # stopped: the logs' files closed, the bar ended
+        bar.close()
+        logger.close()
+        raise
     bar.close()
+    stop.restore()   # the checkpoint of the last step exists: a signal during the test pass just ends the process
 
+    tested, selected = f"checkpoint-{state.step}", None
+    if tc.select_best and history:
+        step, score = _best(history)
+        selected, tested = {"metric": "validation eval_average", "step": step, "score": score}, f"checkpoint-{step}"
+        if step != state.step:
+            run.model.load_adapter(run_dir / tested / ckpt.ADAPTER_DIR)
+        if accelerator.is_main_process:
+            _write_json(run_dir / ckpt.BEST_NAME, selected)
+        accelerator.print(f"selected {tested}: the best validation average, {score:.4f}")
     result = evaluate(run, "test", tc.eval_batch_size, accelerator, keep_predictions=True, progress=True)
     if accelerator.is_main_process:
-        predictions = {"split": "test", "checkpoint": f"checkpoint-{state.step}",
-                       "tasks": result.pop("predictions")}
+        predictions = {"split": "test", "checkpoint": tested, "tasks": result.pop("predictions")}
         _write_json(run_dir / "test_predictions.json", predictions, indent=None)
+        if selected:
+            result["selected"] = selected
         _write_eval(run_dir / "eval.json", result, run, state)
     accelerator.wait_for_everyone()
     logger.close()
@@ -191,9 +258,12 @@ def time_steps(cfg: RunConfig, steps: int = 3, warmup: int = 1) -> dict[str, flo
 
 
 def _train_step(run: Run, model: Any, batches: Any, optimizer: Any, scheduler: Any, accelerator: Accelerator,
-                step: int, tracker: _LossTracker | None = None) -> None:
-    """One optimizer step: ``train.grad_accum`` micro-batches, clipping, the method's per-step hook."""
+                step: int, tracker: _LossTracker | None = None) -> torch.Tensor:
+    """One optimizer step: ``train.grad_accum`` micro-batches, clipping, the method's per-step hook.
+
+    Returns whether every micro-batch's loss was finite (a bool tensor on the device: read it once per step)."""
     tc = run.cfg.train
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
     for _ in range(tc.grad_accum):
         batch = next(batches)
         with accelerator.accumulate(model):
@@ -206,8 +276,89 @@ def _train_step(run: Run, model: Any, batches: Any, optimizer: Any, scheduler: A
                 run.model.on_step_end(step)
             scheduler.step()
             optimizer.zero_grad()
+        finite &= torch.isfinite(out.loss.detach()).all()
         if tracker is not None:
             tracker.add(out.loss, run.model, batch)
+    return finite
+
+
+def _step_flags(accelerator: Accelerator, finite: torch.Tensor, stop: _StopSignals) -> tuple[bool, bool]:
+    """(a process saw a non-finite loss, a process was asked to stop), agreed by every process in one reduce."""
+    flags = torch.stack([(~finite).float(), torch.tensor(float(stop.signum is not None), device=finite.device)])
+    diverged, stopping = accelerator.reduce(flags, reduction="sum").tolist()
+    return diverged > 0, stopping > 0
+
+
+def _diverged(cfg: RunConfig, run_dir: Path, step: int, what: str) -> ckpt.NonFiniteError:
+    """The one line of a run stopped by nan / inf: the step, the checkpoint that stays, what to change."""
+    tc = cfg.train
+    last = ckpt.latest_checkpoint(run_dir)
+    kept = (f"the last good checkpoint, {last.name}, is kept" if last is not None
+            else "no checkpoint was written before it")
+    head = f", train.head_lr {tc.head_lr}" if tc.head_lr is not None else ""
+    return ckpt.NonFiniteError(
+        f"{what} is not finite (nan / inf) at step {step}: training stopped there, writing nothing more ({kept}); "
+        f"train again with a lower train.lr (now {tc.lr}{head}), or clip with train.max_grad_norm "
+        f"(now {tc.max_grad_norm}), or more train.warmup_steps (now {tc.warmup_steps})")
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT while the loop runs (main thread only): noted, acted on after the current step (a
+    checkpoint, then :class:`~morelora.training.checkpoint.TrainingStopped`). A second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:   # asked twice: stop now, as without this handler
+            self.restore()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"morelora: {signal.Signals(signum).name} received: stopping after this step with a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def stopped(self, run_dir: Path, step: int) -> ckpt.TrainingStopped:
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        return ckpt.TrainingStopped(
+            f"stopped by {name} at step {step}: {run_dir / f'checkpoint-{step}'} saved; continue the run with "
+            "the same command and --resume", exit_code=128 + int(self.signum or signal.SIGTERM))
+
+
+def _lock_run_dir(accelerator: Accelerator, run_dir: Path) -> ckpt.RunLock | None:
+    """The run folder's lock, taken by the main process (every process raises when it is refused)."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = ckpt.RunLock.acquire(run_dir)
+        except ckpt.RunError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise ckpt.RunError(error)
+    if lock is not None and lock.took_over:
+        accelerator.print(f"warning: {run_dir} was locked by {ckpt.describe_holder(lock.took_over)}, which is no "
+                          "longer running (killed?): taking the lock over")
+    return lock
 
 
 
@@ -352,6 +503,21 @@ class _LossTracker:
         self.count += 1
         self.examples += int(batch["task_ids"].shape[0])
 
+    def state_dict(self, accelerator: Accelerator) -> dict[str, Any]:
+        """The window so far, averaged over processes (each process resumes with the average: a row's mean over
+        processes is unchanged); a collective, called on every process."""
+        names = sorted(self.sums)
+        local = torch.stack([self.sums[k] for k in names] + [
+            torch.tensor(float(self.examples), device=accelerator.device)]).to(accelerator.device)
+        means = accelerator.reduce(local, reduction="mean").tolist()
+        return {"sums": dict(zip(names, means[:-1])), "count": self.count, "examples": means[-1]}
+
+    def load_state_dict(self, window: dict[str, Any], device: torch.device) -> None:
+        self._reset()
+        if window:
+            self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in window["sums"].items()}
+            self.count, self.examples = int(window["count"]), window["examples"]
+
     def pop(self, accelerator: Accelerator, state: TrainState, lr: float) -> dict[str, Any]:
         names = sorted(self.sums)
         local = torch.stack([self.sums[k] / max(self.count, 1) for k in names] + [
@@ -367,33 +533,79 @@ class _LossTracker:
 
 
 class _MetricsLogger:
-    """``metrics.jsonl`` (main process) and TensorBoard when it is installed."""
+    """``metrics.jsonl`` and the ``train.report_to`` trackers (accelerate's tracker classes), main process only."""
 
-    def __init__(self, run_dir: Path, accelerator: Accelerator) -> None:
+    def __init__(self, run_dir: Path, accelerator: Accelerator, cfg: RunConfig) -> None:
         self.main = accelerator.is_main_process
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if self.main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
+        self.trackers = _make_trackers(cfg, run_dir) if self.main else []
+        for tracker in self.trackers:
+            tracker.start()
+            tracker.store_init_configuration(_flat_config(cfg))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, row["step"])
+        values = {k: v for k, v in row.items()
+                  if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)}
+        for tracker in self.trackers:
+            tracker.log(values, step=row["step"])
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+def report_to(cfg: RunConfig) -> list[str]:
+    """The trackers a run logs to: ``train.report_to``, or TensorBoard when it is installed (null). A tracker
+    that is not installed is a ConfigError naming the package."""
+    import importlib.util
+
+    names = cfg.train.report_to
+    if names is None:
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        raise ConfigError(f"train.report_to: {missing[0]} is not installed (pip install {missing[0]}), or remove it "
+                          "from train.report_to")
+    return list(names)
+
+
+def _make_trackers(cfg: RunConfig, run_dir: Path) -> list[Any]:
+    """accelerate's tracker objects, each writing beside the run (offline / local modes work as their docs say)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    trackers = []
+    for name in report_to(cfg):
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker("tensorboard", run_dir))
+        elif name == "wandb":
+            trackers.append(WandBTracker("morelora", name=run_dir.name, dir=str(run_dir)))
+        else:
+            if "MLFLOW_TRACKING_URI" not in os.environ:
+                import mlflow
+
+                mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")   # MLflow's local store
+            trackers.append(MLflowTracker(experiment_name="morelora", run_name=run_dir.name))
+    return trackers
+
+
+def _flat_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as ``{"train.lr": 0.001, ...}`` of scalars (lists and mappings as text): tracker hparams."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node and prefix.count(".") < 1:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = node if isinstance(node, (bool, int, float, str)) else json.dumps(node)
+
+    walk("", cfg.to_dict())
+    return flat
 
 
 class _RoutingLogger:
@@ -432,18 +644,41 @@ def _register_checkpointing(accelerator: Accelerator, sampler: MultiTaskSampler)
     accelerator.register_for_checkpointing(sampler)
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int | None) -> None:
-    """``accelerator.save_state`` into ``checkpoint-<step>.tmp``, then an atomic rename."""
+def _save_checkpoint(accelerator: Accelerator, run: Run, run_dir: Path, state: TrainState,
+                     tracker: _LossTracker, best: tuple[int, float] | None = None) -> None:
+    """``accelerator.save_state`` into ``checkpoint-<step>.tmp``, then an atomic rename. Refuses non-finite adapter
+    weights (:class:`~morelora.training.checkpoint.NonFiniteError`); a full disk removes the partial folder and
+    raises :class:`~morelora.training.checkpoint.DiskFullError`, older checkpoints kept."""
+    bad = torch.tensor(float(bool(nonfinite_tensors(run.model)[0])), device=accelerator.device)
+    if accelerator.reduce(bad, reduction="sum").item() > 0:
+        raise _diverged(run.cfg, run_dir, state.step, "the adapter's weights are")
+    state.window = tracker.state_dict(accelerator)
     tmp = run_dir / f"checkpoint-{state.step}.tmp"
     if accelerator.is_main_process:
         ckpt.tmp_checkpoint_dir(run_dir, state.step)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.finalize_checkpoint(tmp, asdict(state))
+    except (OSError, RuntimeError) as e:
+        if not ckpt.is_disk_full(e):
+            raise
+        last = ckpt.latest_checkpoint(run_dir)
+        needed = max(ckpt.folder_size(tmp) if tmp.is_dir() else 0,
+                     ckpt.folder_size(last) if last is not None else 3 * _adapter_bytes(run.model))
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ckpt.DiskFullError(ckpt.disk_full_message(run_dir, state.step, needed)) from None
     if accelerator.is_main_process:
-        ckpt.finalize_checkpoint(tmp, asdict(state))
-        ckpt.prune_checkpoints(run_dir, keep)
+        protect = best[0] if best is not None and run.cfg.train.select_best else None
+        ckpt.prune_checkpoints(run_dir, run.cfg.train.save_total_limit, protect)
     accelerator.wait_for_everyone()
+
+
+def _adapter_bytes(model: Any) -> int:
+    """Bytes of the adapter's tensors (a checkpoint holds them and AdamW's two moments: about 3x)."""
+    return sum(v.numel() * v.element_size() for v in model.adapter_state_dict().values())
 
 
 #: What loading a damaged checkpoint raises (torch.load, safetensors, JSON, accelerate's own checks).
@@ -455,6 +690,8 @@ def _resume(accelerator: Accelerator, run_dir: Path, checkpoint: Path | None = N
     warning when the newest is damaged); a run killed before its first checkpoint starts over."""
     candidates = [checkpoint] if checkpoint is not None else [p for _, p in reversed(ckpt.list_checkpoints(run_dir))]
     if not candidates:
+        accelerator.print(f"resume: {run_dir} has no complete checkpoint (the run stopped before its first one): "
+                          "starting again from step 0")
         if accelerator.is_main_process:
             _truncate_logs(run_dir, 0)
         return TrainState(num_processes=accelerator.num_processes)
@@ -500,12 +737,39 @@ def _validation_logged(run_dir: Path, step: int) -> bool:
     return any(r.get("split") == "validation" and r.get("step") == step for r in rows)
 
 
-def _evaluate_during_training(run: Run, accelerator: Accelerator, logger: _MetricsLogger, step: int) -> None:
+def _evaluate_during_training(run: Run, accelerator: Accelerator, logger: _MetricsLogger, step: int,
+                              history: list[tuple[int, float]]) -> float:
+    """The validation row of ``step`` (logged and printed); returns the validation average."""
     with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG stream
         result = evaluate(run, "validation", run.cfg.train.eval_batch_size, accelerator)
     row = {"step": step, "split": "validation", "eval_average": result["average"]}
     row.update({f"eval_{t}": r["score"] for t, r in result["tasks"].items()})
     logger.log(row)
+    best = _best(history)
+    mark = ("  (best so far)" if best is None or result["average"] > best[1]
+            else f"  (best {best[1]:.4f} at step {best[0]})")
+    scores = ", ".join(f"{t} {r['score']:.4f}" for t, r in result["tasks"].items())
+    accelerator.print(f"validation at step {step}: average {result['average']:.4f} ({scores}){mark}")
+    return result["average"]
+
+
+def _validation_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation average) of every validation row in ``metrics.jsonl`` (a resumed run's, truncated)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [(r["step"], r["eval_average"]) for r in rows if r.get("split") == "validation"]
+
+
+def _best(history: list[tuple[int, float]]) -> tuple[int, float] | None:
+    """The (step, score) of the highest validation average (the earliest of equal ones), None before any."""
+    return max(history, key=lambda h: (h[1], -h[0])) if history else None
+
+
+def _patience_out(history: list[tuple[int, float]], patience: int | None) -> bool:
+    """``train.early_stopping_patience``: the last ``patience`` evaluations all came after the best one."""
+    if not patience or not history:
+        return False
+    return len(history) - 1 - history.index(_best(history)) >= patience
 
 
 def _write_eval(path: Path, result: dict[str, Any], run: Run, state: TrainState | None) -> None:
@@ -540,7 +804,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Pat
     ``eval_<split>_no_adapter.json`` (marked ``"adapter": "disabled"``; no predictions file), beside the others."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, checkpoint)
-    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
     accelerator = Accelerator(mixed_precision=run.cfg.train.mixed_precision)
     run.model.to(accelerator.device)
     with run.model.disable_adapter() if no_adapter else contextlib.nullcontext():
