@@ -32,6 +32,15 @@ def _save(model, tokenizer, path: Path) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread avoids OpenMP contention on shared CPUs (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def minilm_tokenizer():
     return _minilm_tokenizer()

@@ -76,12 +76,7 @@ ARCHITECTURES: dict[str, Arch] = {a.label: a for a in [
     _arch("DeBERTa-v2", "encoder", "DebertaV2ForSequenceClassification", "DebertaV2Config", **_ENCODER),
 ]}
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(kind: str) -> dict[str, torch.Tensor]:

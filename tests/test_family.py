@@ -23,13 +23,7 @@ TOKEN_ROUTED = ["mov", "molora", "loramoe", "mola", "adamoe"]
 RANDOM_INIT = {"mov": {"init_ia3_weights": False}, "adalora": {"init_lora_weights": False, "lora_dropout": 0.0}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP contention on shared CPUs (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def opts(name: str, **kw) -> dict:

@@ -17,14 +17,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture()
-def protocol(tmp_path, monkeypatch):
-    monkeypatch.setenv("MORELORA_PROTOCOL_DIR", str(tmp_path / "p"))
-    monkeypatch.setenv("MORELORA_PROTOCOL_ARCHIVE", str(tmp_path / "archive"))
-    spec = importlib.util.spec_from_file_location("protocol_script", ROOT / "bench" / "protocol.py")
+def _load_protocol(out: Path, archive: Path, monkeypatch, name: str = "heads"):
+    """bench/protocol.py loaded afresh for protocol ``name`` with its run folder and archive under tmp_path."""
+    monkeypatch.setenv("MORELORA_PROTOCOL", name)
+    monkeypatch.setenv("MORELORA_PROTOCOL_DIR", str(out))
+    monkeypatch.setenv("MORELORA_PROTOCOL_ARCHIVE", str(archive))
+    spec = importlib.util.spec_from_file_location(f"protocol_script_{name}", ROOT / "bench" / "protocol.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture()
+def protocol(tmp_path, monkeypatch):
+    return _load_protocol(tmp_path / "p", tmp_path / "archive", monkeypatch)
 
 
 def _finish(run_dir: Path, validation: float, steps: int = 10, test: float = 0.5) -> None:
@@ -749,13 +755,7 @@ def test_pool_joins_an_earlier_reports_seeds_with_this_folders(protocol, capsys)
 
 @pytest.fixture()
 def shared_protocol(tmp_path, monkeypatch):
-    monkeypatch.setenv("MORELORA_PROTOCOL", "shared")
-    monkeypatch.setenv("MORELORA_PROTOCOL_DIR", str(tmp_path / "s"))
-    monkeypatch.setenv("MORELORA_PROTOCOL_ARCHIVE", str(tmp_path / "archive"))
-    spec = importlib.util.spec_from_file_location("protocol_script_shared", ROOT / "bench" / "protocol.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_protocol(tmp_path / "s", tmp_path / "archive", monkeypatch, "shared")
 
 
 def test_shared_protocol_pilot_then_control_then_the_grid_with_the_headroom(shared_protocol):
