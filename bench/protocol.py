@@ -356,6 +356,8 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
 
 def ablation_runs(labels: list[str], wait_line: bool = True) -> list[tuple[Any, str | None]]:
     """The runs (all seeds) of the ablation rows ``labels``, or one entry waiting for MoRE's sweep."""
+    if not labels:
+        return []
     winner = sweep("more")["winner"]
     if winner is None:
         return [(None, "more (the ablations)")] if wait_line else []
@@ -632,18 +634,24 @@ def run_worker(poll_s: float = 60.0) -> None:
 
 
 def _time_left(rows: list[tuple[Any, str | None]], finished: list[Any]) -> str:
-    """A line: the runs left (the seed runs of sweeps in progress included) and the training time they need at
-    the mean ``train_time_s`` of the ``finished`` runs (their test evaluation is not counted)."""
-    times = [t for r in finished
-             if (t := json.loads((r.run_dir / "eval.json").read_text()).get("train", {}).get("train_time_s"))]
-    left = sum(1 for _, w in rows if w is None) - len(finished)
-    left += (PROTOCOL["seeds"] - 1) * sum(1 for _, w in rows if w in PROTOCOL["methods"])   # a sweep's seeds
-    if not times:
+    """A line: the runs left (the seed runs of sweeps in progress included) and the training time they need: their
+    steps at the mean seconds per step of the ``finished`` runs (runs differ in steps: the shared protocol's pilot,
+    control and single-task runs are shorter than the grid's; test evaluation is not counted)."""
+    done = [(e["train"]["train_time_s"], e["train"]["steps"]) for r in finished
+            if (e := json.loads((r.run_dir / "eval.json").read_text())).get("train", {}).get("train_time_s")]
+    waiting = sum(1 for _, w in rows if w in PROTOCOL["methods"])
+    todo = [r for r, w in rows if w is None and r not in finished]
+    left = len(todo) + (PROTOCOL["seeds"] - 1) * waiting   # a sweep's seeds
+    if not done:
         return f"  left: {left} runs (no finished run with a training time yet: no estimate)"
-    hours = left * sum(times) / len(times) / 3600
-    return (f"  left: {left} runs, ~{hours:.1f} h of training at the mean of the {len(times)} finished runs "
-            f"({sum(times) / len(times) / 60:.0f} min each on one core; test evaluation not counted), "
-            f"~{hours / 2:.1f} h with two workers")
+    per_step = sum(t for t, _ in done) / sum(n for _, n in done)
+    from morelora.config import load_config
+
+    steps = sum(r.cfg.train.max_steps for r in todo) + (PROTOCOL["seeds"] - 1) * waiting * load_config(
+        CONFIG, SET).train.max_steps
+    hours = steps * per_step / 3600
+    return (f"  left: {left} runs, {steps} steps, ~{hours:.1f} h of training at the {per_step:.2f} s per step of the "
+            f"{len(done)} finished runs (one core; test evaluation not counted), ~{hours / 2:.1f} h with two workers")
 
 
 def status() -> None:

@@ -596,8 +596,11 @@ def test_the_cli_says_what_it_restored(protocol):
     assert res.returncode == 0, res.stderr
     assert f"protocol: 1 finished run(s) restored from {archive}" in res.stdout
     assert re.search(r"^  more_lr3e-4 +seed 0: done$", res.stdout, re.M)
-    assert (f"  left: {left} runs, ~{left / 2:.1f} h of training at the mean of the 1 finished runs (30 min each on "
-            f"one core; test evaluation not counted), ~{left / 4:.1f} h with two workers") in res.stdout
+    steps = run.cfg.train.max_steps   # every run of this grid: 1800 s per 1500 steps -> 1.2 s per step, 30 min a run
+    assert steps == 1500
+    assert (f"  left: {left} runs, {left * steps} steps, ~{left / 2:.1f} h of training at the 1.20 s per step of "
+            f"the 1 finished runs (one core; test evaluation not counted), ~{left / 4:.1f} h with two workers"
+            ) in res.stdout
 
 
 def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny_bert, tmp_path, capsys):
