@@ -51,6 +51,8 @@ PEFT_KEY_PREFIX = "base_model.model."
 ROUTED_METHODS = ("forward", "generate", "disable_adapter")
 
 _registered: dict[type, PeftType] = {}
+#: {config class: (method name, TaskAdapterModel class)}: every morelora method class defined so far (``declare``)
+_declared: dict[type, tuple[str, type]] = {}
 
 
 # --------------------------------------------------------------------------------------------- registration
@@ -67,21 +69,24 @@ def _add_peft_type(name: str) -> PeftType:
     return member
 
 
+def declare(config_class: type, method_name: str, model_class: type) -> None:
+    """Record a morelora method (``TaskAdapterModel.__init_subclass__`` calls this for every method class, so this
+    module imports no other morelora module: the registry, the tuners and their base all import it)."""
+    _declared[config_class] = (method_name, model_class)
+
+
 def register() -> dict[type, PeftType]:
-    """Register every morelora method with PEFT (once): ``{config class: PeftType}``."""
-    if _registered:
-        return _registered
+    """Register every declared morelora method with PEFT (each once): ``{config class: PeftType}``. The methods of
+    ``morelora.methods`` are all declared once that module is imported."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from .methods import METHODS
-
-    for name, spec in METHODS.items():
-        if name in PEFT_OWN_METHODS:
+    for config_class, (name, _) in list(_declared.items()):
+        if name in PEFT_OWN_METHODS or config_class in _registered:
             continue
         peft_type = _add_peft_type(name.upper())
         if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-            register_peft_method(name=name, config_cls=spec.model_class.config_class, model_cls=TaskAdapterTuner)
-        _registered[spec.model_class.config_class] = peft_type
+            register_peft_method(name=name, config_cls=config_class, model_cls=TaskAdapterTuner)
+        _registered[config_class] = peft_type
     _route_to_tuner()
     return _registered
 
@@ -91,14 +96,12 @@ def peft_type_of(config_class: type) -> PeftType | None:
     return register().get(config_class)
 
 
-def method_of(config: Any) -> Any:
-    """The morelora method (``MethodSpec``) whose config class `config` is."""
-    from .methods import METHODS
-
-    for spec in METHODS.values():
-        if type(config) is spec.model_class.config_class:
-            return spec
-    raise MoreLoraError(f"{type(config).__name__} is not the config of a morelora method")
+def model_class_of(config: Any) -> type:
+    """The morelora method class (a ``TaskAdapterModel``) whose config `config` is."""
+    try:
+        return _declared[type(config)][1]
+    except KeyError:
+        raise MoreLoraError(f"{type(config).__name__} is not the config of a morelora method") from None
 
 
 # --------------------------------------------------------------------------------------------- patch 2: routing
@@ -142,7 +145,7 @@ class TaskAdapterTuner(nn.Module):
         self.peft_config = dict(peft_config) if isinstance(peft_config, dict) else {adapter_name: peft_config}
         self.active_adapter = adapter_name
         config = self.peft_config[adapter_name]
-        adapter = method_of(config).model_class(model, config)
+        adapter = model_class_of(config)(model, config)
         self.__dict__["adapter"] = adapter   # not a submodule: its modules are `model`'s (one state-dict entry each)
         if config.inference_mode:
             self.set_requires_grad(adapter_name, False)

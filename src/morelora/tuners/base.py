@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from morelora import peft_integration
 from morelora.errors import CheckpointError, MoreLoraError, UnknownTaskError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -334,9 +335,7 @@ class TaskAdapterConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from morelora.peft_integration import peft_type_of  # registers morelora's methods with PEFT once
-
-        self.peft_type = peft_type_of(type(self))
+        self.peft_type = peft_integration.peft_type_of(type(self))   # registers the methods with PEFT once
         if isinstance(self.tasks, str):
             self.tasks = [self.tasks]
         self.tasks = list(self.tasks)
@@ -382,6 +381,12 @@ class TaskAdapterModel(nn.Module):
     call_state: CallState | None = None
     #: True inside `disable_adapter()` (set on the instance for the block only)
     adapter_disabled: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A method class (one that names its ``method_name``) is declared to the PEFT integration."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("method_name"):
+            peft_integration.declare(cls.config_class, cls.method_name, cls)
 
     def __init__(self, model: nn.Module, config: TaskAdapterConfig) -> None:
         super().__init__()
