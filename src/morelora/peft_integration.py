@@ -1,11 +1,13 @@
 """morelora's methods as PEFT methods: ``peft.get_peft_model(model, MoREConfig(...))`` returns a ``PeftModel``.
 
-Every method config is a ``peft.PeftConfig`` (``TaskAdapterConfig``); the first config built registers the methods
-here with PEFT's public hook (``peft.utils.register_peft_method``), each with the tuner ``TaskAdapterTuner``: PEFT's
-tuner interface over morelora's own ``TaskAdapterModel`` (the same layers, task table, routing, save format), so
-``PeftModel`` save / load / ``AutoPeftModelFor*`` / Trainer checkpoints work as for PEFT's methods. Keys in the
-saved safetensors are PEFT's (``base_model.model.<module>.<param>``); morelora's own save format (a run folder's
-``adapter/``) loads through PEFT too (its ``adapter_config.json`` carries ``peft_type``).
+Every method config is a ``peft.PeftConfig`` (``TaskAdapterConfig``). Each method class declares itself here when
+it is defined (``declare``; this module imports no other morelora module, so no import circle runs through it), and
+the first config built registers the declared methods with PEFT's public hook (``peft.utils.register_peft_method``),
+each with the tuner ``TaskAdapterTuner``: PEFT's tuner interface over morelora's own ``TaskAdapterModel`` (the
+same layers, task table, routing, save format), so ``PeftModel`` save / load / ``AutoPeftModelFor*`` / Trainer
+checkpoints work as for PEFT's methods. Keys in the saved safetensors are PEFT's
+(``base_model.model.<module>.<param>``); morelora's own save format (a run folder's ``adapter/``) loads through
+PEFT too (its ``adapter_config.json`` carries ``peft_type``).
 
 PEFT is closed in two places, and this module is the only one that patches it (``tests/test_peft_integration.py``
 fails loudly when PEFT changes either):
