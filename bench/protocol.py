@@ -240,14 +240,12 @@ def _control_runs() -> list[Any]:
     return sorted(runs, key=lambda r: (r.seed, order.index(r.label)))
 
 
-def headroom_steps() -> dict[str, int]:
-    """``{task: steps}``: the optimizer steps task gets in the grid's multi-task run, train.max_steps x its
-    sampling probability (data.sampling over the tasks' training sizes)."""
-    from morelora.config import load_config
+def headroom_steps(cfg: Any) -> dict[str, int]:
+    """``{task: steps}``: the optimizer steps task gets in the grid's multi-task run (config ``cfg``),
+    train.max_steps x its sampling probability (data.sampling over the tasks' training sizes)."""
     from morelora.data.sampling import task_probabilities
     from morelora.training.build import build_tasks, load_data
 
-    cfg = load_config(CONFIG, SET)
     sizes = [len(d["train"]) for d in load_data(cfg, build_tasks(cfg))]
     probs = task_probabilities(sizes, cfg.data.sampling, cfg.data.temperature)
     return {t: max(1, round(cfg.train.max_steps * p)) for t, p in zip(cfg.tasks, probs)}
@@ -257,16 +255,16 @@ def _headroom_runs(lr: str) -> list[Any]:
     """LoRA alone on each task at ``lr`` (LoRA's winner), ``headroom_seeds`` seeds, warm-up scaled with the steps."""
     from morelora.config import load_config
 
-    cfg = load_config(CONFIG, SET)
+    cfg, chosen = load_config(CONFIG, SET), pilot_overrides()
     runs = []
-    for task, steps in headroom_steps().items():
+    for task, steps in headroom_steps(cfg).items():
         label = f"alone_{task}"
         extra = {label: {"name": "lora", "train.lr": float(lr)}}
         keys = [f"tasks=[{task}]", f"train.max_steps={steps}", "train.eval_steps=0",
                 f"train.warmup_steps={round(cfg.train.warmup_steps * steps / cfg.train.max_steps)}",
                 f"train.save_steps={min(cfg.train.save_steps, steps)}"]
         runs += _runs([label], PROTOCOL["headroom_seeds"], extra, out=OUT / "headroom",
-                      overrides=[*pilot_overrides(), *keys])
+                      overrides=[*chosen, *keys])
     return sorted(runs, key=lambda r: r.seed)
 
 
