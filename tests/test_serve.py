@@ -657,3 +657,22 @@ def test_causal_generations_do_not_depend_on_the_batch(causal_run) -> None:
     for (t, x), [(prediction, text)] in zip(mine, results):
         with torch.no_grad():
             assert predict_batch(run, run.model, collator, [(t, x)])[0] == (prediction, text)
+
+
+def test_a_request_builds_the_collator_once(run, monkeypatch) -> None:
+    """parse_inputs asks one collator about every input of a request (it used to build one per input); the
+    truncation flags are those of the independent token count."""
+    import importlib
+
+    from morelora.serve import parse_inputs
+
+    evaluate = importlib.import_module("morelora.training.evaluate")   # the package's `evaluate` is the function
+
+    built = []
+    real = evaluate.make_collator
+    monkeypatch.setattr(evaluate, "make_collator", lambda *a, **k: built.append(1) or real(*a, **k))
+    t = TASKS.index("rte")
+    inputs = [x for _, x in _inputs(run, t)]
+    parsed = parse_inputs(run, t, inputs)
+    assert len(built) == 1 and len(inputs) == 16
+    assert [cut for _, cut in parsed] == [_cut(run, x) for x in inputs]

@@ -126,8 +126,11 @@ def parse_inputs(run: Run, task: int, inputs: list[Any], param: str = "inputs", 
     (``model.max_length``); the collator cuts it exactly as in offline evaluation. ``tokenizer`` (default the
     run's) counts the tokens; the server passes a copy of its own, used by one thread only.
     """
+    from morelora.training.evaluate import make_collator
+
     spec = run.specs[task]
     pairs = pair_tasks(run) if pairs is None else pairs
+    collator = make_collator(run, train=False, tokenizer=tokenizer or run.tokenizer)   # one per request
     out = []
     for i, raw in enumerate(inputs):
         where = f"{param}[{i}]"
@@ -167,17 +170,18 @@ def parse_inputs(run: Run, task: int, inputs: list[Any], param: str = "inputs", 
         if unknown:
             raise RequestError(f"{where} has unknown field {unknown[0]!r}; {spec.kind} task {spec.name!r} takes "
                                f"{', '.join(_FIELDS[spec.kind])}", param=param)
-        out.append((ex, is_truncated(run, task, ex, tokenizer or run.tokenizer)))
+        out.append((ex, is_truncated(run, task, ex, collator=collator)))
     return out
 
 
-def is_truncated(run: Run, task: int, ex: dict, tokenizer: Any) -> bool:
+def is_truncated(run: Run, task: int, ex: dict, tokenizer: Any = None, collator: Any = None) -> bool:
     """Whether the collator cuts ``ex``: the run's own collator decides (siamese rows, choices, task prefix, label
-    texts, causal prompts with their answer cue or chat template)."""
+    texts, causal prompts with their answer cue or chat template). Pass ``collator`` (the run's, built once) when
+    asking for many inputs; otherwise one is built with ``tokenizer`` (default the run's)."""
     from morelora.training.evaluate import make_collator, with_placeholder_label
 
-    return make_collator(run, train=False, tokenizer=tokenizer).truncates(task, with_placeholder_label(run.specs[task],
-                                                                                                       ex))
+    collator = collator or make_collator(run, train=False, tokenizer=tokenizer or run.tokenizer)
+    return collator.truncates(task, with_placeholder_label(run.specs[task], ex))
 
 
 def format_output(run: Run, task: int, prediction: Any, output: Any, truncated: bool = False) -> dict[str, Any]:
