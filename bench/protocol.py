@@ -750,7 +750,8 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
     import yaml
 
     mc.write_text(yaml.safe_dump({lab: method_config()[lab] for lab in labels}, sort_keys=False))
-    compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, overrides=SET, method_config=str(mc), baseline=base)
+    compare(str(CONFIG), labels, PROTOCOL["seeds"], OUT, overrides=[*SET, *pilot_overrides()], method_config=str(mc),
+            baseline=base)
 
 
 def report_study(study: str) -> dict[str, Any]:
