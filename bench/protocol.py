@@ -15,9 +15,18 @@
     python bench/protocol.py pool     # MoRE - LoRA over an earlier report's seeds and this folder's, pooled
     python bench/protocol.py archive  # copy every finished run's small files to the repository (ARCHIVE)
     python bench/protocol.py park     # before a machine goes: each run in training's newest checkpoint to ARCHIVE
+    MORELORA_PROTOCOL=shared python bench/protocol.py report --study pilot|control|headroom
+    MORELORA_PROTOCOL=commonsense python bench/protocol.py status   # with the learnability pilot's decision
+    MORELORA_PROTOCOL=commonsense python bench/protocol.py report --study learnability   # its per-task table
 
-Everything is defined by ``configs/protocol/protocol.yaml`` (the run config shared by every run) and the
-``PROTOCOL`` block below (methods, learning rates, seeds, order). For every method:
+``MORELORA_PROTOCOL`` picks the protocol: ``heads`` (the default: ``configs/protocol/protocol.yaml`` and the
+``PROTOCOL`` block below), ``shared`` (``shared.yaml``, ``SHARED``: one shared scorer, with a pilot, a positive
+control and single-task headroom runs before the grid; ``report --study pilot|control|headroom``) or ``commonsense``
+(``commonsense.yaml``, ``COMMONSENSE``: the shared scorer on the 8-task commonsense suite; a learnability pilot
+decides the tasks and the budget of every later run, ``report --study learnability``; ``status`` shows its
+decision). Each has its own run folder (``runs/protocol``, ``runs/protocol-shared``, ``runs/protocol-commonsense``)
+and archive. Everything is defined by the protocol's run config (shared by every run) and its block (methods,
+learning rates, seeds, order). For every method:
 
 1. sweep: one run (seed ``first``) per learning rate in ``lrs``, label ``<method>_lr<lr>``; each run logs its
    validation curve (``train.eval_steps``), ending with an evaluation at the last step;
@@ -63,14 +72,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ABLATIONS = ROOT / "configs" / "ablations"
-# which protocol: "heads" (protocol.yaml: a trainable head per task) or "shared" (shared.yaml: one shared scorer,
-# with its pilot, positive control and single-task headroom before the grid; see SHARED below)
+# which protocol: "heads" (protocol.yaml: a trainable head per task), "shared" (shared.yaml: one shared scorer,
+# with its pilot, positive control and single-task headroom before the grid; see SHARED below) or "commonsense"
+# (commonsense.yaml: the shared scorer on the 8-task commonsense suite, after a learnability pilot; COMMONSENSE)
 NAME = os.environ.get("MORELORA_PROTOCOL", "heads")
-if NAME not in ("heads", "shared"):
-    raise SystemExit(f"protocol: MORELORA_PROTOCOL={NAME!r}; use heads (the default) or shared")
-CONFIG = ROOT / "configs" / "protocol" / ("shared.yaml" if NAME == "shared" else "protocol.yaml")
-OUT = Path(os.environ.get("MORELORA_PROTOCOL_DIR", ROOT / "runs" / ("protocol-shared" if NAME == "shared"
-                                                                   else "protocol")))
+PROTOCOLS = {"heads": ("protocol.yaml", "protocol"), "shared": ("shared.yaml", "protocol-shared"),
+             "commonsense": ("commonsense.yaml", "protocol-commonsense")}   # name -> (config, run folder)
+if NAME not in PROTOCOLS:
+    raise SystemExit(f"protocol: MORELORA_PROTOCOL={NAME!r}; use heads (the default), shared or commonsense")
+CONFIG = ROOT / "configs" / "protocol" / PROTOCOLS[NAME][0]
+OUT = Path(os.environ.get("MORELORA_PROTOCOL_DIR", ROOT / "runs" / PROTOCOLS[NAME][1]))
 # config overrides for every run of the grid, e.g. the same protocol at a longer budget on a GPU, in its own folder:
 #   MORELORA_PROTOCOL_DIR=runs/protocol-gpu MORELORA_PROTOCOL_SET="train.max_steps=4500 train.warmup_steps=225
 #   train.eval_steps=1125 train.mixed_precision=bf16" python bench/protocol.py run
@@ -78,7 +89,9 @@ SET = shlex.split(os.environ.get("MORELORA_PROTOCOL_SET", ""))
 # finished runs, kept in the repository (small files only): see the module docstring
 ARCHIVE = Path(os.environ.get("MORELORA_PROTOCOL_ARCHIVE", ROOT / "docs" / "protocol" / "archive" / OUT.name))
 ARCHIVED = ("config.yaml", "provenance.jsonl", "metrics.jsonl", "routing.jsonl", "eval.json", "test_predictions.json",
-            "analysis.json")
+            "analysis.json", "eval_validation.json")
+# `morelora eval --split validation` of a run's last checkpoint: the learnability pilot's per-task reference gaps
+VALIDATION_EVAL = "eval_validation.json"
 # a run in training at `park`: its newest checkpoint with its config and logs, in ARCHIVE/<label>/seed<s>
 PARKED = "inflight.tar.gz"
 
@@ -138,8 +151,49 @@ SHARED: dict[str, Any] = {
     "control_seeds": 3,
     "headroom_seeds": 3,
 }
-if NAME == "shared":
-    PROTOCOL = SHARED
+
+#: The 8-task commonsense suite (configs/protocol/commonsense.yaml; issue 36, "Beyond"): the shared-scorer setup (the
+#: siamese fixed 20 * cos(u, v) its pilot chose, the task's name in the input, no trainable task-specific parameter
+#: outside the adapter) on BoolQ, PIQA, OpenBookQA, ARC-Easy, ARC-Challenge, CommonsenseQA, Social IQa and
+#: WinoGrande at max_length 128; LoRA against MoRE. Before the grid:
+#:   learnability  LoRA and MoRE at 1e-3, seed 0, the config's own schedule (4000 steps, validation every 500:
+#:                 the curve), each followed by `morelora eval --split validation` of its last checkpoint
+#:                 (``eval_validation.json``: per task its score, reference and `morelora.metrics.reference_gap`).
+#:                 From these alone (`learnability`; the rules of the heads protocol's pilot, docs/RESULTS.md):
+#:                   tasks   kept where BOTH runs end above their reference with one-sided bootstrap p < ``alpha``
+#:                           (`kept_tasks`)
+#:                   budget  the later of the two runs' plateau steps (`morelora.analysis.curves.plateau_step`,
+#:                           ``tolerance``) on the validation average of the kept tasks (`decide_budget`)
+#:                 Every later run takes both (`pilot_overrides`): ``tasks``, ``train.max_steps`` = the budget, the
+#:                 config's warm-up fraction of it, a validation curve of ``curve_points`` points for the sweep.
+#: Then the grid: each method's sweep over ``lrs`` on validation, its winner to ``seeds`` seeds.
+COMMONSENSE: dict[str, Any] = {
+    "methods": {"lora": {"name": "lora"}, "more": {"name": "more"}},
+    "groups": [["lora", "more"]],
+    "lrs": ["3e-4", "1e-3", "3e-3"],
+    "seeds": 3,
+    "early_ablations": [],
+    "next_ablations": [],
+    "learnability": {"pilot_lora": {"name": "lora", "train.lr": 1e-3},
+                     "pilot_more": {"name": "more", "train.lr": 1e-3}},
+    "alpha": 0.05,
+    "tolerance": 0.01,
+    "curve_points": 4,
+    # `status`'s estimate, in seconds of one worker while two share this 2-core machine: training per step until a
+    # run of the method has finished (then its runs' own), and one pass of each task's full validation / test set.
+    # Measured on 2026-12-07 (commit f6d4438, OMP_NUM_THREADS=1, beside the two shared-grid workers) in CPU seconds of
+    # the measuring process: 30 steps after 2 of `time_steps` (LoRA 0.980, MoRE 0.977), a real validation pass of
+    # the untrained LoRA (267 s for the 3,869 examples), the test pass extrapolated from it per example and task
+    # (1,033 s for 13,598); times 1.53, the ratio of the shared grid's LoRA runs' 1.29 s per step (their
+    # train_time_s, two workers) to the 0.844 CPU seconds its config measures the same way
+    "measured": {"step_s": {"lora": 1.50, "more": 1.50},
+                 "validation_s": {"boolq": 67, "piqa": 62, "openbookqa": 42, "arc_easy": 94, "arc_challenge": 51,
+                                  "csqa": 39, "socialiqa": 36, "winogrande": 18},
+                 "test_s": {"boolq": 441, "piqa": 228, "openbookqa": 42, "arc_easy": 392, "arc_challenge": 199,
+                            "csqa": 96, "socialiqa": 139, "winogrande": 46},
+                 "source": "on 2026-12-07 (COMMONSENSE's comment)"},
+}
+PROTOCOL = {"heads": PROTOCOL, "shared": SHARED, "commonsense": COMMONSENSE}[NAME]
 
 
 def _label(method: str, lr: str) -> str:
@@ -161,7 +215,7 @@ def ablations() -> dict[str, dict[str, Any]]:
     from morelora.config import BOOKKEEPING_TRAIN_KEYS
 
     out = {}
-    if NAME == "shared":   # the paper's ablations belong to the per-task-heads protocol
+    if NAME != "heads":   # the paper's ablations belong to the per-task-heads protocol
         return out
     for path in sorted(ABLATIONS.glob("*.yaml")):
         if path.stem == "full":
@@ -217,12 +271,96 @@ def pilot() -> dict[str, Any]:
 
 
 def pilot_overrides() -> list[str]:
-    """The config keys the pilot's winner sets for every later run ([] in the heads protocol); KeyError-free
-    while the pilot runs: its winner is unknown and the studies wait (``ordered_runs``)."""
+    """The config keys the pilot sets for every later run: the shared pilot's winner's encoding, the commonsense
+    learnability pilot's tasks and budget ([] in the heads protocol, and while the pilot runs: its decision is
+    unknown and the studies wait, ``ordered_runs``)."""
+    if "learnability" in PROTOCOL:
+        return learnability()["overrides"]
     if "pilot" not in PROTOCOL:
         return []
     winner = pilot()["winner"]
     return [] if winner is None else [f"{k}={json.dumps(v)}" for k, v in PROTOCOL["pilot"][winner].items()]
+
+
+# ------------------------------------------------------------------ the commonsense protocol's learnability pilot
+def _learnability_runs() -> list[Any]:
+    """LoRA's and MoRE's pilot runs (seed 0, the config's own schedule and tasks: no pilot override)."""
+    extra = PROTOCOL["learnability"]
+    return _runs(list(extra), 1, extra, overrides=[])
+
+
+def _needs_validation_eval(run: Any) -> bool:
+    """A learnability pilot run: finished once its last checkpoint is also evaluated on validation."""
+    return run.label in PROTOCOL.get("learnability", {})
+
+
+def validation_gaps(run_dir: Path) -> dict[str, dict[str, float]] | None:
+    """``{task: {"score", "reference", "diff", "p", "n"}}`` from the run's ``eval_validation.json`` (its last
+    checkpoint on validation, `morelora.metrics.reference_gap`: ``diff`` = score - reference, ``p`` the one-sided
+    bootstrap p of "no better than the reference"); None until that evaluation exists."""
+    path = run_dir / VALIDATION_EVAL
+    if not path.is_file():
+        return None
+    tasks = json.loads(path.read_text())["tasks"]
+    return {t: {"score": r["score"], "reference": r["reference_score"], "diff": r["vs_reference"]["diff"],
+                "p": r["vs_reference"]["p"], "n": r["num_examples"]} for t, r in tasks.items()}
+
+
+def kept_tasks(gaps: dict[str, dict[str, dict[str, float]]], alpha: float) -> list[str]:
+    """The tasks (in the first run's order) on which EVERY run of ``gaps`` (``{label: validation_gaps}``) ends
+    above its reference with one-sided p < ``alpha``: the heads protocol's pilot rule."""
+    first = next(iter(gaps.values()))
+    return [t for t in first if all(g[t]["diff"] > 0 and g[t]["p"] < alpha for g in gaps.values())]
+
+
+def average_curve(curves: dict[str, list[tuple[int, float]]], tasks: list[str]) -> list[tuple[int, float]]:
+    """``[(step, mean validation score of tasks)]`` at every step where each of ``tasks`` has a score (``curves``:
+    `morelora.analysis.curves.read_curves` of a run)."""
+    by_step = [dict(curves.get(t, [])) for t in tasks]
+    steps = sorted(set.intersection(*(set(d) for d in by_step))) if by_step else []
+    return [(s, sum(d[s] for d in by_step) / len(by_step)) for s in steps]
+
+
+def decide_budget(curves: dict[str, dict[str, list[tuple[int, float]]]], tasks: list[str],
+                  tolerance: float) -> tuple[dict[str, int | None], int | None]:
+    """``({label: plateau step}, budget)``: each run's `plateau_step` of the ``tasks``' validation average, and
+    the later of them (None when a run has no such curve)."""
+    from morelora.analysis.curves import plateau_step
+
+    plateau = {label: plateau_step(average_curve(c, tasks), tolerance) for label, c in curves.items()}
+    done = bool(tasks) and all(v is not None for v in plateau.values())
+    return plateau, (max(plateau.values()) if done else None)
+
+
+def learnability() -> dict[str, Any]:
+    """The learnability pilot's decision, from its runs' validation results alone: ``{"runs": {label:
+    validation_gaps or None}, "curves": {label: read_curves}, "kept", "dropped": [task] (None until both runs are
+    evaluated), "plateau": {label: step}, "budget": steps or None, "overrides": the grid's config keys ([] until
+    decided)}``."""
+    from morelora.analysis.curves import read_curves
+
+    runs = _learnability_runs()
+    gaps = {r.label: validation_gaps(r.run_dir) for r in runs}
+    out: dict[str, Any] = {"runs": gaps, "curves": {}, "kept": None, "dropped": None, "plateau": {}, "budget": None,
+                           "overrides": []}
+    if any(g is None for g in gaps.values()):
+        return out
+    out["kept"] = kept_tasks(gaps, PROTOCOL["alpha"])
+    out["dropped"] = [t for t in runs[0].cfg.tasks if t not in out["kept"]]
+    out["curves"] = {r.label: read_curves(r.run_dir) for r in runs}
+    out["plateau"], out["budget"] = decide_budget(out["curves"], out["kept"], PROTOCOL["tolerance"])
+    if out["budget"] is not None:
+        out["overrides"] = grid_overrides(out["kept"], out["budget"], runs[0].cfg)
+    return out
+
+
+def grid_overrides(tasks: list[str], budget: int, pilot_cfg: Any) -> list[str]:
+    """The config keys of every run after the learnability pilot (whose config is ``pilot_cfg``): its kept
+    ``tasks``, ``budget`` steps, the pilot's warm-up fraction of them, ``curve_points`` validation points."""
+    tc = pilot_cfg.train
+    return [f"tasks={json.dumps(tasks)}", f"train.max_steps={budget}",
+            f"train.warmup_steps={round(tc.warmup_steps * budget / tc.max_steps)}",
+            f"train.eval_steps={max(1, round(budget / PROTOCOL['curve_points']))}"]
 
 
 def control_config() -> dict[str, dict[str, Any]]:
@@ -269,8 +407,15 @@ def _headroom_runs(lr: str) -> list[Any]:
 
 
 def studies() -> list[tuple[Any, str | None]]:
-    """The shared protocol's runs before its grid: the pilot, then (once it has a winner) the control."""
-    out: list[tuple[Any, str | None]] = [(r, None) for r in _pilot_runs()]
+    """The runs before the grid: the shared protocol's pilot, then (once it has a winner) its control; the
+    commonsense protocol's learnability pilot (nothing follows it until it has decided)."""
+    if "learnability" in PROTOCOL:
+        out: list[tuple[Any, str | None]] = [(r, None) for r in _learnability_runs()]
+        decision = learnability()
+        if decision["kept"] == []:
+            return out + [(None, "a task both pilot runs learn (none: no grid)")]
+        return out + ([] if decision["budget"] else [(None, "the learnability pilot (tasks and budget)")])
+    out = [(r, None) for r in _pilot_runs()]
     if pilot()["winner"] is None:
         return out + [(None, "the pilot (the scorer's form)")]
     return out + [(r, None) for r in _control_runs()]
@@ -324,9 +469,9 @@ def ordered_runs() -> list[tuple[Any, str | None]]:
     ``early_ablations`` in their listed order (all seeds of one, then the next); the other ablations last, those in
     ``next_ablations`` first."""
     out: list[tuple[Any, str | None]] = []
-    if "pilot" in PROTOCOL:
+    if "pilot" in PROTOCOL or "learnability" in PROTOCOL:
         out = studies()
-        if out[-1][0] is None:   # every later run takes the pilot's winner
+        if out[-1][0] is None:   # every later run takes the pilot's decision
             return out
     for i, group in enumerate(PROTOCOL["groups"]):
         seeded, waiting = [], []
@@ -555,13 +700,20 @@ def _park_run(run_dir: Path, checkpoint: Path, dest: Path) -> None:
         os.replace(part, dest)
 
 
+def _has_results(run_dir: Path) -> bool:
+    """The run in ``run_dir`` (``<label>/seed<s>``) has its results: eval.json, and a learnability pilot run also its
+    validation evaluation (until then its last checkpoint is needed: `park` keeps it)."""
+    return (run_dir / "eval.json").is_file() and (run_dir.parent.name not in PROTOCOL.get("learnability", {})
+                                                  or (run_dir / VALIDATION_EVAL).is_file())
+
+
 def park() -> int:
     """Put the newest checkpoint of every run still in training into the archive (`PARKED`), so that a clone on
     another machine resumes it (`unpark`) instead of training it again; returns how many were parked."""
     from morelora.training.checkpoint import latest_checkpoint
 
     n = 0
-    for run_dir in sorted(d for d in OUT.glob("**/seed*") if d.is_dir() and not (d / "eval.json").is_file()):
+    for run_dir in sorted(d for d in OUT.glob("**/seed*") if d.is_dir() and not _has_results(d)):
         dest = ARCHIVE / run_dir.relative_to(OUT) / PARKED
         for _ in range(3):   # the worker may replace its checkpoint while it is copied: take the new one
             checkpoint = latest_checkpoint(run_dir)
@@ -587,7 +739,7 @@ def unpark() -> list[tuple[str, int]]:
         rel = path.parent.relative_to(ARCHIVE)
         dest = OUT / rel
         step = _parked_step(path)
-        if ((dest / "eval.json").is_file() or _held(_claim_file(rel))
+        if (_has_results(dest) or _held(_claim_file(rel))
                 or _step(latest_checkpoint(dest)) >= step):
             continue
         dest.mkdir(parents=True, exist_ok=True)
@@ -599,16 +751,28 @@ def unpark() -> list[tuple[str, int]]:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _finished(run: Any) -> bool:
-    """Trained, evaluated and its test predictions written (compare's own status of a run)."""
+    """Trained, evaluated and its test predictions written (compare's own status of a run); a learnability pilot
+    run also evaluated on validation (``eval_validation.json``)."""
     from morelora.experiments.runs import is_complete, run_status
 
-    return bool(is_complete(run_status(run)))
+    return bool(is_complete(run_status(run))) and (not _needs_validation_eval(run)
+                                                   or (run.run_dir / VALIDATION_EVAL).is_file())
+
+
+def complete(run: Any) -> None:
+    """Train (or resume) ``run`` to its end; a learnability pilot run then has its last checkpoint evaluated on
+    validation (`morelora eval --split validation`); then archive it."""
+    from morelora.experiments.runs import execute
+    from morelora.training.trainer import evaluate_run
+
+    execute([run])
+    if _needs_validation_eval(run) and not (run.run_dir / VALIDATION_EVAL).is_file():
+        evaluate_run(run.run_dir, split="validation")
+    archive_run(run)
 
 
 def run_worker(poll_s: float = 60.0) -> None:
     """Train the protocol's runs in order until none is left; wait while the next ones are claimed elsewhere."""
-    from morelora.experiments.runs import execute
-
     while True:
         todo = [(r, wait) for r, wait in ordered_runs() if wait is not None or not _finished(r)]
         if not todo:
@@ -618,8 +782,7 @@ def run_worker(poll_s: float = 60.0) -> None:
         for run, _ in ((r, w) for r, w in todo if w is None):
             if claim(run):
                 try:
-                    execute([run])
-                    archive_run(run)
+                    complete(run)
                 finally:
                     release(run)
                 started = True
@@ -652,6 +815,82 @@ def _time_left(rows: list[tuple[Any, str | None]], finished: list[Any]) -> str:
             f"{len(done)} finished runs (one core; test evaluation not counted), ~{hours / 2:.1f} h with two workers")
 
 
+def _estimate(rows: list[tuple[Any, str | None]], finished: list[Any]) -> list[str]:
+    """The commonsense protocol's time estimate (lines): the hours of one worker that the pilot's and the grid's runs
+    still need (training at each method's seconds per step: its finished runs' own, else ``measured``; the
+    validation curve's passes, the pilot's validation evaluation and the test pass at ``measured``'s per-task
+    seconds), the grid's runs not planned yet included: while the pilot decides, at its upper bound (all tasks,
+    the pilot's steps); while a sweep runs, its winner's other seeds."""
+    import copy
+
+    from morelora.experiments.runs import run_status
+    from morelora.training.trainer import _eval_due
+
+    measured = PROTOCOL["measured"]
+    rates = {}
+    for name in sorted({r.cfg.method["name"] for r, w in rows if w is None} | {"lora", "more"}):
+        done = [(e["train"]["train_time_s"], e["train"]["steps"]) for r in finished if r.cfg.method["name"] == name
+                and (e := json.loads((r.run_dir / "eval.json").read_text())).get("train", {}).get("train_time_s")]
+        rates[name] = ((sum(t for t, _ in done) / sum(n for _, n in done), f"{len(done)} finished run(s)") if done
+                       else (measured["step_s"][name], "measured"))
+
+    def hours(cfg: Any, step: int = 0, pilot: bool = False) -> float:   # from ``step`` to the run's end
+        tc = cfg.train
+        evals = sum(_eval_due(tc, k) for k in range(step + 1, tc.max_steps + 1)) + pilot   # + its validation eval
+        return ((tc.max_steps - step) * rates[cfg.method["name"]][0]
+                + evals * sum(measured["validation_s"][t] for t in cfg.tasks)
+                + (step < tc.max_steps) * sum(measured["test_s"][t] for t in cfg.tasks)) / 3600
+
+    def with_eval_steps(cfg: Any, eval_steps: int) -> Any:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.eval_steps = eval_steps
+        return cfg
+
+    todo = [r for r, w in rows if w is None and not _finished(r)]
+    pilot = [r for r in todo if _needs_validation_eval(r)]
+    planned = [r for r in todo if not _needs_validation_eval(r)]
+    later = []   # the configs of the grid's runs not planned yet
+    bound = ""
+    if any(w == "the learnability pilot (tasks and budget)" for _, w in rows):
+        first = _learnability_runs()[0].cfg
+        keys = grid_overrides(first.tasks, first.train.max_steps, first)
+        for m in PROTOCOL["methods"]:
+            cfg = _runs([_label(m, PROTOCOL["lrs"][0])], 1, overrides=keys)[0].cfg
+            later += [cfg] * len(PROTOCOL["lrs"]) + [with_eval_steps(cfg, 0)] * (PROTOCOL["seeds"] - 1)
+        bound = f" (at most: all {len(first.tasks)} tasks, {first.train.max_steps} steps, until the pilot decides)"
+    for m in [w for _, w in rows if w in PROTOCOL["methods"]]:   # a sweep in progress: its winner's other seeds
+        later += [with_eval_steps(_runs([_label(m, PROTOCOL["lrs"][0])], 1)[0].cfg, 0)] * (PROTOCOL["seeds"] - 1)
+    h_pilot = sum(hours(r.cfg, run_status(r)["step"], pilot=True) for r in pilot)
+    h_grid = sum(hours(r.cfg, run_status(r)["step"]) for r in planned) + sum(map(hours, later))
+    n_grid = len(planned) + len(later)
+    speeds = ", ".join(f"{m} {v:.2f} ({src})" for m, (v, src) in rates.items() if v is not None)
+    return [f"  left: pilot {len(pilot)} run(s), ~{h_pilot:.1f} h; grid {n_grid} run(s){bound}, ~{h_grid:.1f} h; "
+            f"~{h_pilot + h_grid:.1f} h of one worker, ~{(h_pilot + h_grid) / 2:.1f} h with two workers",
+            f"  (s per step: {speeds}; validation curves, the pilot's validation evaluation and the test pass at "
+            f"the per-task seconds measured {measured['source']})"]
+
+
+def _learnability_lines() -> list[str]:
+    """The learnability pilot's decision, for `status`: per task each run's validation score, reference and p, kept
+    or dropped; the plateau steps and the budget."""
+    d = learnability()
+    if d["kept"] is None:
+        left = [label for label, g in d["runs"].items() if g is None]
+        return [f"learnability pilot: not decided yet ({', '.join(left)}: trained, then evaluated on validation)"]
+    first = next(iter(d["runs"].values()))
+    lines = [f"learnability pilot: {len(d['kept'])} of {len(first)} tasks kept (both runs above the reference on "
+             f"validation, one-sided bootstrap p < {PROTOCOL['alpha']:g}): {', '.join(d['kept']) or '-'}; "
+             f"dropped: {', '.join(d['dropped']) or '-'}"]
+    for t in first:
+        lines.append(f"  {t:<14}" + "  ".join(
+            f"{label} {100 * g[t]['score']:.1f} (reference {100 * g[t]['reference']:.1f}, p {g[t]['p']:.3f})"
+            for label, g in d["runs"].items()) + ("  kept" if t in d["kept"] else "  dropped"))
+    plateau = ", ".join(f"{label} step {s}" for label, s in d["plateau"].items())
+    lines.append(f"  budget: {d['budget'] or '(none)'} steps, the later plateau of the kept tasks' validation "
+                 f"average (no later gain over {100 * PROTOCOL['tolerance']:g} point): {plateau or '-'}")
+    return lines
+
+
 def status() -> None:
     rows = ordered_runs()
     finished = [r for r, w in rows if w is None and (r.run_dir / "eval.json").is_file()]
@@ -660,7 +899,10 @@ def status() -> None:
     print(f"protocol in {OUT}: {len(finished)} of {total_known} planned runs finished" + (
         f" (+{PROTOCOL['seeds'] - 1} seed runs for each of the {waiting} methods whose sweep is not finished)"
         if waiting else ""))
-    print(_time_left(rows, finished))
+    if "learnability" in PROTOCOL:
+        print("\n".join(_learnability_lines() + _estimate(rows, finished)))
+    else:
+        print(_time_left(rows, finished))
     parked = sorted(ARCHIVE.glob(f"**/seed*/{PARKED}"))
     if parked:
         print("  parked in the archive (resumed from there on a new machine): " + ", ".join(
@@ -678,6 +920,8 @@ def status() -> None:
         claimed = _lock(r).exists()
         state = "done" if (r.run_dir / "eval.json").is_file() else ("claimed" if claimed else (
             "partial" if (r.run_dir / "config.yaml").is_file() else "not started"))
+        if state == "done" and _needs_validation_eval(r) and not (r.run_dir / VALIDATION_EVAL).is_file():
+            state = "trained; its validation evaluation left" + (" (claimed)" if claimed else "")
         if state in ("claimed", "partial"):
             state += _progress(r)
         print(f"  {r.label:<{width}} seed {r.seed}: {state}")
@@ -755,7 +999,8 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
 
 
 def report_study(study: str) -> dict[str, Any]:
-    """The shared protocol's studies, from their finished runs (the seeds every row has finished):
+    """The studies before the grid: the commonsense protocol's ``learnability`` pilot (`report_learnability`), and
+    the shared protocol's, from their finished runs (the seeds every row has finished):
 
     * ``pilot``: each form's validation average at its last step and per task (the choice), and its test
       average (reported, never chosen from) -> OUT/pilot.json;
@@ -765,8 +1010,16 @@ def report_study(study: str) -> dict[str, Any]:
       test examples (the combined test of `morelora compare`) -> OUT/headroom/results.{json,md}."""
     from morelora.experiments.report import summarize, write_report
 
+    if study == "learnability" or "learnability" in PROTOCOL:
+        if "learnability" not in PROTOCOL:
+            raise SystemExit("protocol: --study learnability is the commonsense protocol's "
+                             "(MORELORA_PROTOCOL=commonsense)")
+        if study != "learnability":
+            raise SystemExit(f"protocol: the commonsense protocol has no {study} study; its study is learnability")
+        return report_learnability()
     if "pilot" not in PROTOCOL:
-        raise SystemExit("protocol: --study is for the shared protocol (MORELORA_PROTOCOL=shared)")
+        raise SystemExit("protocol: --study is for the shared protocol (MORELORA_PROTOCOL=shared; learnability: "
+                         "MORELORA_PROTOCOL=commonsense)")
     if study == "pilot":
         out = {}
         for r in _pilot_runs():
@@ -831,11 +1084,58 @@ def report_study(study: str) -> dict[str, Any]:
     raise SystemExit(f"protocol: unknown study {study!r}; use pilot, control or headroom")
 
 
+def report_learnability() -> dict[str, Any]:
+    """The commonsense protocol's learnability pilot (``report --study learnability``): per task its validation
+    reference and each run's score and one-sided p at the last step, kept or not; the kept tasks' validation
+    average by step with each run's plateau, and the budget -> OUT/learnability.{json,md}, OUT/learnability.png
+    (`morelora curves`'s figure: every task, the 8-task average, and the kept tasks' average)."""
+    from morelora.analysis.curves import plot_curves
+
+    d = learnability()
+    if d["kept"] is None:
+        left = [label for label, g in d["runs"].items() if g is None]
+        raise SystemExit(f"protocol: the learnability pilot is not finished ({', '.join(left)}: trained, then "
+                         "evaluated on validation); see `bench/protocol.py status`")
+    labels = list(d["runs"])
+    first = d["runs"][labels[0]]
+    lines = [f"learnability pilot: validation at the last step; reference = the majority class / chance / the most "
+             f"frequent answer position; p: one-sided bootstrap p of \"no better than the reference\" (1000 "
+             f"resamples); kept: both runs above the reference with p < {PROTOCOL['alpha']:g}", "",
+             "| task (validation n) | reference | " + " | ".join(f"{lab} | p" for lab in labels) + " | kept |",
+             "|---|---|" + "---|---|" * len(labels) + "---|"]
+    for t, g in first.items():
+        lines.append(f"| {t} ({g['n']}) | {100 * g['reference']:.1f} | " + " | ".join(
+            f"{100 * d['runs'][lab][t]['score']:.1f} | {d['runs'][lab][t]['p']:.3f}" for lab in labels)
+            + f" | {'yes' if t in d['kept'] else 'no'} |")
+    kept_avg = {lab: dict(average_curve(d["curves"][lab], d["kept"])) for lab in labels}
+    steps = sorted({s for c in kept_avg.values() for s in c})
+    lines += ["", f"validation average of the {len(d['kept'])} kept tasks (x100) by step:", "",
+              "| step | " + " | ".join(map(str, steps)) + " |", "|---|" + "---|" * len(steps)]
+    lines += [f"| {lab} | " + " | ".join(f"{100 * kept_avg[lab][s]:.2f}" if s in kept_avg[lab] else "-"
+                                         for s in steps) + " |" for lab in labels]
+    lines += ["", "plateau (the first step after which the kept tasks' average never rises more than "
+              f"{100 * PROTOCOL['tolerance']:g} point): " + ", ".join(f"{lab} step {s}" for lab, s in
+                                                                       d["plateau"].items())
+              + f"; budget (the later): {d['budget'] or '(none: no task kept)'} steps",
+              "grid runs take: " + (" ".join(d["overrides"]) or "-")]
+    print("\n".join(lines))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "learnability.md").write_text("\n".join(lines) + "\n")
+    saved = {k: d[k] for k in ("runs", "kept", "dropped", "plateau", "budget", "overrides")}
+    saved["kept_average"] = {lab: sorted(c.items()) for lab, c in kept_avg.items()}
+    saved["curves"] = d["curves"]
+    (OUT / "learnability.json").write_text(json.dumps(saved, indent=1) + "\n")
+    figure = {lab: {**d["curves"][lab], "kept average": sorted(kept_avg[lab].items())} for lab in labels}
+    plot_curves(figure, OUT / "learnability.png", title="learnability pilot: validation score vs step")
+    print(f"-> {OUT / 'learnability.md'}, {OUT / 'learnability.json'}, {OUT / 'learnability.png'}")
+    return saved
+
+
 def grid_tasks() -> list[str]:
-    """The grid's tasks (the config's)."""
+    """The grid's tasks (the config's, or the learnability pilot's kept ones)."""
     from morelora.config import load_config
 
-    return load_config(CONFIG, SET).tasks
+    return load_config(CONFIG, [*SET, *pilot_overrides()]).tasks
 
 
 def report_interim(baseline: str = "lora") -> None:
@@ -1259,8 +1559,9 @@ def main() -> None:
     p.add_argument("--method", default="more", help="power: the row tested (default more; or an ablation row)")
     p.add_argument("--target", type=float, default=1.0,
                    help="power: the MDE to reach, in points of the test average (default 1.0)")
-    p.add_argument("--study", choices=["pilot", "control", "headroom"],
-                   help="report (MORELORA_PROTOCOL=shared): the pilot, the positive control or the headroom")
+    p.add_argument("--study", choices=["pilot", "control", "headroom", "learnability"],
+                   help="report (MORELORA_PROTOCOL=shared): the pilot, the positive control or the headroom; "
+                        "(MORELORA_PROTOCOL=commonsense): the learnability pilot")
     p.add_argument("--interim", action="store_true",
                    help="report: the swept rows (with --ablations: the ablation rows) over the seeds finished so far "
                         "(OUT/interim, OUT/ablations_interim)")

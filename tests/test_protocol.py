@@ -883,3 +883,271 @@ def test_pooling_seed_clusters_holds_its_false_positive_rate_where_runs_as_indep
     rate = {k: v / reps for k, v in hits.items()}
     assert 0.035 < rate["clusters"] < 0.065, rate   # binomial SD at 4000 draws: 0.0034
     assert rate["runs"] > 0.12, rate
+
+
+# ------------------------------------------------------------------------------------ the commonsense protocol
+COMMONSENSE_TASKS = ["boolq", "piqa", "openbookqa", "arc_easy", "arc_challenge", "csqa", "socialiqa", "winogrande"]
+# the learnability pilot's final validation results, per run and task: (score - reference, one-sided p)
+PILOT_GAPS = {
+    "pilot_lora": {"boolq": (0.02, 0.20), "piqa": (0.05, 0.001), "openbookqa": (0.20, 0.001),
+                   "arc_easy": (0.25, 0.001), "arc_challenge": (0.04, 0.030), "csqa": (0.10, 0.001),
+                   "socialiqa": (0.06, 0.002), "winogrande": (0.0, 0.50)},
+    "pilot_more": {"boolq": (0.05, 0.010), "piqa": (0.04, 0.004), "openbookqa": (0.22, 0.001),
+                   "arc_easy": (0.02, 0.050), "arc_challenge": (0.05, 0.049), "csqa": (0.12, 0.001),
+                   "socialiqa": (-0.01, 0.80), "winogrande": (0.01, 0.30)},
+}
+# by hand: kept where BOTH runs have score > reference and p < 0.05. boolq fails for LoRA only (p 0.20), socialiqa
+# for MoRE only (below its reference), arc_easy for MoRE at p = 0.050 (not < 0.05), winogrande for both
+PILOT_KEPT = ["piqa", "openbookqa", "arc_challenge", "csqa"]
+PILOT_STEPS = [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000]
+# the kept tasks' validation average by step. By hand, plateau (the first step after which no later average is more
+# than 1 point above it): LoRA 2000 (0.52; later at most 0.528 <= 0.53; at 1500, 0.50 + 0.01 < 0.528), MoRE 3000
+# (0.52; later at most 0.525; at 2500, 0.505 + 0.01 < 0.525). Budget: the later, 3000
+PILOT_KEPT_AVERAGE = {"pilot_lora": [0.40, 0.45, 0.50, 0.52, 0.525, 0.528, 0.526, 0.527],
+                      "pilot_more": [0.42, 0.47, 0.49, 0.50, 0.505, 0.52, 0.525, 0.522]}
+PILOT_PLATEAU, PILOT_BUDGET = {"pilot_lora": 2000, "pilot_more": 3000}, 3000
+
+
+def _pilot_curves(label: str) -> dict[str, list[tuple[int, float]]]:
+    """Per task validation curves whose kept tasks average to PILOT_KEPT_AVERAGE (offsets that cancel) and whose
+    dropped tasks still rise 3 points per evaluation to the end (so the 8-task average has a later plateau)."""
+    offsets = dict(zip(PILOT_KEPT, [0.02, -0.02, 0.01, -0.01]))
+    curves = {}
+    for t in COMMONSENSE_TASKS:
+        if t in offsets:
+            curves[t] = [(s, v + offsets[t]) for s, v in zip(PILOT_STEPS, PILOT_KEPT_AVERAGE[label])]
+        else:
+            curves[t] = [(s, 0.3 + 0.03 * i) for i, s in enumerate(PILOT_STEPS)]
+    return curves
+
+
+def _finish_pilot(run, validation_eval: bool = True) -> None:
+    """A learnability pilot run as the worker leaves it: config, eval.json (test), test predictions, its validation
+    curve in metrics.jsonl (PILOT_STEPS) and, with ``validation_eval``, eval_validation.json (PILOT_GAPS)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.cfg.dump(run.run_dir / "config.yaml")
+    steps = run.cfg.train.max_steps
+    assert steps == PILOT_STEPS[-1]
+    (run.run_dir / "eval.json").write_text(json.dumps({"average": 0.5, "train": {
+        "steps": steps, "train_time_s": 2.0 * steps}}))
+    (run.run_dir / "test_predictions.json").write_text("{}")
+    curves = _pilot_curves(run.label)
+    rows = []
+    for i, s in enumerate(PILOT_STEPS):
+        scores = {t: curves[t][i][1] for t in COMMONSENSE_TASKS}
+        rows += [{"step": s, "loss": 1.0}, {"step": s, "split": "validation",
+                                            "eval_average": sum(scores.values()) / len(scores),
+                                            **{f"eval_{t}": v for t, v in scores.items()}}]
+    (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if validation_eval:
+        tasks = {t: {"score": curves[t][-1][1], "reference_score": curves[t][-1][1] - diff, "main_metric": "accuracy",
+                     "vs_reference": {"diff": diff, "low": diff - 0.05, "high": diff + 0.05, "p": p},
+                     "num_examples": 500} for t, (diff, p) in PILOT_GAPS[run.label].items()}
+        (run.run_dir / "eval_validation.json").write_text(json.dumps({"split": "validation", "tasks": tasks}))
+
+
+@pytest.fixture()
+def commonsense_protocol(tmp_path, monkeypatch):
+    return _load_protocol(tmp_path / "c", tmp_path / "archive", monkeypatch, "commonsense")
+
+
+def test_commonsense_pilot_comes_first_and_the_grid_waits_for_its_decision(commonsense_protocol):
+    """The learnability pilot (LoRA and MoRE at 1e-3, seed 0, 8 tasks at max_length 128 with the shared siamese
+    scorer and the task's name, 4000 steps, a validation point every 500) and nothing else until both runs are
+    trained AND evaluated on validation."""
+    p = commonsense_protocol
+    rows = p.ordered_runs()
+    assert [(r.label, r.seed) for r, _ in rows[:2]] == [("pilot_lora", 0), ("pilot_more", 0)]
+    assert rows[2:] == [(None, "the learnability pilot (tasks and budget)")]
+    for (run, _), name in zip(rows[:2], ("lora", "more")):
+        c = run.cfg
+        assert (c.method["name"], c.train.lr, c.train.seed, c.tasks, c.model.max_length) == (
+            name, pytest.approx(1e-3), 0, COMMONSENSE_TASKS, 128)
+        assert (c.model.scorer, c.model.encoding, c.model.task_prefix) == ("shared", "siamese", True)
+        assert (c.train.max_steps, c.train.eval_steps, c.train.warmup_steps) == (4000, 500, 200)
+        assert run.run_dir == p.OUT / run.label / "seed0"
+    assert p.PROTOCOLS["commonsense"] == ("commonsense.yaml", "protocol-commonsense") and p.ablations() == {}
+    _finish_pilot(rows[0][0])
+    _finish_pilot(rows[1][0], validation_eval=False)   # trained, not yet evaluated on validation
+    assert p.ordered_runs()[2:] == [(None, "the learnability pilot (tasks and budget)")]
+    assert p._finished(rows[0][0]) and not p._finished(rows[1][0]), "a pilot run is finished with its validation eval"
+    assert p.learnability()["kept"] is None and p.pilot_overrides() == []
+    _finish_pilot(rows[1][0])
+    rows = p.ordered_runs()
+    assert rows[2][0].label == "lora_lr3e-4" and (None, "lora") in rows
+
+
+def test_commonsense_kept_tasks_and_budget_against_a_hand_computation(commonsense_protocol):
+    """The pilot's rules on synthetic validation results: a task is kept only if both runs are above their reference
+    with p < 0.05 (one method failing drops it); the budget is the later of the two runs' plateau steps of the
+    KEPT tasks' validation average (PILOT_* above, computed by hand)."""
+    p = commonsense_protocol
+    for run, _ in p.ordered_runs()[:2]:
+        _finish_pilot(run)
+    d = p.learnability()
+    assert d["kept"] == PILOT_KEPT
+    assert d["dropped"] == ["boolq", "arc_easy", "socialiqa", "winogrande"]
+    assert {lab: {t: (g["diff"], g["p"]) for t, g in gaps.items()} for lab, gaps in d["runs"].items()} == PILOT_GAPS
+    for label in PILOT_PLATEAU:
+        kept_average = p.average_curve(d["curves"][label], PILOT_KEPT)
+        assert [s for s, _ in kept_average] == PILOT_STEPS
+        assert [v for _, v in kept_average] == pytest.approx(PILOT_KEPT_AVERAGE[label])
+    assert d["plateau"] == PILOT_PLATEAU and d["budget"] == PILOT_BUDGET
+    # the 8-task average (the dropped tasks still rising) would give another budget: the rule reads the kept ones
+    assert p.decide_budget(d["curves"], COMMONSENSE_TASKS, 0.01)[1] == 4000
+    # the pure rules on their own
+    assert p.kept_tasks({"a": {"x": {"diff": 0.1, "p": 0.01}, "y": {"diff": 0.1, "p": 0.01}},
+                         "b": {"x": {"diff": 0.1, "p": 0.04}, "y": {"diff": 0.1, "p": 0.06}}}, 0.05) == ["x"]
+    assert p.decide_budget({"a": {"x": [(1, 0.5)]}}, [], 0.01) == ({"a": None}, None), "no kept task: no budget"
+
+
+def test_commonsense_grid_runs_carry_the_kept_tasks_the_length_and_the_budget(commonsense_protocol, capsys):
+    """After the pilot, every grid run (the sweeps, then the winners' other seeds) trains the kept tasks at
+    max_length 128 for the decided budget (warm-up 5 % of it, the sweep's curve every quarter); `report` compares
+    the winners' 3 seeds with those settings."""
+    import random
+
+    p = commonsense_protocol
+    for run, _ in p.ordered_runs()[:2]:
+        _finish_pilot(run)
+    rows = p.ordered_runs()
+    grid = [r for r, w in rows[2:] if w is None]
+    assert [r.label for r in grid] == [f"{m}_lr{lr}" for m in ("lora", "more") for lr in ("3e-4", "1e-3", "3e-3")]
+    assert [w for _, w in rows if w] == ["lora", "more"]
+    for r in grid:
+        c = r.cfg
+        assert (c.tasks, c.model.max_length, c.train.max_steps) == (PILOT_KEPT, 128, PILOT_BUDGET)
+        assert (c.train.warmup_steps, c.train.eval_steps, c.train.seed) == (150, 750, 0)
+        assert (c.model.scorer, c.model.encoding, c.model.task_prefix) == ("shared", "siamese", True)
+    assert p.grid_tasks() == PILOT_KEPT
+    rng = random.Random(3)
+    for (run, _), val in zip([(r, None) for r in grid], [0.50, 0.58, 0.52, 0.50, 0.52, 0.58]):
+        _finish(run.run_dir, val, steps=PILOT_BUDGET)
+    rows = p.ordered_runs()
+    seeds = [r for r, w in rows if w is None and r.seed > 0]
+    assert [(r.label, r.seed) for r in seeds] == [("lora_lr1e-3", 1), ("more_lr3e-3", 1), ("lora_lr1e-3", 2),
+                                                   ("more_lr3e-3", 2)]
+    assert all(r.cfg.tasks == PILOT_KEPT and r.cfg.train.max_steps == PILOT_BUDGET and r.cfg.model.max_length == 128
+               and r.cfg.train.eval_steps == 0 for r in seeds)
+    for r in [r for r, w in rows if w is None and r.label in ("lora_lr1e-3", "more_lr3e-3")]:
+        _finish_with_predictions(r, [[rng.random() < 0.6 for _ in range(30)] for _ in r.cfg.tasks])
+    capsys.readouterr()
+    p.report()   # compare re-plans the rows: with the pilot's keys, so the finished runs match their configs
+    saved = json.loads((p.OUT / "results.json").read_text())
+    assert list(saved["methods"]) == ["lora_lr1e-3", "more_lr3e-3"] and saved["seeds"] == [0, 1, 2]
+    assert saved["tasks"] == PILOT_KEPT
+
+
+def test_commonsense_status_and_learnability_report(commonsense_protocol, capsys):
+    """`status`: the pilot's decision (each task's p for both runs, kept or dropped, the budget) and the hours left,
+    by hand from the measured rates; `report --study learnability`: the per-task table and the plateau."""
+    p = commonsense_protocol
+    m = p.PROTOCOL["measured"]
+    val, test = sum(m["validation_s"].values()), sum(m["test_s"].values())
+
+    def hours(method, steps, evals, tasks=None):   # one run from its start
+        tasks = tasks or COMMONSENSE_TASKS
+        v, t = (sum(m[k][x] for x in tasks) for k in ("validation_s", "test_s"))
+        return (steps * m["step_s"][method] + evals * v + t) / 3600
+
+    p.status()
+    out = capsys.readouterr().out
+    assert "learnability pilot: not decided yet (pilot_lora, pilot_more: trained, then evaluated on validation)" in out
+    pilot = sum(hours(x, 4000, 8 + 1) for x in ("lora", "more"))
+    grid = sum(3 * hours(x, 4000, 4) + 2 * hours(x, 4000, 0) for x in ("lora", "more"))
+    assert (f"  left: pilot 2 run(s), ~{pilot:.1f} h; grid 10 run(s) (at most: all 8 tasks, 4000 steps, until the "
+            f"pilot decides), ~{grid:.1f} h; ~{pilot + grid:.1f} h of one worker, ~{(pilot + grid) / 2:.1f} h with two "
+            "workers") in out
+    assert val > 0 and test > 0
+    for run, _ in p.ordered_runs()[:2]:
+        _finish_pilot(run)
+    p.status()
+    out = capsys.readouterr().out
+    assert ("learnability pilot: 4 of 8 tasks kept (both runs above the reference on validation, one-sided bootstrap "
+            "p < 0.05): piqa, openbookqa, arc_challenge, csqa; dropped: boolq, arc_easy, socialiqa, winogrande") in out
+    assert re.search(r"^  boolq +pilot_lora [\d.]+ \(reference [\d.]+, p 0\.200\)  pilot_more [\d.]+ \(reference "
+                     r"[\d.]+, p 0\.010\)  dropped$", out, re.M)
+    assert re.search(r"^  csqa .*p 0\.001\)  kept$", out, re.M)
+    assert ("budget: 3000 steps, the later plateau of the kept tasks' validation average (no later gain over 1 "
+            "point): pilot_lora step 2000, pilot_more step 3000") in out
+    # the pilot's own s per step now (2.0 in _finish_pilot), the grid at the budget on the kept tasks
+    rate = {"lora": 2.0, "more": 2.0}
+    grid = sum((3 * (PILOT_BUDGET * rate[x] + 4 * sum(m["validation_s"][t] for t in PILOT_KEPT))
+                + 5 * sum(m["test_s"][t] for t in PILOT_KEPT) + 2 * PILOT_BUDGET * rate[x]) / 3600
+               for x in ("lora", "more"))
+    assert f"  left: pilot 0 run(s), ~0.0 h; grid 10 run(s), ~{grid:.1f} h; ~{grid:.1f} h of one worker" in out
+    assert "s per step: lora 2.00 (1 finished run(s)), more 2.00 (1 finished run(s))" in out
+    saved = p.report_study("learnability")
+    out = capsys.readouterr().out
+    lora, more = (_pilot_curves(x) for x in ("pilot_lora", "pilot_more"))
+    ref = lora["boolq"][-1][1] - 0.02
+    assert (f"| boolq (500) | {100 * ref:.1f} | {100 * lora['boolq'][-1][1]:.1f} | 0.200 | "
+            f"{100 * more['boolq'][-1][1]:.1f} | 0.010 | no |") in out
+    assert "| csqa (500) |" in out and re.search(r"^\| csqa .* \| yes \|$", out, re.M)
+    assert "| pilot_lora | 40.00 | 45.00 | 50.00 | 52.00 | 52.50 | 52.80 | 52.60 | 52.70 |" in out
+    assert ("plateau (the first step after which the kept tasks' average never rises more than 1 point): pilot_lora "
+            "step 2000, pilot_more step 3000; budget (the later): 3000 steps") in out
+    assert saved["kept"] == PILOT_KEPT and saved["budget"] == PILOT_BUDGET
+    assert json.loads((p.OUT / "learnability.json").read_text())["plateau"] == PILOT_PLATEAU
+    assert (p.OUT / "learnability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="the commonsense protocol has no control study"):
+        p.report_study("control")
+
+
+def test_commonsense_pilot_runs_are_archived_with_their_validation_eval(commonsense_protocol, capsys):
+    """A pilot run is archived only with its validation evaluation (which the decision reads), and a fresh run folder
+    restored from the archive reaches the same decision."""
+    p = commonsense_protocol
+    lora, more = [r for r, _ in p.ordered_runs()[:2]]
+    _finish_pilot(lora)
+    _finish_pilot(more, validation_eval=False)
+    assert p.archive_run(more) is None, "trained but not evaluated on validation: not finished"
+    p.status()
+    assert re.search(r"^  pilot_more +seed 0: trained; its validation evaluation left$", capsys.readouterr().out, re.M)
+    _finish_pilot(more)
+    for run in (lora, more):
+        assert "eval_validation.json.gz" in {f.name for f in p.archive_run(run).iterdir()}
+    before = p.learnability()
+    shutil.rmtree(p.OUT)
+    assert p.learnability()["kept"] is None
+    assert p.restore() == 2
+    after = p.learnability()
+    assert after["kept"] == before["kept"] == PILOT_KEPT and after["budget"] == before["budget"] == PILOT_BUDGET
+
+
+def test_commonsense_worker_evaluates_a_real_pilot_run_on_validation(commonsense_protocol, tiny_bert, tmp_path):
+    """`complete` on real tiny pilot runs: trained, its last checkpoint evaluated on validation (eval_validation.json
+    with `reference_gap`), archived; the decision follows the rule on those files. A pilot run parked (its
+    validation evaluation not made before its machine went) is unparked on a fresh folder and completed there."""
+    import yaml
+    from conftest import tiny_run_config
+
+    p = commonsense_protocol
+    cfg = tiny_run_config(tiny_bert, tmp_path / "unused", eval_steps=3)
+    p.CONFIG = tmp_path / "tiny.yaml"
+    p.CONFIG.write_text(yaml.safe_dump(cfg))
+    lora, more = [r for r, _ in p.ordered_runs()[:2]]
+    p.complete(lora)
+    saved = json.loads((lora.run_dir / "eval_validation.json").read_text())
+    assert saved["split"] == "validation" and saved["train"]["steps"] == 6
+    assert set(saved["tasks"]) == set(cfg["tasks"]) and all("p" in r["vs_reference"] for r in saved["tasks"].values())
+    assert p._finished(lora) and (p.ARCHIVE / "pilot_lora" / "seed0" / "eval_validation.json.gz").is_file()
+    # pilot_more trained but not yet evaluated on validation when its machine goes: `park` keeps its checkpoint
+    from morelora.experiments.runs import execute
+
+    execute([more])
+    assert not p._finished(more) and p.archive_run(more) is None
+    assert p.park() == 1, "a trained pilot run without its validation evaluation is parked"
+    shutil.rmtree(p.OUT)
+    assert p.restore() == 1 and p.unpark() == [("pilot_more/seed0", 6)]
+    p.complete(more)   # resumed at its last step: its test pass again, then the validation evaluation
+    assert p._finished(more) and p._finished(lora)
+    gaps = {r.label: json.loads((r.run_dir / "eval_validation.json").read_text())["tasks"] for r in (lora, more)}
+    want = [t for t in cfg["tasks"] if all(g[t]["vs_reference"]["diff"] > 0 and g[t]["vs_reference"]["p"] < 0.05
+                                           for g in gaps.values())]
+    d = p.learnability()
+    assert d["kept"] == want
+    if want:
+        assert d["budget"] == p.decide_budget(d["curves"], want, 0.01)[1]
+    else:   # a random tiny model learns nothing, as a rule: no grid to run
+        assert p.ordered_runs()[2:] == [(None, "a task both pilot runs learn (none: no grid)")]
