@@ -795,24 +795,41 @@ def run_worker(poll_s: float = 60.0) -> None:
 
 
 def _time_left(rows: list[tuple[Any, str | None]], finished: list[Any]) -> str:
-    """A line: the runs left (the seed runs of sweeps in progress included) and the training time they need: their
-    steps at the mean seconds per step of the ``finished`` runs (runs differ in steps: the shared protocol's pilot,
-    control and single-task runs are shorter than the grid's; test evaluation is not counted)."""
-    done = [(e["train"]["train_time_s"], e["train"]["steps"]) for r in finished
-            if (e := json.loads((r.run_dir / "eval.json").read_text())).get("train", {}).get("train_time_s")]
+    """A line: the runs left (the seed runs of sweeps in progress included) and the training time they need: each
+    run's steps at the mean seconds per step of the ``finished`` runs on the same tasks (a step's cost follows the
+    task set: the shared protocol's control (two SST-2 tasks) steps faster than its grid), else of all finished runs;
+    test evaluation is not counted."""
+    from morelora.config import load_config
+
+    rates: dict[tuple[str, ...], list[float]] = {}   # task set -> [seconds, steps] of its finished runs
+    for r in finished:
+        e = json.loads((r.run_dir / "eval.json").read_text()).get("train", {})
+        if e.get("train_time_s"):
+            for key in (tuple(r.cfg.tasks), ()):   # () gathers every finished run: the fallback
+                acc = rates.setdefault(key, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + e["train_time_s"], acc[1] + e["steps"]
     waiting = sum(1 for _, w in rows if w in PROTOCOL["methods"])
     todo = [r for r, w in rows if w is None and r not in finished]
     left = len(todo) + (PROTOCOL["seeds"] - 1) * waiting   # a sweep's seeds
-    if not done:
+    if () not in rates:
         return f"  left: {left} runs (no finished run with a training time yet: no estimate)"
-    per_step = sum(t for t, _ in done) / sum(n for _, n in done)
-    from morelora.config import load_config
 
-    steps = sum(r.cfg.train.max_steps for r in todo) + (PROTOCOL["seeds"] - 1) * waiting * load_config(
-        CONFIG, SET).train.max_steps
-    hours = steps * per_step / 3600
-    return (f"  left: {left} runs, {steps} steps, ~{hours:.1f} h of training at the {per_step:.2f} s per step of the "
-            f"{len(done)} finished runs (one core; test evaluation not counted), ~{hours / 2:.1f} h with two workers")
+    def per_step(tasks: list[str]) -> float:
+        seconds, steps = rates.get(tuple(tasks), rates[()])
+        return seconds / steps
+
+    grid = load_config(CONFIG, SET)
+    grid_tasks = grid.tasks
+    seeds_left = (PROTOCOL["seeds"] - 1) * waiting
+    steps = sum(r.cfg.train.max_steps for r in todo) + seeds_left * grid.train.max_steps
+    hours = (sum(r.cfg.train.max_steps * per_step(r.cfg.tasks) for r in todo)
+             + seeds_left * grid.train.max_steps * per_step(grid_tasks)) / 3600
+    own = tuple(grid_tasks) in rates
+    basis = (f"{per_step(grid_tasks):.2f} s per step on the grid's tasks ({rates[tuple(grid_tasks)][1]:.0f} steps "
+             f"finished)" if own else f"{per_step(grid_tasks):.2f} s per step of the finished runs (none on the "
+             f"grid's tasks yet)")
+    return (f"  left: {left} runs, {steps} steps, ~{hours:.1f} h of training at the finished runs' seconds per step on "
+            f"the same tasks ({basis}; one core; test evaluation not counted), ~{hours / 2:.1f} h with two workers")
 
 
 def _estimate(rows: list[tuple[Any, str | None]], finished: list[Any]) -> list[str]:

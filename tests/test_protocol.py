@@ -598,9 +598,39 @@ def test_the_cli_says_what_it_restored(protocol):
     assert re.search(r"^  more_lr3e-4 +seed 0: done$", res.stdout, re.M)
     steps = run.cfg.train.max_steps   # every run of this grid: 1800 s per 1500 steps -> 1.2 s per step, 30 min a run
     assert steps == 1500
-    assert (f"  left: {left} runs, {left * steps} steps, ~{left / 2:.1f} h of training at the 1.20 s per step of "
-            f"the 1 finished runs (one core; test evaluation not counted), ~{left / 4:.1f} h with two workers"
-            ) in res.stdout
+    assert (f"  left: {left} runs, {left * steps} steps, ~{left / 2:.1f} h of training at the finished runs' seconds "
+            f"per step on the same tasks (1.20 s per step on the grid's tasks (1500 steps finished); one core; test "
+            f"evaluation not counted), ~{left / 4:.1f} h with two workers") in res.stdout
+
+
+def test_the_time_left_counts_each_run_at_its_own_task_sets_speed(protocol, tmp_path):
+    """A run's steps cost what the finished runs on the same tasks cost (a two-task control steps faster than the
+    grid); a task set with no finished run takes the mean of all finished runs. Hand computation."""
+    from types import SimpleNamespace as NS
+
+    from morelora.config import load_config
+
+    p = protocol
+    grid = load_config(p.CONFIG, p.SET).tasks
+
+    def run(name, tasks, steps, seconds=None):
+        d = tmp_path / name
+        d.mkdir()
+        if seconds is not None:
+            (d / "eval.json").write_text(json.dumps({"train": {"train_time_s": seconds, "steps": steps}}))
+        return NS(run_dir=d, cfg=NS(tasks=tasks, train=NS(max_steps=steps)))
+
+    control = run("control", ["sst2", "sst2_flipped"], 600, 240.0)         # 0.4 s per step
+    swept = run("swept", grid, 1500, 1800.0)                               # 1.2 s per step
+    todo = [run("c2", ["sst2", "sst2_flipped"], 600), *(run(f"g{i}", grid, 1500) for i in range(3)),
+            run("alone", ["piqa"], 452)]
+    mean = 2040 / 2100                                                     # piqa alone: every finished run's rate
+    hours = (600 * 0.4 + 3 * 1500 * 1.2 + 452 * mean) / 3600
+    line = p._time_left([(r, None) for r in [control, swept, *todo]], [control, swept])
+    assert line == (f"  left: 5 runs, 5552 steps, ~{hours:.1f} h of training at the finished runs' seconds per step "
+                    f"on the same tasks (1.20 s per step on the grid's tasks (1500 steps finished); one core; test "
+                    f"evaluation not counted), ~{hours / 2:.1f} h with two workers")
+    assert f"~{hours:.1f} h" != f"~{5552 * mean / 3600:.1f} h", "one rate for every run gives another figure"
 
 
 def test_a_parked_run_resumes_on_a_fresh_machine_where_it_stopped(protocol, tiny_bert, tmp_path, capsys):
