@@ -676,3 +676,27 @@ def test_a_request_builds_the_collator_once(run, monkeypatch) -> None:
     parsed = parse_inputs(run, t, inputs)
     assert len(built) == 1 and len(inputs) == 16
     assert [cut for _, cut in parsed] == [_cut(run, x) for x in inputs]
+
+
+def test_evaluation_batches_by_length_and_answers_in_file_order(run, monkeypatch) -> None:
+    """`evaluate` groups examples of similar length (longest first) and returns each example's prediction at its
+    own index: equal to the example scored alone, in the data's order."""
+    import importlib
+
+    from morelora.training.evaluate import evaluate, text_length
+
+    module = importlib.import_module("morelora.training.evaluate")
+    batches: list[list[int]] = []
+    real = module.predict_batch
+    monkeypatch.setattr(module, "predict_batch", lambda r, m, c, features, *a: batches.append(
+        [text_length(ex) for _, ex in features]) or real(r, m, c, features, *a))
+    result = evaluate(run, "test", batch_size=4, keep_predictions=True)
+    for t, task in enumerate(TASKS):
+        alone = [int(_alone(run, t, x).argmax()) for _, x in _inputs(run, t)]
+        assert result["predictions"][task]["predictions"] == alone, task
+    lengths = [n for b in batches for n in b]
+    assert len(batches) == 12 and len(lengths) == 48
+    for t in range(3):   # within each task: non-increasing lengths across its 4 batches
+        task_lengths = lengths[16 * t:16 * (t + 1)]
+        assert task_lengths == sorted(task_lengths, reverse=True)
+        assert task_lengths != [text_length(x) for _, x in _inputs(run, t)]   # the file order is not sorted

@@ -97,16 +97,31 @@ def evaluate(run: Run, split: str, batch_size: int, accelerator: Accelerator | N
 
 def _predict(run: Run, model: Any, collator: Any, task: int, examples: list[dict], batch_size: int,
              accelerator: Accelerator) -> list[Any]:
-    """Predictions (label / choice index, value or text) for ``examples`` of task ``task``."""
+    """Predictions (label / choice index, value or text) for ``examples`` of task ``task``, in their order.
+
+    Batches are made of examples of similar length (longest first; :func:`text_length`), so that little of a batch is
+    padding; each example's answer is its own (no batch statistics), equal to an unsorted pass up to floating-point
+    rounding (measured in docs/BENCHMARKS.md, "Evaluation batches by length").
+    """
     spec = run.specs[task]
-    preds: list[Any] = []
+    order = sorted(range(len(examples)), key=lambda i: -text_length(examples[i]))   # stable: ties keep their order
+    preds: list[Any] = [None] * len(examples)
     steps = range(0, len(examples), batch_size)
     for start in tqdm(steps, desc=f"eval {spec.name}", leave=False,
                       disable=not accelerator.is_local_main_process or len(steps) < 2):
-        features = [(task, ex) for ex in examples[start:start + batch_size]]
+        rows = order[start:start + batch_size]
         with accelerator.autocast():
-            preds.extend(p for p, _ in predict_batch(run, model, collator, features, accelerator.device))
+            answers = predict_batch(run, model, collator, [(task, examples[i]) for i in rows], accelerator.device)
+        for i, (p, _) in zip(rows, answers):
+            preds[i] = p
     return preds
+
+
+def text_length(ex: dict[str, Any]) -> int:
+    """Characters of an example's input texts (its longest choice for a multiple-choice one): the length that
+    :func:`_predict` groups by, a proxy for its tokens that needs no tokenizer."""
+    texts = [v for k, v in ex.items() if isinstance(v, str) and k not in ("label", "target")]
+    return sum(map(len, texts)) + max(map(len, ex.get("choices") or [""]))
 
 
 def predict_batch(run: Run, model: Any, collator: Any, features: list[tuple[int, dict]],
