@@ -757,8 +757,7 @@ def _finished(run: Any) -> bool:
     run also evaluated on validation (``eval_validation.json``)."""
     from morelora.experiments.runs import is_complete, run_status
 
-    return bool(is_complete(run_status(run))) and (not _needs_validation_eval(run)
-                                                   or (run.run_dir / VALIDATION_EVAL).is_file())
+    return bool(is_complete(run_status(run))) and _has_results(run.run_dir)
 
 
 def complete(run: Any) -> None:
@@ -768,7 +767,7 @@ def complete(run: Any) -> None:
     from morelora.training.trainer import evaluate_run
 
     execute([run])
-    if _needs_validation_eval(run) and not (run.run_dir / VALIDATION_EVAL).is_file():
+    if not _has_results(run.run_dir):   # trained and tested: a learnability pilot run's validation evaluation left
         evaluate_run(run.run_dir, split="validation")
     archive_run(run)
 
@@ -796,6 +795,12 @@ def run_worker(poll_s: float = 60.0) -> None:
             time.sleep(poll_s)
 
 
+def _train_time(run: Any) -> tuple[float, int] | None:
+    """``(seconds, steps)`` of a finished run's training (its eval.json), None when it recorded no time."""
+    e = json.loads((run.run_dir / "eval.json").read_text()).get("train", {})
+    return (e["train_time_s"], e["steps"]) if e.get("train_time_s") else None
+
+
 def _time_left(rows: list[tuple[Any, str | None]], finished: list[Any]) -> str:
     """A line: the runs left (the seed runs of sweeps in progress included) and the training time they need: each
     run's steps at the mean seconds per step of the ``finished`` runs on the same tasks (a step's cost follows the
@@ -805,11 +810,10 @@ def _time_left(rows: list[tuple[Any, str | None]], finished: list[Any]) -> str:
 
     rates: dict[tuple[str, ...], list[float]] = {}   # task set -> [seconds, steps] of its finished runs
     for r in finished:
-        e = json.loads((r.run_dir / "eval.json").read_text()).get("train", {})
-        if e.get("train_time_s"):
+        if (timed := _train_time(r)) is not None:
             for key in (tuple(r.cfg.tasks), ()):   # () gathers every finished run: the fallback
                 acc = rates.setdefault(key, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + e["train_time_s"], acc[1] + e["steps"]
+                acc[0], acc[1] = acc[0] + timed[0], acc[1] + timed[1]
     waiting = sum(1 for _, w in rows if w in PROTOCOL["methods"])
     todo = [r for r, w in rows if w is None and r not in finished]
     left = len(todo) + (PROTOCOL["seeds"] - 1) * waiting   # a sweep's seeds
@@ -848,8 +852,7 @@ def _estimate(rows: list[tuple[Any, str | None]], finished: list[Any]) -> list[s
     measured = PROTOCOL["measured"]
     rates = {}
     for name in sorted({r.cfg.method["name"] for r, w in rows if w is None} | {"lora", "more"}):
-        done = [(e["train"]["train_time_s"], e["train"]["steps"]) for r in finished if r.cfg.method["name"] == name
-                and (e := json.loads((r.run_dir / "eval.json").read_text())).get("train", {}).get("train_time_s")]
+        done = [t for r in finished if r.cfg.method["name"] == name and (t := _train_time(r)) is not None]
         rates[name] = ((sum(t for t, _ in done) / sum(n for _, n in done), f"{len(done)} finished run(s)") if done
                        else (measured["step_s"][name], "measured"))
 
@@ -939,7 +942,7 @@ def status() -> None:
         claimed = _lock(r).exists()
         state = "done" if (r.run_dir / "eval.json").is_file() else ("claimed" if claimed else (
             "partial" if (r.run_dir / "config.yaml").is_file() else "not started"))
-        if state == "done" and _needs_validation_eval(r) and not (r.run_dir / VALIDATION_EVAL).is_file():
+        if state == "done" and not _has_results(r.run_dir):
             state = "trained; its validation evaluation left" + (" (claimed)" if claimed else "")
         if state in ("claimed", "partial"):
             state += _progress(r)
