@@ -1021,89 +1021,95 @@ def report(baseline: str = "lora", with_ablations: bool = False, interim: bool =
 
 
 def report_study(study: str) -> dict[str, Any]:
-    """The studies before the grid: the commonsense protocol's ``learnability`` pilot (`report_learnability`), and
-    the shared protocol's, from their finished runs (the seeds every row has finished):
+    """One study run before this protocol's grid, from its finished runs (the seeds every row has finished): the
+    shared protocol's ``pilot`` (`_report_pilot`), ``control`` (`_report_control`) and ``headroom``
+    (`_report_headroom`), the commonsense protocol's ``learnability`` (`report_learnability`)."""
+    studies = {"shared": {"pilot": _report_pilot, "control": _report_control, "headroom": _report_headroom},
+               "commonsense": {"learnability": report_learnability}}
+    mine = studies.get(NAME, {})
+    if study not in mine:
+        owner = next((name for name, s in studies.items() if study in s), None)
+        raise SystemExit(f"protocol: the {NAME} protocol has no {study} study"
+                         + (f"; its studies: {', '.join(mine)}" if mine else "")
+                         + (f" ({study} is MORELORA_PROTOCOL={owner}'s)" if owner else ""))
+    return mine[study]()
 
-    * ``pilot``: each form's validation average at its last step and per task (the choice), and its test
-      average (reported, never chosen from) -> OUT/pilot.json;
-    * ``control``: MultiLoRA and MoRE against LoRA on sst2 / sst2_flipped, without and with the task's name ->
-      OUT/control/{no_prefix,prefix}/results.*;
-    * ``headroom``: per task, LoRA alone against the multi-task LoRA (its winner's seeds), paired over seeds and
-      test examples (the combined test of `morelora compare`) -> OUT/headroom/results.{json,md}."""
+
+def _report_pilot() -> dict[str, Any]:
+    """Each form's validation average at its last step and per task (the choice), and its test average (reported,
+    never chosen from) -> OUT/pilot.json."""
+    out = {}
+    for r in _pilot_runs():
+        if not _finished(r):
+            continue
+        rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+        last = [x for x in rows if x.get("split") == "validation"][-1]
+        test = json.loads((r.run_dir / "eval.json").read_text())
+        out[r.label] = {"validation": last["eval_average"], "step": last["step"],
+                        "validation_tasks": {k.removeprefix("eval_"): v for k, v in last.items()
+                                             if k.startswith("eval_") and k != "eval_average"},
+                        "test": test["average"]}
+        print(f"{r.label:<22} validation {100 * last['eval_average']:.2f} (step {last['step']}; "
+              + ", ".join(f"{k} {100 * v:.1f}" for k, v in out[r.label]["validation_tasks"].items())
+              + f")  test {100 * test['average']:.2f}")
+    winner = pilot()["winner"]
+    print(f"winner (validation, among {', '.join(PROTOCOL['pilot'])}): {winner or '(not yet)'}")
+    (OUT / "pilot.json").write_text(json.dumps({"runs": out, "winner": winner}, indent=1) + "\n")
+    return out
+
+
+def _report_control() -> dict[str, Any]:
+    """MultiLoRA and MoRE against LoRA on sst2 / sst2_flipped, without and with the task's name ->
+    OUT/control/{no_prefix,prefix}/results.*."""
     from morelora.experiments.report import summarize, write_report
 
-    if study == "learnability" or "learnability" in PROTOCOL:
-        if "learnability" not in PROTOCOL:
-            raise SystemExit("protocol: --study learnability is the commonsense protocol's "
-                             "(MORELORA_PROTOCOL=commonsense)")
-        if study != "learnability":
-            raise SystemExit(f"protocol: the commonsense protocol has no {study} study; its study is learnability")
-        return report_learnability()
-    if "pilot" not in PROTOCOL:
-        raise SystemExit("protocol: --study is for the shared protocol (MORELORA_PROTOCOL=shared; learnability: "
-                         "MORELORA_PROTOCOL=commonsense)")
-    if study == "pilot":
-        out = {}
-        for r in _pilot_runs():
-            if not _finished(r):
-                continue
-            rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
-            last = [x for x in rows if x.get("split") == "validation"][-1]
-            test = json.loads((r.run_dir / "eval.json").read_text())
-            out[r.label] = {"validation": last["eval_average"], "step": last["step"],
-                            "validation_tasks": {k.removeprefix("eval_"): v for k, v in last.items()
-                                                 if k.startswith("eval_") and k != "eval_average"},
-                            "test": test["average"]}
-            print(f"{r.label:<22} validation {100 * last['eval_average']:.2f} (step {last['step']}; "
-                  + ", ".join(f"{k} {100 * v:.1f}" for k, v in out[r.label]["validation_tasks"].items())
-                  + f")  test {100 * test['average']:.2f}")
-        winner = pilot()["winner"]
-        print(f"winner (validation, among {', '.join(PROTOCOL['pilot'])}): {winner or '(not yet)'}")
-        (OUT / "pilot.json").write_text(json.dumps({"runs": out, "winner": winner}, indent=1) + "\n")
-        return out
-    if study == "control":
-        runs = [r for r in _control_runs() if _finished(r)]
-        result = {}
-        for name, suffix in (("no_prefix", ""), ("prefix", "_prefix")):
-            labels = [f"control_{m}{suffix}" for m in PROTOCOL["control"]]
-            mine = [r for r in runs if r.label in labels]
-            seeds = [s for s in sorted({r.seed for r in mine}) if sum(r.seed == s for r in mine) == len(labels)]
-            if not seeds:
-                print(f"control ({name}): no seed finished for every row yet")
-                continue
-            chosen = sorted((r for r in mine if r.seed in seeds), key=lambda r: (labels.index(r.label), r.seed))
-            result[name] = summarize(chosen, baseline=labels[0])
-            title = (f"positive control ({'task name in the input' if suffix else 'no task name'}): sst2 vs "
-                     f"sst2_flipped, seeds {', '.join(map(str, seeds))}, against {labels[0]}")
-            print(write_report(result[name], OUT / "control" / name, title))
-        return result
-    if study == "headroom":
-        lora = _winner_runs("lora")
-        if not lora:
-            raise SystemExit("protocol: LoRA's sweep has no winner yet; the headroom runs wait for it")
-        winner = sweep("lora")["winner"]
-        alone = [r for r in _headroom_runs(winner) if _finished(r)]
-        rows, lines = {}, ["| task | LoRA alone | multi-task LoRA | alone − multi-task (95 % CI) | p | MDE | seeds |",
-                           "|---|---|---|---|---|---|---|"]
-        for task in grid_tasks():
-            mine = [r for r in alone if r.label == f"alone_{task}"]
-            seeds = [r.seed for r in mine if _finished(lora[r.seed])]
-            if not seeds:
-                continue
-            summary = summarize([r for r in mine if r.seed in seeds] + [lora[s] for s in seeds],
-                                baseline=lora[0].label)
-            test = summary["tests"][f"alone_{task}"]["combined_tasks"][task]
-            a, b = (summary["methods"][x]["tasks"][task]["mean"] for x in (f"alone_{task}", lora[0].label))
-            rows[task] = {"alone": a, "multi_task": b, "seeds": seeds, **test}
-            lines.append(f"| {task} | {100 * a:.2f} | {100 * b:.2f} | {100 * test['diff']:+.2f} "
-                         f"({100 * test['ci_low']:+.2f} to {100 * test['ci_high']:+.2f}) | {test['p']:.3f} | "
-                         f"{100 * test['mde']:.2f} | {len(seeds)} |")
-        (OUT / "headroom").mkdir(parents=True, exist_ok=True)
-        (OUT / "headroom" / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (OUT / "headroom" / "results.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
-        return rows
-    raise SystemExit(f"protocol: unknown study {study!r}; use pilot, control or headroom")
+    runs = [r for r in _control_runs() if _finished(r)]
+    result = {}
+    for name, suffix in (("no_prefix", ""), ("prefix", "_prefix")):
+        labels = [f"control_{m}{suffix}" for m in PROTOCOL["control"]]
+        mine = [r for r in runs if r.label in labels]
+        seeds = [s for s in sorted({r.seed for r in mine}) if sum(r.seed == s for r in mine) == len(labels)]
+        if not seeds:
+            print(f"control ({name}): no seed finished for every row yet")
+            continue
+        chosen = sorted((r for r in mine if r.seed in seeds), key=lambda r: (labels.index(r.label), r.seed))
+        result[name] = summarize(chosen, baseline=labels[0])
+        title = (f"positive control ({'task name in the input' if suffix else 'no task name'}): sst2 vs "
+                 f"sst2_flipped, seeds {', '.join(map(str, seeds))}, against {labels[0]}")
+        print(write_report(result[name], OUT / "control" / name, title))
+    return result
+
+
+def _report_headroom() -> dict[str, Any]:
+    """Per task, LoRA alone against the multi-task LoRA (its winner's seeds), paired over seeds and test examples
+    (the combined test of `morelora compare`) -> OUT/headroom/results.{json,md}."""
+    from morelora.experiments.report import summarize
+
+    lora = _winner_runs("lora")
+    if not lora:
+        raise SystemExit("protocol: LoRA's sweep has no winner yet; the headroom runs wait for it")
+    winner = sweep("lora")["winner"]
+    alone = [r for r in _headroom_runs(winner) if _finished(r)]
+    rows, lines = {}, ["| task | LoRA alone | multi-task LoRA | alone − multi-task (95 % CI) | p | MDE | seeds |",
+                       "|---|---|---|---|---|---|---|"]
+    for task in grid_tasks():
+        mine = [r for r in alone if r.label == f"alone_{task}"]
+        seeds = [r.seed for r in mine if _finished(lora[r.seed])]
+        if not seeds:
+            continue
+        summary = summarize([r for r in mine if r.seed in seeds] + [lora[s] for s in seeds],
+                            baseline=lora[0].label)
+        test = summary["tests"][f"alone_{task}"]["combined_tasks"][task]
+        a, b = (summary["methods"][x]["tasks"][task]["mean"] for x in (f"alone_{task}", lora[0].label))
+        rows[task] = {"alone": a, "multi_task": b, "seeds": seeds, **test}
+        lines.append(f"| {task} | {100 * a:.2f} | {100 * b:.2f} | {100 * test['diff']:+.2f} "
+                     f"({100 * test['ci_low']:+.2f} to {100 * test['ci_high']:+.2f}) | {test['p']:.3f} | "
+                     f"{100 * test['mde']:.2f} | {len(seeds)} |")
+    (OUT / "headroom").mkdir(parents=True, exist_ok=True)
+    (OUT / "headroom" / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (OUT / "headroom" / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
 
 
 def report_learnability() -> dict[str, Any]:

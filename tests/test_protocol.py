@@ -892,6 +892,17 @@ def test_shared_protocol_headroom_report_pairs_each_task_alone_with_the_multi_ta
         assert rows[t]["ci_low"] < rows[t]["diff"] < rows[t]["ci_high"] and rows[t]["mde"] > 0
         assert f"| {t} | {100 * np.mean(acc[0]):.2f} | {100 * np.mean(acc[1]):.2f} | " in printed
     assert json.loads((p.OUT / "headroom" / "results.json").read_text()).keys() == set(tasks)
+    with pytest.raises(SystemExit) as err:
+        p.report_study("learnability")
+    assert str(err.value) == ("protocol: the shared protocol has no learnability study; its studies: pilot, control, "
+                              "headroom (learnability is MORELORA_PROTOCOL=commonsense's)")
+
+
+def test_the_heads_protocol_names_the_protocol_of_a_study_it_does_not_run(protocol):
+    with pytest.raises(SystemExit) as err:
+        protocol.report_study("headroom")
+    assert str(err.value) == ("protocol: the heads protocol has no headroom study "
+                              "(headroom is MORELORA_PROTOCOL=shared's)")
 
 
 def test_pooling_seed_clusters_holds_its_false_positive_rate_where_runs_as_independent_do_not(protocol):
@@ -1120,8 +1131,10 @@ def test_commonsense_status_and_learnability_report(commonsense_protocol, capsys
     assert saved["kept"] == PILOT_KEPT and saved["budget"] == PILOT_BUDGET
     assert json.loads((p.OUT / "learnability.json").read_text())["plateau"] == PILOT_PLATEAU
     assert (p.OUT / "learnability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="the commonsense protocol has no control study"):
+    with pytest.raises(SystemExit) as err:
         p.report_study("control")
+    assert str(err.value) == ("protocol: the commonsense protocol has no control study; its studies: learnability "
+                              "(control is MORELORA_PROTOCOL=shared's)")
 
 
 def test_commonsense_pilot_runs_are_archived_with_their_validation_eval(commonsense_protocol, capsys):
