@@ -1082,8 +1082,13 @@ def _report_control() -> dict[str, Any]:
 
 def _report_headroom() -> dict[str, Any]:
     """Per task, LoRA alone against the multi-task LoRA (its winner's seeds), paired over seeds and test examples
-    (the combined test of `morelora compare`) -> OUT/headroom/results.{json,md}."""
+    (the combined test of `morelora compare`), and the task average once every task has the same seeds (per seed
+    the mean of the tasks' differences; the tasks' test sets are resampled independently, so the example term is
+    Σ var_t / T²) -> OUT/headroom/results.{json,md}."""
+    import numpy as np
+
     from morelora.experiments.report import summarize
+    from morelora.experiments.statistics import combined_test
 
     lora = _winner_runs("lora")
     if not lora:
@@ -1092,6 +1097,14 @@ def _report_headroom() -> dict[str, Any]:
     alone = [r for r in _headroom_runs(winner) if _finished(r)]
     rows, lines = {}, ["| task | LoRA alone | multi-task LoRA | alone − multi-task (95 % CI) | p | MDE | seeds |",
                        "|---|---|---|---|---|---|---|"]
+    parts = {}   # task -> (alone's per-seed scores, the multi-task LoRA's, the example bootstrap variance)
+
+    def line(name: str, row: dict[str, Any]) -> str:
+        return (f"| {name} | {100 * row['alone']:.2f} | {100 * row['multi_task']:.2f} | {100 * row['diff']:+.2f} "
+                f"({100 * row['ci_low']:+.2f} to {100 * row['ci_high']:+.2f}) | "
+                f"{'< 0.001' if row['p'] < 0.0005 else format(row['p'], '.3f')} | "
+                f"{100 * row['mde']:.2f} | {len(row['seeds'])} |")
+
     for task in grid_tasks():
         mine = [r for r in alone if r.label == f"alone_{task}"]
         seeds = [r.seed for r in mine if _finished(lora[r.seed])]
@@ -1102,9 +1115,15 @@ def _report_headroom() -> dict[str, Any]:
         test = summary["tests"][f"alone_{task}"]["combined_tasks"][task]
         a, b = (summary["methods"][x]["tasks"][task]["mean"] for x in (f"alone_{task}", lora[0].label))
         rows[task] = {"alone": a, "multi_task": b, "seeds": seeds, **test}
-        lines.append(f"| {task} | {100 * a:.2f} | {100 * b:.2f} | {100 * test['diff']:+.2f} "
-                     f"({100 * test['ci_low']:+.2f} to {100 * test['ci_high']:+.2f}) | {test['p']:.3f} | "
-                     f"{100 * test['mde']:.2f} | {len(seeds)} |")
+        lines.append(line(task, rows[task]))
+        parts[task] = ([summary["methods"][x]["tasks"][task]["scores"] for x in (f"alone_{task}", lora[0].label)]
+                       + [summary["tests"][f"alone_{task}"]["bootstrap_tasks"][task]["var"]])
+    if len(rows) == len(grid_tasks()) and len({tuple(r["seeds"]) for r in rows.values()}) == 1:
+        alone_s, multi_s = (np.mean([parts[t][i] for t in parts], axis=0) for i in (0, 1))
+        rows["average"] = {"alone": float(alone_s.mean()), "multi_task": float(multi_s.mean()),
+                           "seeds": rows[task]["seeds"],
+                           **combined_test(alone_s - multi_s, sum(v for *_, v in parts.values()) / len(parts) ** 2)}
+        lines.append(line("**average**", rows["average"]))
     (OUT / "headroom").mkdir(parents=True, exist_ok=True)
     (OUT / "headroom" / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     (OUT / "headroom" / "results.md").write_text("\n".join(lines) + "\n")

@@ -891,7 +891,20 @@ def test_shared_protocol_headroom_report_pairs_each_task_alone_with_the_multi_ta
         assert rows[t]["alone"] == pytest.approx(np.mean(acc[0])) and rows[t]["seeds"] == [0, 1, 2]
         assert rows[t]["ci_low"] < rows[t]["diff"] < rows[t]["ci_high"] and rows[t]["mde"] > 0
         assert f"| {t} | {100 * np.mean(acc[0]):.2f} | {100 * np.mean(acc[1]):.2f} | " in printed
-    assert json.loads((p.OUT / "headroom" / "results.json").read_text()).keys() == set(tasks)
+    # the task average: per seed the mean of the tasks' differences; its SE² = the seeds' term + Σ var_t / T², each
+    # task's example variance var_t read back from its own row (SE_t² minus its seeds' term)
+    acc = {t: [np.array([np.mean(np.equal(g[s][t], refs[t])) for s in range(3)]) for g in (alone, multi)]
+           for t in tasks}
+    d = np.mean([acc[t][0] - acc[t][1] for t in tasks], axis=0)
+    var_t = [rows[t]["se"] ** 2 - np.var(acc[t][0] - acc[t][1], ddof=1) / 3 for t in tasks]
+    avg = rows["average"]
+    assert avg["diff"] == pytest.approx(d.mean()) and avg["seeds"] == [0, 1, 2]
+    assert avg["alone"] == pytest.approx(np.mean([acc[t][0] for t in tasks]))
+    assert avg["se"] == pytest.approx(np.sqrt(np.var(d, ddof=1) / 3 + sum(var_t) / len(tasks) ** 2))
+    assert avg["ci_low"] < avg["diff"] < avg["ci_high"]
+    assert (f"| **average** | {100 * avg['alone']:.2f} | {100 * avg['multi_task']:.2f} | {100 * d.mean():+.2f} ("
+            in printed)
+    assert json.loads((p.OUT / "headroom" / "results.json").read_text()).keys() == {*tasks, "average"}
     with pytest.raises(SystemExit) as err:
         p.report_study("learnability")
     assert str(err.value) == ("protocol: the shared protocol has no learnability study; its studies: pilot, control, "
