@@ -1087,6 +1087,7 @@ def _report_headroom() -> dict[str, Any]:
     Σ var_t / T²) -> OUT/headroom/results.{json,md}."""
     import numpy as np
 
+    from morelora.experiments.report import _p as fmt_p
     from morelora.experiments.report import summarize
     from morelora.experiments.statistics import combined_test
 
@@ -1101,8 +1102,7 @@ def _report_headroom() -> dict[str, Any]:
 
     def line(name: str, row: dict[str, Any]) -> str:
         return (f"| {name} | {100 * row['alone']:.2f} | {100 * row['multi_task']:.2f} | {100 * row['diff']:+.2f} "
-                f"({100 * row['ci_low']:+.2f} to {100 * row['ci_high']:+.2f}) | "
-                f"{'< 0.001' if row['p'] < 0.0005 else format(row['p'], '.3f')} | "
+                f"({100 * row['ci_low']:+.2f} to {100 * row['ci_high']:+.2f}) | {fmt_p(row['p'])} | "
                 f"{100 * row['mde']:.2f} | {len(row['seeds'])} |")
 
     for task in grid_tasks():
@@ -1112,16 +1112,15 @@ def _report_headroom() -> dict[str, Any]:
             continue
         summary = summarize([r for r in mine if r.seed in seeds] + [lora[s] for s in seeds],
                             baseline=lora[0].label)
-        test = summary["tests"][f"alone_{task}"]["combined_tasks"][task]
-        a, b = (summary["methods"][x]["tasks"][task]["mean"] for x in (f"alone_{task}", lora[0].label))
-        rows[task] = {"alone": a, "multi_task": b, "seeds": seeds, **test}
+        tests = summary["tests"][f"alone_{task}"]
+        a, b = (summary["methods"][x]["tasks"][task] for x in (f"alone_{task}", lora[0].label))
+        rows[task] = {"alone": a["mean"], "multi_task": b["mean"], "seeds": seeds, **tests["combined_tasks"][task]}
         lines.append(line(task, rows[task]))
-        parts[task] = ([summary["methods"][x]["tasks"][task]["scores"] for x in (f"alone_{task}", lora[0].label)]
-                       + [summary["tests"][f"alone_{task}"]["bootstrap_tasks"][task]["var"]])
+        parts[task] = (a["scores"], b["scores"], tests["bootstrap_tasks"][task]["var"])
     if len(rows) == len(grid_tasks()) and len({tuple(r["seeds"]) for r in rows.values()}) == 1:
         alone_s, multi_s = (np.mean([parts[t][i] for t in parts], axis=0) for i in (0, 1))
         rows["average"] = {"alone": float(alone_s.mean()), "multi_task": float(multi_s.mean()),
-                           "seeds": rows[task]["seeds"],
+                           "seeds": next(iter(rows.values()))["seeds"],
                            **combined_test(alone_s - multi_s, sum(v for *_, v in parts.values()) / len(parts) ** 2)}
         lines.append(line("**average**", rows["average"]))
     (OUT / "headroom").mkdir(parents=True, exist_ok=True)
