@@ -582,3 +582,45 @@ def test_difference_plot_writes_small_p_as_the_tables_do(tmp_path, monkeypatch):
     summary = {"tasks": ["sst2", "rte"], "confidence": 0.95, "tests": {"more": {"baseline": "lora"}}}
     assert report.plot_differences(summary, tmp_path / "d.png") == tmp_path / "d.png"
     assert texts == ["+2.70 (p < 0.001)", "-1.00 (p 0.046)", "+0.50 (p n/a)"]
+
+
+@pytest.mark.parametrize("labels", [["lora", "more"], ["lora_lr1e-3", "more_lr1e-3", "moelora_lr1e-3",
+                                                        "multilora_lr3e-4"]])
+def test_plot_average_labels_do_not_overlap(tmp_path, monkeypatch, labels):
+    """The average panel's method names stay apart, short (upright) or long (slanted), as the protocol's rows are."""
+    import matplotlib.figure
+
+    from morelora.experiments import report
+
+    boxes: list[list] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        renderer = fig.canvas.get_renderer()
+        boxes.append([t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels()])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    stat = {"mean": 0.6, "half_width": 0.01}
+    summary = {"tasks": ["sst2", "piqa", "openbookqa", "arc_easy", "arc_challenge"], "confidence": 0.95,
+               "seeds": [0, 1], "main_metrics": dict.fromkeys(["sst2", "piqa", "openbookqa", "arc_easy",
+                                                               "arc_challenge"], "accuracy"),
+               "reference_scores": {}, "methods": {}}
+    summary["reference_scores"] = dict.fromkeys(summary["tasks"], 0.25)   # its legend entry narrows the axes
+    summary["methods"] = {lab: {"average": stat, "tasks": dict.fromkeys(summary["tasks"], stat)} for lab in labels}
+    report.plot(summary, tmp_path / "r.png")
+    (extents,) = boxes
+    assert [e.width > 0 for e in extents] == [True] * len(labels)
+    gaps = [b.x0 - a.x1 for a, b in zip(extents, extents[1:])]
+    assert min(gaps) > 5   # pixels at the figure dpi: a visible space between two names
+
+
+@pytest.mark.parametrize("name, width, lines", [("moelora_lr1e-3", 11, ["moelora_", "lr1e-3"]),
+                                                 ("lora_lr1e-3", 11, ["lora_lr1e-3"]),
+                                                 ("lora_r16_lr3e-4", 9, ["lora_r16_", "lr3e-4"]),
+                                                 ("_x__y", 2, ["_", "x_", "_y"]),
+                                                 ("multilora", 3, ["multilora"])])
+def test_wrap_name_breaks_after_underscores_and_keeps_the_name(name, width, lines):
+    from morelora.experiments.report import _wrap_name
+
+    assert _wrap_name(name, width).split("\n") == lines

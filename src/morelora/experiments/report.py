@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,17 @@ def _markdown_tests(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _wrap_name(name: str, width: int) -> str:
+    """``name`` broken after underscores into lines of at most ``width`` characters where it can be (the lines
+    joined give ``name`` back)."""
+    lines = [""]
+    for piece in re.split(r"(?<=_)", name):
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(lines)
+
+
 def plot(summary: dict[str, Any], path: str | Path, title: str = "Comparison") -> Path:
     """``results.png``: average score per method and per-task grouped bars, with CI error bars."""
     import matplotlib
@@ -237,7 +249,10 @@ def plot(summary: dict[str, Any], path: str | Path, title: str = "Comparison") -
     bars = ax1.bar(x, means, 0.6, yerr=errs if with_ci else None, capsize=4, color=colors, edgecolor="black",
                    linewidth=0.5)
     ax1.bar_label(bars, fmt="%.1f", padding=2, fontsize=8, label_type="center")
-    ax1.set_xticks(x, labels, rotation=20 if len(labels) > 8 else 0, ha="right" if len(labels) > 8 else "center")
+    if len(labels) > 8:
+        ax1.set_xticks(x, labels, rotation=20, ha="right")
+    else:   # a name gets ~6 characters per inch of figure width, else the names run into each other
+        ax1.set_xticks(x, [_wrap_name(lab, int(6 * fig_w / len(labels))) for lab in labels])
     ax1.set_ylabel("score (main metric x 100)")
     ax1.set_title("Average over tasks")
 
