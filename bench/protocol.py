@@ -1302,7 +1302,8 @@ def diagnose() -> dict[str, Any]:
     with a finished LoRA run of the same seed: the rank each task uses (mean over layers), how decided its router
     is (top probability and its margin over the second), and ``||dW_t||`` against LoRA's
     (`relative_update_norms`); where the run logged its routing, how its ranks moved over training
-    (`routing_over_training`). -> OUT/diagnosis.json"""
+    (`routing_over_training`); and ``||dW_t||`` against LoRA's for every other method's winner ("other_rows").
+    -> OUT/diagnosis.json"""
     import numpy as np
 
     from morelora.analysis.updates import relative_update_norms
@@ -1342,6 +1343,14 @@ def diagnose() -> dict[str, Any]:
         if (routing := routing_over_training(r)) is not None:
             out["runs"][-1]["routing"] = routing
     out["rows"] = row_means(out["runs"])
+    out["other_rows"] = {}   # the other methods' winners: how large their per-task update is against LoRA's
+    for method in PROTOCOL["methods"]:
+        runs = [r for r in _winner_runs(method) if method not in ("lora", "more") and _finished(r)
+                and r.seed in lora and _analysable(r.run_dir)]
+        if runs:
+            rel = [relative_update_norms(run_analysis(r.run_dir)["update_norms"], ref_norms[r.seed]) for r in runs]
+            out["other_rows"][runs[0].label] = {"seeds": [r.seed for r in runs], "update_norm_vs_lora": {
+                t: float(np.mean([x[t] for x in rel])) for t in rel[0]}}
     (OUT / "diagnosis.json").write_text(json.dumps(out, indent=1))
     names = {id(run): f"{run['label']} s{run['seed']}" for run in out["runs"]}
     width = max(map(len, names.values()), default=3) + 2
@@ -1366,7 +1375,7 @@ def diagnose() -> dict[str, Any]:
                                   for t in g["last_mean_rank"]))
     print("\nper row, mean over its seeds: per task mean k / top p / margin / |dW|/LoRA / test - LoRA; "
           "% switching by quarter and different ranks first -> last, over the seeds that logged routing")
-    lw = max(map(len, out["rows"]), default=3) + 2
+    lw = max(map(len, [*out["rows"], *out["other_rows"]]), default=3) + 2
     for label, row in out["rows"].items():
         print(f"{label:<{lw}}seeds {', '.join(map(str, row['seeds']))}")
         for t, d in row["tasks"].items():
@@ -1376,6 +1385,11 @@ def diagnose() -> dict[str, Any]:
             print(f"{'':<{lw}}switching " + " / ".join("   -" if q is None else f"{100 * q:4.1f}"
                                                       for q in row["switch_by_quarter"])
                   + f"   distinct {row['first_distinct_ranks']:.2f}->{row['last_distinct_ranks']:.2f}")
+    if out["other_rows"]:
+        print("\nthe other rows, mean over their seeds: per task |dW|/LoRA")
+        for label, row in out["other_rows"].items():
+            print(f"{label:<{lw}}seeds {', '.join(map(str, row['seeds']))}: "
+                  + ", ".join(f"{t} {v:.3f}" for t, v in row["update_norm_vs_lora"].items()))
     print(f"-> {OUT / 'diagnosis.json'}")
     return out
 

@@ -308,6 +308,13 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
             (run.run_dir / "test_predictions.json").unlink()
     ablation = next(r for r, _ in p.ordered_runs() if r is not None and r.label == "ablation_no_rank_scaling")
     execute([ablation])
+    r16 = [r for r, _ in p.ordered_runs() if r is not None and r.label.startswith("lora_r16_") and r.seed == 0]
+    for run in r16:   # another method's sweep: its 1e-3 run wins, its update is compared with LoRA's
+        if run.label == "lora_r16_lr1e-3":
+            execute([run])
+        else:
+            _finish(run.run_dir, -1.0, steps=run.cfg.train.max_steps)
+            run.cfg.dump(run.run_dir / "config.yaml")
     capsys.readouterr()
     out = p.diagnose()
     printed = capsys.readouterr().out
@@ -315,6 +322,11 @@ def test_diagnose_on_real_tiny_runs(protocol, tiny_bert, tmp_path, capsys):
     assert out["train_examples"] == {"rte": 16, "sst2": 16}
     assert [r["label"] for r in out["runs"]] == ["more_lr1e-3", "ablation_no_rank_scaling"]
     no_scaling = relative_update_norms(run_update_norms(ablation.run_dir), run_update_norms(lora))
+    r16_rel = relative_update_norms(run_update_norms(p.OUT / "lora_r16_lr1e-3" / "seed0"), run_update_norms(lora))
+    assert list(out["other_rows"]) == ["lora_r16_lr1e-3"] and out["other_rows"]["lora_r16_lr1e-3"]["seeds"] == [0]
+    assert out["other_rows"]["lora_r16_lr1e-3"]["update_norm_vs_lora"] == pytest.approx(r16_rel)
+    assert re.search(rf"^lora_r16_lr1e-3 +seeds 0: rte {r16_rel['rte']:.3f}, sst2 {r16_rel['sst2']:.3f}$", printed,
+                     re.M)
     assert out["runs"][1]["tasks"]["rte"]["update_norm_vs_lora"] == pytest.approx(no_scaling["rte"])
     ckpt = sorted(more.glob("checkpoint-*"))[-1] / "adapter" / "adapter_config.json"
     ranks = json.loads(ckpt.read_text())["task_ranks"]
