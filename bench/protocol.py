@@ -1344,9 +1344,8 @@ def diagnose() -> dict[str, Any]:
             out["runs"][-1]["routing"] = routing
     out["rows"] = row_means(out["runs"])
     out["other_rows"] = {}   # the other methods' winners: how large their per-task update is against LoRA's
-    for method in PROTOCOL["methods"]:
-        runs = [r for r in _winner_runs(method) if method not in ("lora", "more") and _finished(r)
-                and r.seed in lora and _analysable(r.run_dir)]
+    for method in (m for m in PROTOCOL["methods"] if m not in ("lora", "more")):   # their sweeps are read above
+        runs = [r for r in _winner_runs(method) if _finished(r) and r.seed in lora and _analysable(r.run_dir)]
         if runs:
             rel = [relative_update_norms(run_analysis(r.run_dir)["update_norms"], ref_norms[r.seed]) for r in runs]
             out["other_rows"][runs[0].label] = {"seeds": [r.seed for r in runs], "update_norm_vs_lora": {

@@ -587,7 +587,8 @@ def test_difference_plot_writes_small_p_as_the_tables_do(tmp_path, monkeypatch):
 @pytest.mark.parametrize("labels", [["lora", "more"], ["lora_lr1e-3", "more_lr1e-3", "moelora_lr1e-3",
                                                         "multilora_lr3e-4"]])
 def test_plot_average_labels_do_not_overlap(tmp_path, monkeypatch, labels):
-    """The average panel's method names stay apart, short (upright) or long (slanted), as the protocol's rows are."""
+    """The average panel's method names stay apart, short or long (broken after an underscore), as the protocol's
+    rows are."""
     import matplotlib.figure
 
     from morelora.experiments import report
@@ -602,12 +603,10 @@ def test_plot_average_labels_do_not_overlap(tmp_path, monkeypatch, labels):
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     stat = {"mean": 0.6, "half_width": 0.01}
-    summary = {"tasks": ["sst2", "piqa", "openbookqa", "arc_easy", "arc_challenge"], "confidence": 0.95,
-               "seeds": [0, 1], "main_metrics": dict.fromkeys(["sst2", "piqa", "openbookqa", "arc_easy",
-                                                               "arc_challenge"], "accuracy"),
-               "reference_scores": {}, "methods": {}}
-    summary["reference_scores"] = dict.fromkeys(summary["tasks"], 0.25)   # its legend entry narrows the axes
-    summary["methods"] = {lab: {"average": stat, "tasks": dict.fromkeys(summary["tasks"], stat)} for lab in labels}
+    tasks = ["sst2", "piqa", "openbookqa", "arc_easy", "arc_challenge"]
+    summary = {"tasks": tasks, "confidence": 0.95, "seeds": [0, 1], "main_metrics": dict.fromkeys(tasks, "accuracy"),
+               "reference_scores": dict.fromkeys(tasks, 0.25),   # its legend entry narrows the axes
+               "methods": {lab: {"average": stat, "tasks": dict.fromkeys(tasks, stat)} for lab in labels}}
     report.plot(summary, tmp_path / "r.png")
     (extents,) = boxes
     assert [e.width > 0 for e in extents] == [True] * len(labels)
